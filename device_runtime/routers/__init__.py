@@ -1,0 +1,24 @@
+"""Routers: ``score(prompt, context) -> p in [0, 1]``, looked up by name.
+
+``p`` is the router's estimate that the turn needs the edge LLM (eq. 10).
+The fusion with latency (eq. 11) and the threshold (eq. 12) live once, in
+:func:`Router.decide`, so every router shares them.
+"""
+
+from device_runtime.routers.base import (
+    Message,
+    Router,
+    RouterError,
+    available_routers,
+    create_router,
+    register_router,
+)
+
+__all__ = [
+    "Message",
+    "Router",
+    "RouterError",
+    "available_routers",
+    "create_router",
+    "register_router",
+]

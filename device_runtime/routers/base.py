@@ -1,0 +1,101 @@
+"""The router interface and its name registry."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import Callable, Iterable, Mapping, Sequence, TypedDict
+
+from device_runtime import cost_model
+
+
+class Message(TypedDict):
+    role: str  # "user" | "assistant"
+    content: str
+
+
+class RouterError(RuntimeError):
+    """A router could not be built or could not score its input."""
+
+
+class Router(ABC):
+    """Scores a turn: p in [0, 1], higher means the edge LLM is more likely needed."""
+
+    #: Registry name.
+    name: str = ""
+    #: Router per-token time τ_r this router costs, or None to take the cost
+    #: parameters' value.  The random baseline costs nothing (paper, Sec. IV-A).
+    tau_r: float | None = None
+
+    @abstractmethod
+    def score(self, prompt: str, context: Sequence[Message] = ()) -> float:
+        """Return p for ``prompt`` given the earlier turns ``context``."""
+
+    def score_batch(self, items: Iterable[tuple[str, Sequence[Message]]]) -> list[float]:
+        """Score many turns; routers with a batched backend override this."""
+        return [self.score(prompt, context) for prompt, context in items]
+
+    def cost_params(self, params: cost_model.CostParams) -> cost_model.CostParams:
+        """The cost parameters with this router's τ_r applied."""
+        return params if self.tau_r is None else params.with_(tau_r=self.tau_r)
+
+    def decide(
+        self,
+        params: cost_model.CostParams,
+        turn: cost_model.TurnInputs,
+        threshold: float,
+        prompt: str,
+        context: Sequence[Message] = (),
+    ) -> cost_model.Decision:
+        """Score the turn, fuse with the latency gap (eq. 11) and threshold it (eq. 12)."""
+        p = self.score(prompt, context)
+        return cost_model.decide(self.cost_params(params), turn, p, threshold)
+
+
+RouterFactory = Callable[..., Router]
+
+_REGISTRY: dict[str, RouterFactory] = {}
+# Routers whose module is imported only when asked for, so that a device
+# without the optional dependencies can still list and use the others.
+_LAZY: dict[str, str] = {
+    "random": "device_runtime.routers.random_router",
+    "oracle": "device_runtime.routers.oracle",
+    "bert": "device_runtime.routers.bert",
+}
+
+
+def register_router(name: str) -> Callable[[RouterFactory], RouterFactory]:
+    """Class decorator: make a router constructible by name."""
+
+    def wrap(factory: RouterFactory) -> RouterFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def available_routers() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_LAZY))
+
+
+def create_router(name: str, **kwargs) -> Router:
+    """Build a router by registry name; keyword arguments go to its constructor."""
+    if name not in _REGISTRY and name in _LAZY:
+        importlib.import_module(_LAZY[name])
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise RouterError(
+            f"unknown router {name!r}; available: {', '.join(available_routers())}"
+        ) from None
+    return factory(**kwargs)
+
+
+def check_score(p: float, router: str) -> float:
+    """Validate a score a router produced."""
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise RouterError(f"router {router!r} produced p={p!r}, outside [0, 1]")
+    return p
+
+

@@ -1,0 +1,1 @@
+"""Edge side of edgeroute: a gRPC service streaming a large LLM, with per-session KV caches."""

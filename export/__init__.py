@@ -1,0 +1,1 @@
+"""Training, ONNX export and INT8 quantization of the BERT router (needs the ``export`` extra)."""
