@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install the device + edge runtime into .venv, then run the main job on embedded defaults.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh device
+export HF_HUB_OFFLINE=1
+exec .venv/bin/edgeroute simulate --benchmark mmlu --data-dir ../shared/data/routellm --routers random,oracle --out runs/simulate-mmlu "$@"
