@@ -323,7 +323,8 @@ def _load_mt_bench(sub: Path, contaminated: frozenset[str], weak, strong) -> lis
     questions = _read_jsonl(qpath)
     judgements = _read_jsonl(jpath)
     for i, j in enumerate(judgements, 1):
-        missing = {"question_id", "model", "score", "turn"} - set(j)
+        # A row without a score is skipped below, like a -1; these identify the row.
+        missing = {"question_id", "model", "turn"} - set(j)
         if missing:
             raise TraceError(f"{jpath}: line {i} lacks {sorted(missing)}")
     w, s = _pick_pair((str(j["model"]) for j in judgements), str(jpath), weak, strong)
@@ -332,8 +333,12 @@ def _load_mt_bench(sub: Path, contaminated: frozenset[str], weak, strong) -> lis
     scores: dict[tuple, list[float]] = defaultdict(list)
     prompts_t1: dict[tuple, list[str]] = defaultdict(list)
     for j in judgements:
-        key = (j["question_id"], str(j["model"]), int(j["turn"]))
-        score = _score(j["score"])
+        try:
+            turn = int(j["turn"])
+        except (TypeError, ValueError):
+            raise TraceError(f"{jpath}: 'turn' must be an integer, got {j['turn']!r}") from None
+        key = (j["question_id"], str(j["model"]), turn)
+        score = _score(j.get("score"))
         if score is not None:
             scores[key].append(score)
         if isinstance(j.get("user_prompt"), str):

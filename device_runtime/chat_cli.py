@@ -1,0 +1,118 @@
+"""``edgeroute chat``: talk to the device runtime, interactively or from a script.
+
+    edgeroute chat --edge 127.0.0.1:50051                  # interactive, streamed
+    edgeroute chat --edge HOST:PORT --script turns.jsonl --json
+
+Script lines are ``{"prompt": str}`` (a turn in the current conversation) or an
+MT-Bench-101 dialogue ``{"history": [{"user": str}, ...]}`` (a new conversation).
+Interactive commands: ``/new`` starts a new conversation, ``/quit`` (or EOF) ends.
+Turns the edge could not answer run on the device; the run still exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from device_runtime.runner import add_runtime_args
+
+    p = subparsers.add_parser(
+        "chat",
+        help="chat with the device runtime (router + SLM + edge)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--edge", metavar="HOST:PORT",
+                   help="edge service address; without it, edge turns fall back to the device")
+    p.add_argument("--script", metavar="FILE", help="replay turns from a JSONL file instead of stdin")
+    p.add_argument("--no-text", action="store_true", help="do not print the answers (script mode)")
+    add_runtime_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from device_runtime.dialogues import ScriptError, load_script
+    from device_runtime.runner import Output, build_orchestrator, format_summary, play
+
+    items = None
+    if args.script:
+        try:
+            items = load_script(args.script)
+        except ScriptError as exc:
+            print(f"edgeroute chat: {exc}", file=sys.stderr)
+            return 2
+    if not args.edge and args.policy != "device":
+        log.warning("no --edge given: turns routed to the edge run on the device")
+    try:
+        orch = build_orchestrator(args, args.edge)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"edgeroute chat: {exc}", file=sys.stderr)
+        return 2
+    out = Output(json_mode=args.json, show_text=not args.no_text, table=False)
+    rc = 0
+    try:
+        if items is not None:
+            play(orch, items, out)
+        else:
+            _interactive(orch, out)
+    except (ValueError, RuntimeError) as exc:
+        # e.g. a conversation longer than the context window, a router failure
+        print(f"edgeroute chat: {exc}", file=sys.stderr)
+        rc = 1
+    finally:
+        orch.close()
+        if orch.edge is not None:
+            orch.edge.close()
+    print(format_summary(orch.telemetry.summary()), file=sys.stderr)
+    return rc
+
+
+def _interactive(orch, out) -> None:
+    import threading
+
+    stderr = out.stderr
+    print("edgeroute chat: /new starts a new conversation, /quit ends", file=stderr, flush=True)
+    while True:
+        print("you> ", end="", file=stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        prompt = line.strip()
+        if not prompt:
+            continue
+        if prompt == "/quit":
+            break
+        if prompt == "/new":
+            orch.new_conversation()
+            print("[new conversation]", file=stderr, flush=True)
+            continue
+        cancel = threading.Event()
+
+        def on_text(chunk: str) -> None:
+            out.text_stream.write(chunk)
+            out.text_stream.flush()
+
+        def on_event(kind: str, detail: str) -> None:
+            if kind == "edge_lost":
+                print(f"\n[edge lost mid-answer ({detail}); answering on the device]", file=stderr, flush=True)
+
+        try:
+            result = orch.turn(prompt, on_text=on_text, on_event=on_event, cancel=cancel)
+        except KeyboardInterrupt:
+            # The turn is dropped; the transcript and the KV caches stay consistent.
+            print("\n[interrupted]", file=stderr, flush=True)
+            continue
+        print(file=out.text_stream, flush=True)
+        rec = result.telemetry
+        out.telemetry(rec)
+        p = "-" if rec.p is None else f"{rec.p:.2f}"
+        fb = " (fallback)" if rec.fallback else ""
+        print(f"[{rec.target}{fb} p={p} {rec.measured_s:.2f}s ttft={rec.ttft_s:.2f}s "
+              f"prefill={rec.prefill_tokens} cached={rec.cached_tokens} out={rec.output_tokens}]",
+              file=stderr, flush=True)

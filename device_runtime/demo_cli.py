@@ -1,0 +1,106 @@
+"""``edgeroute demo``: the whole system on one machine.
+
+Starts an edge service on loopback (in-process, on its own event loop thread)
+with the default edge model (Gemma 3 270M), runs the device runtime with the
+default SLM (SmolLM2-135M-Instruct) and router bundle, and replays dialogues:
+by default a few short ones written by the team and shipped in the package,
+or any MT-Bench-101-format file given with ``--dialogues``, e.g.
+
+    edgeroute demo --dialogues ../shared/data/mtbench101/mtbench101.jsonl --limit 5
+
+It prints a per-turn table (decision, p, p̃, predicted and measured latency,
+tokens) and a summary.  With ``--json``, stdout carries only the telemetry
+lines and the table goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from device_runtime.runner import add_runtime_args
+
+    p = subparsers.add_parser(
+        "demo",
+        help="run edge + device on loopback and replay dialogues (the main job)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dialogues", metavar="FILE",
+                   help="MT-Bench-101-format JSONL (default: the shipped team-written dialogues)")
+    p.add_argument("--limit", type=int, default=None, help="play only the first N dialogues")
+    p.add_argument("--max-turns", type=int, default=None, help="play at most N turns of each dialogue")
+    p.add_argument("--edge-model", metavar="GGUF", help="edge GGUF (default: Gemma 3 270M Q4_K_M)")
+    p.add_argument("--edge-n-ctx", type=int, default=4096, help="edge context window per slot (tokens)")
+    p.add_argument("--edge-threads", type=int, default=None, help="edge CPU threads")
+    p.add_argument("--edge", metavar="HOST:PORT",
+                   help="use a running edge service instead of starting one")
+    p.add_argument("--show-text", action="store_true", help="also print the prompts and streamed answers")
+    add_runtime_args(p, max_tokens=48)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from device_runtime.dialogues import ScriptError, load_dialogues
+    from device_runtime.runner import Output, build_orchestrator, format_summary, play
+
+    for name in ("limit", "max_turns"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            print(f"edgeroute demo: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        items = load_dialogues(args.dialogues, limit=args.limit, max_turns=args.max_turns)
+    except ScriptError as exc:
+        print(f"edgeroute demo: {exc}", file=sys.stderr)
+        return 2
+
+    edge_server = None
+    orch = None
+    try:
+        target = args.edge
+        if target is None:
+            edge_server = _start_edge(args)
+            target = edge_server.target
+            log.info("edge service on %s", target)
+        t0 = time.perf_counter()
+        orch = build_orchestrator(args, target)
+        log.info("device runtime ready in %.1f s (policy %s)", time.perf_counter() - t0, args.policy)
+        out = Output(json_mode=args.json, show_text=args.show_text, table=True)
+        from tqdm import tqdm
+
+        total = sum(len(i.prompts) for i in items)
+        with tqdm(total=total, desc="turns", unit="turn", file=sys.stderr,
+                  disable=not sys.stderr.isatty()) as bar:
+            play(orch, items, out, progress=bar.update)
+        summary = orch.telemetry.summary()
+        print(format_summary(summary), file=out.table_stream, flush=True)
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        print(f"edgeroute demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if orch is not None:
+            orch.close()
+            if orch.edge is not None:
+                orch.edge.close()
+        if edge_server is not None:
+            edge_server.stop()
+    return 0
+
+
+def _start_edge(args: argparse.Namespace):
+    from edge_service.server import EdgeServerThread
+    from edge_service.settings import EdgeSettings
+
+    settings = EdgeSettings(
+        model_path=args.edge_model, n_ctx=args.edge_n_ctx, n_slots=1, n_threads=args.edge_threads,
+        seed=args.seed,
+    )
+    return EdgeServerThread(settings, host="127.0.0.1", port=0).start()

@@ -1,0 +1,301 @@
+"""The device's client of the edge service: one channel, streaming, deadlines.
+
+A blocking API for the turn orchestrator:
+
+    with EdgeClient("127.0.0.1:50051") as edge:
+        sid = edge.open_session()
+        stream = edge.generate(sid, [{"role": "user", "content": "Hi"}], GenerationParams(max_tokens=64))
+        for text in stream:
+            print(text, end="")
+        stream.result.prefill_tokens   # what the edge computed (ΔC_t of eq. 1 plus the prompt)
+
+Failures split in two: :class:`EdgeUnavailable` (cannot connect, UNAVAILABLE,
+deadline exceeded), on which the device runs the turn itself, and
+:class:`EdgeError` for every other status, carrying the gRPC code name.
+Every call has a deadline (``timeout_s``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import grpc
+
+from edgeroute.v1 import edge_pb2, edge_pb2_grpc
+from edgeroute.v1.types import GenerationParams, GenerationSummary, ServerInfo, messages_to_pb
+
+__all__ = [
+    "EdgeClient",
+    "EdgeError",
+    "EdgeStream",
+    "EdgeTurnResult",
+    "EdgeUnavailable",
+    "GenerationParams",
+]
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class EdgeUnavailable(RuntimeError):
+    """The edge cannot be reached in time; the device should serve the turn."""
+
+    def __init__(self, message: str, code: str = "UNAVAILABLE") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EdgeError(RuntimeError):
+    """The edge answered with an error status (``code`` is its name, e.g. ``INVALID_ARGUMENT``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.details = message
+
+
+def _map_rpc_error(exc: grpc.RpcError) -> Exception:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else None) or ""
+    if code in _UNAVAILABLE_CODES:
+        return EdgeUnavailable(f"edge unavailable ({code.name}): {details}", code.name)
+    return EdgeError(code.name if code is not None else "UNKNOWN", details)
+
+
+@dataclass(frozen=True)
+class EdgeTurnResult:
+    """One edge turn as the device saw it.
+
+    Token counts and ``prefill_s``/``decode_s`` come from the server;
+    ``ttft_s`` (first chunk) and ``total_s`` (final message) are measured on
+    the client from the call, so they include the link (eq. 7's comm term).
+    """
+
+    text: str
+    output_tokens: int
+    prompt_tokens: int
+    prefill_tokens: int
+    cached_tokens: int
+    prefill_s: float
+    decode_s: float
+    ttft_s: float
+    total_s: float
+    finish_reason: str = "stop"
+    kv_restored: bool = False
+    server_ttft_s: float = 0.0
+
+
+class EdgeStream:
+    """The chunks of one Generate call; :attr:`result` once exhausted; :meth:`cancel` to stop."""
+
+    def __init__(self, call, t_start: float) -> None:
+        self._call = call
+        self._t_start = t_start
+        self._texts: list[str] = []
+        self._ttft_s: float | None = None
+        self._result: EdgeTurnResult | None = None
+        self._cancelled = False
+        self._consumed = False
+
+    def __iter__(self) -> Iterator[str]:
+        if self._consumed:
+            raise RuntimeError("an EdgeStream can be iterated only once")
+        self._consumed = True
+        try:
+            for response in self._call:
+                kind = response.WhichOneof("event")
+                if kind == "chunk":
+                    if self._ttft_s is None:
+                        self._ttft_s = time.perf_counter() - self._t_start
+                    self._texts.append(response.chunk.text)
+                    yield response.chunk.text
+                elif kind == "done":
+                    self._finish(GenerationSummary.from_pb(response.done))
+        except grpc.RpcError as exc:
+            if self._cancelled and exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise _map_rpc_error(exc) from None
+        if self._result is None and not self._cancelled:
+            raise EdgeError("INTERNAL", "the edge closed the stream without a final message")
+
+    def _finish(self, summary: GenerationSummary) -> None:
+        total_s = time.perf_counter() - self._t_start
+        self._result = EdgeTurnResult(
+            text="".join(self._texts),
+            output_tokens=summary.output_tokens,
+            prompt_tokens=summary.prompt_tokens,
+            prefill_tokens=summary.prefill_tokens,
+            cached_tokens=summary.cached_tokens,
+            prefill_s=summary.prefill_s,
+            decode_s=summary.decode_s,
+            ttft_s=self._ttft_s if self._ttft_s is not None else total_s,
+            total_s=total_s,
+            finish_reason=summary.finish_reason,
+            kv_restored=summary.kv_restored,
+            server_ttft_s=summary.ttft_s,
+        )
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return "".join(self._texts)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @property
+    def result(self) -> EdgeTurnResult:
+        if self._result is None:
+            state = "was cancelled" if self._cancelled else "has not finished"
+            raise RuntimeError(f"the edge stream {state}; no result")
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop the generation on the edge; iteration ends quietly."""
+        self._cancelled = True
+        self._call.cancel()
+
+    def consume(self) -> EdgeTurnResult:
+        """Read the whole stream and return its result."""
+        for _ in self:
+            pass
+        return self.result
+
+
+class EdgeClient:
+    """Blocking client of ``edgeroute.v1.EdgeLLM`` over one gRPC channel."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = 120.0,
+        connect_timeout_s: float = 2.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if not target:
+            raise ValueError("target must be HOST:PORT")
+        if not timeout_s > 0 or not connect_timeout_s > 0:
+            raise ValueError("timeout_s and connect_timeout_s must be > 0")
+        self.target = target
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                # Reconnect quickly after the edge comes back; the default
+                # backoff grows to two minutes.
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
+        )
+        self._stub = edge_pb2_grpc.EdgeLLMStub(self._channel)
+        self._state = grpc.ChannelConnectivity.IDLE
+        self._state_lock = threading.Lock()
+        self._channel.subscribe(self._on_state, try_to_connect=False)
+        self._closed = False
+
+    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
+        with self._state_lock:
+            self._state = state
+
+    def _ensure_connected(self) -> None:
+        """Wait up to ``connect_timeout_s`` for the channel, so a dead edge fails fast."""
+        if self._closed:
+            raise RuntimeError("the edge client is closed")
+        with self._state_lock:
+            if self._state == grpc.ChannelConnectivity.READY:
+                return
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout_s)
+        except grpc.FutureTimeoutError:
+            raise EdgeUnavailable(
+                f"cannot connect to the edge at {self.target} within {self.connect_timeout_s} s"
+            ) from None
+
+    def _unary(self, method, request, timeout_s: float | None):
+        self._ensure_connected()
+        try:
+            return method(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as exc:
+            raise _map_rpc_error(exc) from None
+
+    # --- API ------------------------------------------------------------------
+
+    def open_session(self, session_id: str | None = None) -> str:
+        """Open a session on the edge (``session_id`` or a new id)."""
+        request = edge_pb2.OpenSessionRequest(session_id=session_id or "")
+        return self._unary(self._stub.OpenSession, request, None).session_id
+
+    def close_session(self, session_id: str) -> None:
+        self._unary(self._stub.CloseSession, edge_pb2.CloseSessionRequest(session_id=session_id), None)
+
+    def server_info(self) -> ServerInfo:
+        return ServerInfo.from_pb(self._unary(self._stub.GetServerInfo, edge_pb2.GetServerInfoRequest(), None))
+
+    def generate(
+        self,
+        session_id: str,
+        new_messages: Sequence[Mapping[str, str]],
+        params: GenerationParams | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> EdgeStream:
+        """Append ``new_messages`` (the turns the edge has not seen) and stream the answer.
+
+        The call starts at once; iterate the returned stream for the chunks.
+        """
+        request = edge_pb2.GenerateRequest(
+            session_id=session_id,
+            messages=messages_to_pb(new_messages),
+            params=(params or GenerationParams()).to_pb(),
+        )
+        self._ensure_connected()
+        t_start = time.perf_counter()
+        try:
+            call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as exc:
+            raise _map_rpc_error(exc) from None
+        return EdgeStream(call, t_start)
+
+    def ping(self, payload_bytes: int, response_bytes: int = 0, *, timeout_s: float | None = None) -> float:
+        """Round-trip seconds of an Echo carrying ``payload_bytes`` up and ``response_bytes`` down."""
+        if payload_bytes < 0 or response_bytes < 0:
+            raise ValueError("payload_bytes and response_bytes must be >= 0")
+        request = edge_pb2.EchoRequest(payload=bytes(payload_bytes), response_bytes=response_bytes)
+        self._ensure_connected()
+        t0 = time.perf_counter()
+        try:
+            response = self._stub.Echo(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as exc:
+            raise _map_rpc_error(exc) from None
+        rtt = time.perf_counter() - t0
+        if len(response.payload) != response_bytes:
+            raise EdgeError("DATA_LOSS", f"echo returned {len(response.payload)} bytes, asked {response_bytes}")
+        return rtt
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._channel.unsubscribe(self._on_state)
+        finally:
+            self._channel.close()
+
+    def __enter__(self) -> "EdgeClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def new_session_id() -> str:
+    """A fresh client-side session id (the server accepts it in OpenSession)."""
+    return uuid.uuid4().hex

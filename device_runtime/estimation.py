@@ -1,0 +1,378 @@
+"""Estimating the cost model's γ, τ_r, B and δ from measurements.
+
+Pure: numbers in, numbers out; no clocks, no I/O.  Two uses:
+
+- **Profiling** (``edgeroute profile``): :func:`fit_link` fits round-trip time
+  against payload size, ``RTT = δ + size / B`` (the link part of eq. 3), by
+  least squares over per-size medians, and reports the fit's quality.
+  :func:`bytes_per_token` converts the link's bytes/s into the paper's
+  tokens/s.
+- **Online estimation**: :class:`OnlineEstimator` keeps robust EWMAs of γ_s,
+  γ_e (eqs. 1, 5) and of the link (eq. 3), updated from every turn's
+  telemetry, and turns them into :class:`~device_runtime.cost_model.CostParams`
+  for the next decision (eqs. 6-12).  Outliers (a GC pause, one lost packet)
+  are rejected by a k·MAD rule; a run of consecutive outliers is taken as a
+  change of regime (the link degraded or recovered) and adopted at once, so
+  the router follows the link within a few turns.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from device_runtime.cost_model import CostParams, Link, ModelTiming
+
+#: MAD -> standard deviation for normally distributed samples.
+_MAD_TO_SIGMA = 1.4826
+
+
+# --- offline fit ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkFit:
+    """``RTT = overhead_s + size_bytes / bandwidth_bytes_per_s`` (eq. 3, in bytes).
+
+    ``r_squared`` is over the per-size medians that were fitted;
+    ``r_squared_all`` over every sample; ``residuals_s`` are per size
+    (median − fit), ``mad_s`` the typical spread of the raw samples.
+    """
+
+    overhead_s: float
+    bandwidth_bytes_per_s: float
+    r_squared: float
+    r_squared_all: float
+    sizes_bytes: tuple[int, ...]
+    median_rtt_s: tuple[float, ...]
+    residuals_s: tuple[float, ...]
+    mad_s: float
+    n_samples: int
+
+    def predict_s(self, size_bytes: float) -> float:
+        return self.overhead_s + size_bytes / self.bandwidth_bytes_per_s
+
+    def to_dict(self) -> dict:
+        return {
+            "overhead_s": self.overhead_s,
+            "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+            "r_squared": self.r_squared,
+            "r_squared_all": self.r_squared_all,
+            "sizes_bytes": list(self.sizes_bytes),
+            "median_rtt_s": list(self.median_rtt_s),
+            "residuals_s": list(self.residuals_s),
+            "mad_s": self.mad_s,
+            "n_samples": self.n_samples,
+        }
+
+
+class FitError(ValueError):
+    """The samples cannot determine the fit (too few sizes, no slope)."""
+
+
+def _ols(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        raise FitError("need at least two distinct payload sizes")
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return my - slope * mx, slope
+
+
+def _r_squared(xs, ys, intercept: float, slope: float) -> float:
+    my = sum(ys) / len(ys)
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    return 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+
+
+def _mad(values: Sequence[float]) -> float:
+    med = statistics.median(values)
+    return statistics.median(abs(v - med) for v in values)
+
+
+def fit_link(sizes_bytes: Sequence[int], rtts_s: Sequence[float]) -> LinkFit:
+    """Least-squares fit of RTT against payload size over per-size medians.
+
+    Medians per size make the fit robust to the occasional slow round trip
+    (scheduler hiccup, retransmission) without choosing a cut-off.
+    """
+    if len(sizes_bytes) != len(rtts_s):
+        raise FitError("sizes and RTTs differ in length")
+    if any(not (r > 0 and math.isfinite(r)) for r in rtts_s) or any(s < 0 for s in sizes_bytes):
+        raise FitError("RTTs must be positive and finite, sizes non-negative")
+    by_size: dict[int, list[float]] = {}
+    for size, rtt in zip(sizes_bytes, rtts_s):
+        by_size.setdefault(int(size), []).append(float(rtt))
+    if len(by_size) < 2:
+        raise FitError("need at least two distinct payload sizes")
+    xs = sorted(by_size)
+    ys = [statistics.median(by_size[x]) for x in xs]
+    intercept, slope = _ols(xs, ys)
+    if not slope > 0:
+        raise FitError(
+            f"RTT does not grow with payload size (slope {slope:.3g} s/byte): "
+            "use larger payloads so transfer time dominates the noise"
+        )
+    residuals = tuple(y - (intercept + slope * x) for x, y in zip(xs, ys))
+    spread = [r - statistics.median(by_size[int(s)]) for s, r in zip(sizes_bytes, rtts_s)]
+    return LinkFit(
+        overhead_s=max(0.0, intercept),
+        bandwidth_bytes_per_s=1.0 / slope,
+        r_squared=_r_squared(xs, ys, intercept, slope),
+        r_squared_all=_r_squared(list(sizes_bytes), list(rtts_s), intercept, slope),
+        sizes_bytes=tuple(xs),
+        median_rtt_s=tuple(ys),
+        residuals_s=residuals,
+        mad_s=statistics.median(abs(d) for d in spread),
+        n_samples=len(rtts_s),
+    )
+
+
+def bytes_per_token(texts: Iterable[str], count_tokens: Callable[[str], int]) -> float:
+    """UTF-8 bytes per token over real text: bytes/s ÷ this = tokens/s (Table I's unit)."""
+    n_bytes = n_tokens = 0
+    for text in texts:
+        if not text:
+            continue
+        n_bytes += len(text.encode("utf-8"))
+        n_tokens += count_tokens(text)
+    if n_tokens == 0:
+        raise ValueError("no tokens in the sample text")
+    return n_bytes / n_tokens
+
+
+def per_token_time(seconds: Sequence[float], tokens: Sequence[int]) -> float:
+    """γ as the least-squares slope of time against tokens (eqs. 1, 5).
+
+    A slope, not seconds/tokens of one run, so a fixed per-call cost (sampling
+    setup, the first token's graph build) does not inflate γ.  With a single
+    token count it falls back to the ratio of medians.
+    """
+    if len(seconds) != len(tokens) or not seconds:
+        raise ValueError("need matching, non-empty seconds and token counts")
+    if len(set(tokens)) < 2:
+        return statistics.median(seconds) / max(1, statistics.median(tokens))
+    _, slope = _ols([float(t) for t in tokens], list(seconds))
+    if slope <= 0:
+        return statistics.median(s / max(1, t) for s, t in zip(seconds, tokens))
+    return slope
+
+
+# --- online estimation ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EwmaSettings:
+    """Robust EWMA: weight of a new sample, outlier rule, regime change rule."""
+
+    weight: float = 0.3
+    """EWMA weight of each accepted sample (0 < weight <= 1)."""
+    k_mad: float = 4.0
+    """A sample farther than k·σ̂ (σ̂ = 1.4826·MAD of recent samples) is an outlier."""
+    rel_floor: float = 0.1
+    """σ̂ is at least this fraction of the estimate: equal samples (MAD 0) must
+    not turn ordinary noise into outliers."""
+    window: int = 16
+    """Recent accepted samples kept for the MAD."""
+    min_samples: int = 4
+    """No rejection until this many samples: the MAD of 1-3 samples means nothing."""
+    regime_after: int = 2
+    """This many consecutive outliers on the same side are a regime change:
+    the estimate jumps to their median and the window restarts."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.weight <= 1:
+            raise ValueError(f"weight must be in (0, 1], got {self.weight!r}")
+        if not self.k_mad > 0 or not self.rel_floor >= 0:
+            raise ValueError("k_mad must be > 0 and rel_floor >= 0")
+        if self.window < 2 or self.min_samples < 1 or self.regime_after < 1:
+            raise ValueError("window >= 2, min_samples >= 1, regime_after >= 1")
+
+
+@dataclass
+class RobustEwma:
+    """An EWMA that rejects isolated outliers but follows a persistent change."""
+
+    settings: EwmaSettings = field(default_factory=EwmaSettings)
+    value: float | None = None
+    n_accepted: int = 0
+    n_rejected: int = 0
+    n_regime_changes: int = 0
+    _recent: deque = field(default_factory=deque, repr=False)
+    _pending: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._recent = deque(self._recent, maxlen=self.settings.window)
+
+    def is_outlier(self, x: float) -> bool:
+        s = self.settings
+        if self.value is None or len(self._recent) < s.min_samples:
+            return False
+        sigma = max(_MAD_TO_SIGMA * _mad(self._recent), s.rel_floor * abs(self.value), 1e-12)
+        return abs(x - self.value) > s.k_mad * sigma
+
+    def update(self, x: float) -> bool:
+        """Feed one sample; returns whether it changed the estimate."""
+        if not math.isfinite(x):
+            raise ValueError(f"sample must be finite, got {x!r}")
+        s = self.settings
+        if self.is_outlier(x):
+            side = x > self.value
+            if self._pending and (self._pending[-1] > self.value) != side:
+                self._pending.clear()
+            self._pending.append(x)
+            if len(self._pending) < s.regime_after:
+                self.n_rejected += 1
+                return False
+            # A regime change: adopt the new level now rather than creeping.
+            self.value = statistics.median(self._pending)
+            self._recent.clear()
+            self._recent.extend(self._pending)
+            self._pending.clear()
+            self.n_accepted += 1
+            self.n_regime_changes += 1
+            return True
+        self._pending.clear()
+        self.value = x if self.value is None else (1 - s.weight) * self.value + s.weight * x
+        self._recent.append(x)
+        self.n_accepted += 1
+        return True
+
+
+@dataclass
+class LinkEstimator:
+    """Online δ and B (eq. 3) from per-turn communication times and pings.
+
+    A sample is ``(transfer_tokens, comm_s)``: the tokens that crossed the
+    link and the seconds the turn spent on the link (wall time minus the
+    server's compute and the router).  δ is a robust EWMA of
+    ``comm_s − transfer_tokens / B``.  B is re-estimated from the recent
+    samples only when their sizes differ enough to show a slope; on a link
+    where transfers are small next to δ (the usual case: streamed replies
+    overlap decode), B keeps its profiled value and δ absorbs the change.
+    """
+
+    link: Link
+    settings: EwmaSettings = field(default_factory=EwmaSettings)
+    min_size_ratio: float = 4.0
+    """max/min transfer size in the window needed to re-fit B."""
+    overhead: RobustEwma = field(init=False)
+    _samples: deque = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.overhead = RobustEwma(self.settings, value=self.link.overhead_s)
+        self._samples = deque(maxlen=self.settings.window)
+
+    def update(self, transfer_tokens: float, comm_s: float) -> bool:
+        if transfer_tokens < 0 or not math.isfinite(comm_s):
+            raise ValueError("transfer_tokens must be >= 0 and comm_s finite")
+        # Clock noise can make comm_s slightly negative on a fast link.
+        comm_s = max(0.0, comm_s)
+        regimes = self.overhead.n_regime_changes
+        accepted = self.overhead.update(comm_s - transfer_tokens / self.link.bandwidth_tokens_per_s)
+        if not accepted:
+            return False
+        if self.overhead.n_regime_changes != regimes:  # regime change: old samples are stale
+            self._samples.clear()
+        self._samples.append((transfer_tokens, comm_s))
+        self._refit_bandwidth()
+        self.link = Link(self.link.bandwidth_tokens_per_s, max(0.0, self.overhead.value))
+        return True
+
+    def _refit_bandwidth(self) -> None:
+        if len(self._samples) < self.settings.min_samples:
+            return
+        xs = [x for x, _ in self._samples]
+        if min(xs) <= 0 or max(xs) / min(xs) < self.min_size_ratio:
+            return
+        try:
+            _, slope = _ols(xs, [y for _, y in self._samples])
+        except FitError:
+            return
+        if slope > 0:
+            # The window is the smoothing: B follows the recent slope directly.
+            self.link = Link(1.0 / slope, self.link.overhead_s)
+
+
+@dataclass
+class OnlineEstimator:
+    """γ_s, γ_e (prefill and decode) and the link, kept current turn by turn.
+
+    Feed it every turn's measurements; :meth:`params` gives the cost model's
+    parameters for the next decision, :meth:`snapshot` the values to put in
+    telemetry.  Samples with too few tokens to time reliably are skipped.
+    """
+
+    base: CostParams
+    settings: EwmaSettings = field(default_factory=EwmaSettings)
+    min_tokens: int = 4
+    gamma: dict[str, RobustEwma] = field(init=False)
+    link: LinkEstimator = field(init=False)
+
+    def __post_init__(self) -> None:
+        b = self.base
+        self.gamma = {
+            "gamma_s_prefill": RobustEwma(self.settings, value=b.gamma_s.prefill_s_per_token),
+            "gamma_s_decode": RobustEwma(self.settings, value=b.gamma_s.decode_s_per_token),
+            "gamma_e_prefill": RobustEwma(self.settings, value=b.gamma_e.prefill_s_per_token),
+            "gamma_e_decode": RobustEwma(self.settings, value=b.gamma_e.decode_s_per_token),
+        }
+        self.link = LinkEstimator(b.link, self.settings)
+
+    def _gamma(self, side: str, prefill_tokens: int, prefill_s: float, output_tokens: int, decode_s: float) -> None:
+        if prefill_tokens >= self.min_tokens and prefill_s > 0:
+            self.gamma[f"gamma_{side}_prefill"].update(prefill_s / prefill_tokens)
+        if output_tokens >= self.min_tokens and decode_s > 0:
+            self.gamma[f"gamma_{side}_decode"].update(decode_s / output_tokens)
+
+    def observe_device_turn(self, prefill_tokens: int, prefill_s: float, output_tokens: int, decode_s: float) -> None:
+        """A turn the device SLM answered: updates γ_s (eqs. 1, 5)."""
+        self._gamma("s", prefill_tokens, prefill_s, output_tokens, decode_s)
+
+    def observe_edge_turn(
+        self,
+        *,
+        measured_s: float,
+        server_s: float,
+        router_s: float,
+        upload_tokens: int,
+        output_tokens: int,
+        prefill_tokens: int = 0,
+        prefill_s: float = 0.0,
+        decode_s: float = 0.0,
+    ) -> float:
+        """A turn the edge answered: γ_e from the server's timings, the link from the rest.
+
+        ``server_s`` is the server's own time for the call (queue + prefill +
+        decode); ``measured_s − server_s − router_s`` is what the link cost
+        (eq. 3's upload + δ + download).  Returns that communication time.
+        """
+        self._gamma("e", prefill_tokens, prefill_s, output_tokens, decode_s)
+        comm_s = measured_s - server_s - router_s
+        self.link.update(upload_tokens + output_tokens, comm_s)
+        return comm_s
+
+    def observe_ping(self, rtt_s: float, transfer_tokens: float = 0.0) -> None:
+        """A link probe (an Echo round trip), e.g. while turns run on the device,
+        so that a recovered link is noticed without sending it real turns."""
+        self.link.update(transfer_tokens, rtt_s)
+
+    def params(self) -> CostParams:
+        g = {k: v.value for k, v in self.gamma.items()}
+        return self.base.with_(
+            gamma_s=ModelTiming(g["gamma_s_prefill"], g["gamma_s_decode"]),
+            gamma_e=ModelTiming(g["gamma_e_prefill"], g["gamma_e_decode"]),
+            link=self.link.link,
+        )
+
+    def snapshot(self) -> dict[str, float]:
+        """Current estimates, in the PROFILE.json key names (for telemetry)."""
+        out = {k: float(v.value) for k, v in self.gamma.items()}
+        out["bandwidth_tokens_per_s"] = float(self.link.link.bandwidth_tokens_per_s)
+        out["overhead_s"] = float(self.link.link.overhead_s)
+        return out

@@ -1,0 +1,481 @@
+"""The turn orchestrator: route each turn, stream the answer, keep the books.
+
+Per turn (issue 4, item 3):
+
+1. the policy scores the turn (``auto``: the router's p, eq. 10);
+2. the cost model takes the live ΔC of each side from the conversation's
+   :class:`~device_runtime.cost_model.ContextLedger` (eqs. 1-7);
+3. it decides (eqs. 11-12 for ``auto``);
+4. the answer streams to the caller;
+5. the transcript, the ledger and the edge session's bookkeeping are updated.
+
+Token counts for the cost model (L_p, C_t, ΔC, response lengths) are device-SLM
+tokens of the message texts: the device has no edge tokenizer, and one
+tokenizer keeps the ledger consistent.  Template glue is not counted.  The
+telemetry's ``prefill_tokens``/``cached_tokens`` are the serving model's own.
+
+Response lengths for the live prediction (eqs. 3, 5) are the cost parameters'
+averages L̄_r capped at ``max_tokens``, since no answer can be longer.
+
+If the edge cannot be reached, or fails mid-answer, the turn is answered on the
+device (``fallback`` in telemetry) and the transcript stays complete: the edge
+is sent the turns it missed the next time it answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from device_runtime import cost_model
+from device_runtime.cost_model import ContextLedger, CostParams, Target, TurnInputs
+from device_runtime.telemetry import TelemetryLog, TurnTelemetry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from device_runtime.edge_client import EdgeClient
+    from device_runtime.routers.base import Router
+    from device_runtime.slm import SLMBackend
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("auto", "device", "edge", "random")
+
+# --- cost parameters for the live system ------------------------------------------
+
+#: Keys a ``--profile`` JSON may carry (all optional; missing ones keep the preset).
+PROFILE_KEYS = (
+    "gamma_s_prefill",
+    "gamma_s_decode",
+    "gamma_e_prefill",
+    "gamma_e_decode",
+    "tau_r",
+    "bandwidth_tokens_per_s",
+    "overhead_s",
+    "bytes_per_token",
+)
+
+
+class ProfileError(ValueError):
+    """A profile JSON is unreadable or has bad keys/values."""
+
+
+def live_cost_params(
+    profile: str | Path | Mapping[str, Any] | None = None,
+    *,
+    benchmark: str = "mt-bench",
+) -> CostParams:
+    """Cost parameters for live routing.
+
+    Starts from the paper's Table I preset (``benchmark`` picks L̄_r and α) in
+    ``session`` upload mode, since the edge keeps the session and only unseen
+    turns travel.  A profile (a path or a mapping with :data:`PROFILE_KEYS`)
+    replaces the measured numbers.  ``bytes_per_token`` is informative: the
+    link bandwidth is already in tokens/s.
+    """
+    params = cost_model.paper_params(benchmark, upload_mode="session")
+    if profile is None:
+        return params
+    if isinstance(profile, Mapping):
+        data = dict(profile)
+    else:
+        try:
+            data = json.loads(Path(profile).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ProfileError(f"cannot read profile {profile}: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ProfileError(f"profile {profile} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProfileError("a profile must be a JSON object")
+    unknown = set(data) - set(PROFILE_KEYS)
+    if unknown:
+        raise ProfileError(f"profile has unknown keys {sorted(unknown)}; expected {list(PROFILE_KEYS)}")
+    for k, v in data.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ProfileError(f"profile {k} must be a non-negative number, got {v!r}")
+    try:
+        gamma_s = cost_model.ModelTiming(
+            data.get("gamma_s_prefill", params.gamma_s.prefill_s_per_token),
+            data.get("gamma_s_decode", params.gamma_s.decode_s_per_token),
+        )
+        gamma_e = cost_model.ModelTiming(
+            data.get("gamma_e_prefill", params.gamma_e.prefill_s_per_token),
+            data.get("gamma_e_decode", params.gamma_e.decode_s_per_token),
+        )
+        link = cost_model.Link(
+            data.get("bandwidth_tokens_per_s", params.link.bandwidth_tokens_per_s),
+            data.get("overhead_s", params.link.overhead_s),
+        )
+        return params.with_(
+            gamma_s=gamma_s, gamma_e=gamma_e, link=link, tau_r=data.get("tau_r", params.tau_r)
+        )
+    except ValueError as exc:
+        raise ProfileError(f"bad profile: {exc}") from None
+
+
+# --- policies ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyDecision:
+    """Where a turn goes, with the scores and both predicted latencies (eqs. 6-7)."""
+
+    target: Target
+    p: float | None
+    p_fused: float | None
+    predicted_s: dict[str, float]
+
+
+def _predictions(params: CostParams, turn: TurnInputs) -> dict[str, float]:
+    return {t: cost_model.latency(params, turn, t).total_s for t in cost_model.TARGETS}
+
+
+class Policy(ABC):
+    """Chooses a target for a turn."""
+
+    name: str = ""
+
+    @abstractmethod
+    def choose(
+        self, params: CostParams, turn: TurnInputs, prompt: str, context: Sequence[dict]
+    ) -> PolicyDecision:
+        """Decide where the turn runs."""
+
+
+class AutoPolicy(Policy):
+    """The paper's rule: p̃ = p − α(T^e − T^s) (eq. 11), edge iff p̃ > θ (eq. 12)."""
+
+    name = "auto"
+
+    def __init__(self, router: "Router", threshold: float) -> None:
+        self.router = router
+        self.threshold = threshold
+
+    def choose(self, params, turn, prompt, context):
+        d = self.router.decide(params, turn, self.threshold, prompt, context)
+        return PolicyDecision(
+            d.target, d.p, d.p_fused, {"device": d.device.total_s, "edge": d.edge.total_s}
+        )
+
+
+class FixedPolicy(Policy):
+    """Always one target; no router runs (T_router = 0)."""
+
+    def __init__(self, target: Target) -> None:
+        self.name = target
+        self.target = target
+
+    def choose(self, params, turn, prompt, context):
+        no_router = TurnInputs(**{**turn.__dict__, "router_tokens": 0})
+        return PolicyDecision(self.target, None, None, _predictions(params, no_router))
+
+
+class RandomPolicy(Policy):
+    """The paper's random baseline: p ~ U(0, 1), edge iff p > θ (eq. 12 without the latency term)."""
+
+    name = "random"
+
+    def __init__(self, threshold: float, seed: int | None = 0) -> None:
+        self.threshold = threshold
+        self._rng = random.Random(seed)
+
+    def choose(self, params, turn, prompt, context):
+        p = self._rng.random()
+        no_router = TurnInputs(**{**turn.__dict__, "router_tokens": 0})
+        return PolicyDecision(
+            cost_model.decide_target(p, self.threshold), p, None, _predictions(params, no_router)
+        )
+
+
+def create_policy(
+    name: str,
+    *,
+    threshold: float = 0.5,
+    router: "Router | None" = None,
+    router_name: str = "bert",
+    router_kwargs: Mapping[str, Any] | None = None,
+    seed: int | None = 0,
+) -> Policy:
+    """Build a policy by name; ``auto`` builds ``router_name`` unless ``router`` is given."""
+    if name == "auto":
+        if router is None:
+            from device_runtime.routers.base import create_router
+
+            router = create_router(router_name, **dict(router_kwargs or {}))
+        return AutoPolicy(router, threshold)
+    if name in ("device", "edge"):
+        return FixedPolicy(name)  # type: ignore[arg-type]
+    if name == "random":
+        return RandomPolicy(threshold, seed)
+    raise ValueError(f"unknown policy {name!r}; expected one of {POLICIES}")
+
+
+# --- settings -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrchestratorSettings:
+    """Generation settings shared by both targets."""
+
+    #: Upper bound on answer tokens, on either side.
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    #: An optional system message placed before the first turn.
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def validate_threshold(threshold: float) -> float:
+    threshold = float(threshold)
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    return threshold
+
+
+# --- the orchestrator ---------------------------------------------------------------
+
+
+@dataclass
+class TurnResult:
+    text: str
+    telemetry: TurnTelemetry
+    #: Why the edge was not used although chosen (None when it was not chosen or it answered).
+    fallback_reason: str | None = None
+
+
+TextCallback = Callable[[str], None]
+EventCallback = Callable[[str, str], None]
+
+
+class Orchestrator:
+    """One conversation between a user, the device SLM and (optionally) an edge.
+
+    ``edge`` may be None: turns routed to the edge then fall back to the device.
+    ``on_event(kind, detail)`` hears ``"fallback"`` (the edge failed; the answer
+    restarts on the device) and ``"edge_session"`` (a new edge session).
+    """
+
+    def __init__(
+        self,
+        slm: "SLMBackend",
+        policy: Policy,
+        params: CostParams,
+        *,
+        edge: "EdgeClient | None" = None,
+        settings: OrchestratorSettings | None = None,
+        telemetry: TelemetryLog | None = None,
+    ) -> None:
+        self.slm = slm
+        self.policy = policy
+        self.params = params
+        self.edge = edge
+        self.settings = settings or OrchestratorSettings()
+        self.telemetry = telemetry if telemetry is not None else TelemetryLog()
+        self.transcript: list[dict[str, str]] = []
+        self.ledger = ContextLedger()
+        self.turn_index = 0
+        self._edge_session: str | None = None
+        # transcript[:_edge_seen] is what the edge session holds.
+        self._edge_seen = 0
+        self._start_transcript()
+
+    def _start_transcript(self) -> None:
+        self.transcript = []
+        if self.settings.system_prompt:
+            self.transcript.append({"role": "system", "content": self.settings.system_prompt})
+
+    # -- conversation lifecycle
+
+    def new_conversation(self) -> None:
+        """Start over: empty transcript and ledger, the edge session closed.
+
+        The device KV cache is kept: the next conversation's prefix match
+        reuses whatever it shares (e.g. a system prompt) and recomputes the rest.
+        """
+        self._close_edge_session()
+        self._start_transcript()
+        self.ledger = ContextLedger()
+        self.turn_index = 0
+
+    def close(self) -> None:
+        self._close_edge_session()
+
+    def _close_edge_session(self) -> None:
+        if self._edge_session is not None and self.edge is not None:
+            try:
+                self.edge.close_session(self._edge_session)
+            except Exception as exc:  # best effort: the edge may be gone
+                log.debug("closing edge session %s failed: %s", self._edge_session, exc)
+        self._edge_session = None
+        self._edge_seen = 0
+
+    # -- one turn
+
+    def turn(
+        self,
+        prompt: str,
+        *,
+        on_text: TextCallback | None = None,
+        on_event: EventCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> TurnResult:
+        """Route, answer and record one user turn."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the prompt must be a non-empty string")
+        on_text = on_text or (lambda _t: None)
+        on_event = on_event or (lambda _k, _d: None)
+        t0 = time.perf_counter()
+        s = self.settings
+        prompt_tokens = self.slm.count_tokens(prompt)
+        context_tokens = self.ledger.context_tokens
+        turn_inputs = self.ledger.turn_inputs(
+            prompt_tokens,
+            response_device=min(self.params.response.device, s.max_tokens),
+            response_edge=min(self.params.response.edge, s.max_tokens),
+        )
+        decision = self.policy.choose(self.params, turn_inputs, prompt, list(self.transcript))
+        user_msg = {"role": "user", "content": prompt}
+
+        target: Target = decision.target
+        fallback_reason = None
+        result = None
+        if target == "edge":
+            try:
+                result = self._answer_on_edge(user_msg, on_text, on_event, cancel, t0)
+            except _EdgeFailed as exc:
+                fallback_reason = str(exc)
+                target = "device"
+                on_event("fallback", fallback_reason)
+                log.warning("edge unavailable, answering on the device: %s", fallback_reason)
+        if result is None:
+            result = self._answer_on_device(user_msg, on_text, cancel, t0)
+        text, ttft_s = result.text, result.ttft_s
+        prefill, cached, output = result.prefill_tokens, result.cached_tokens, result.output_tokens
+        measured_s = time.perf_counter() - t0
+
+        self.transcript += [user_msg, {"role": "assistant", "content": text}]
+        if target == "edge" and result.edge_kept:
+            self._edge_seen = len(self.transcript)
+        self.ledger.commit(target, prompt_tokens, self.slm.count_tokens(text))
+        self.turn_index += 1
+        record = TurnTelemetry(
+            turn=self.turn_index,
+            target=target,
+            policy=self.policy.name,
+            p=decision.p,
+            p_fused=decision.p_fused,
+            predicted_s=dict(decision.predicted_s),
+            measured_s=measured_s,
+            ttft_s=ttft_s if ttft_s is not None else measured_s,
+            prompt_tokens=prompt_tokens,
+            context_tokens=context_tokens,
+            prefill_tokens=prefill,
+            cached_tokens=cached,
+            output_tokens=output,
+            fallback=fallback_reason is not None,
+        )
+        self.telemetry.append(record)
+        return TurnResult(text, record, fallback_reason)
+
+    def _answer_on_device(self, user_msg, on_text, cancel, t0):
+        s = self.settings
+        chunks: list[str] = []
+        ttft = None
+        for chunk in self.slm.stream(
+            self.transcript + [user_msg], max_tokens=s.max_tokens, temperature=s.temperature,
+            top_p=s.top_p, seed=s.seed, cancel=cancel,
+        ):
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            chunks.append(chunk)
+            on_text(chunk)
+        stats = self.slm.last_stats
+        return _Answer("".join(chunks), ttft, stats.prefill_tokens, stats.cached_tokens, stats.output_tokens)
+
+    def _answer_on_edge(self, user_msg, on_text, on_event, cancel, t0):
+        """Answer on the edge, or raise :class:`_EdgeFailed` (the caller falls back)."""
+        from device_runtime.edge_client import EdgeError, EdgeUnavailable, GenerationParams
+
+        if self.edge is None:
+            raise _EdgeFailed("no edge configured")
+        s = self.settings
+        params = GenerationParams(
+            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed
+        )
+        for attempt in (1, 2):
+            chunks: list[str] = []
+            ttft = None
+            try:
+                if self._edge_session is None:
+                    self._edge_session = self.edge.open_session()
+                    self._edge_seen = 0
+                    # A new session holds nothing: the cost model must know.
+                    self.ledger.seen["edge"] = 0
+                    on_event("edge_session", self._edge_session)
+                stream = self.edge.generate(
+                    self._edge_session, self.transcript[self._edge_seen:] + [user_msg], params
+                )
+                for chunk in stream:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    chunks.append(chunk)
+                    on_text(chunk)
+                    if cancel is not None and cancel.is_set():
+                        stream.cancel()
+                        # A stream without its final message leaves the edge
+                        # transcript as it was: the partial answer is resent
+                        # with the next edge turn.  The edge's counts are lost.
+                        return _Answer("".join(chunks), ttft, 0, 0, len(chunks), edge_kept=False)
+                res = stream.result
+                return _Answer(
+                    "".join(chunks), ttft, res.prefill_tokens, res.cached_tokens, res.output_tokens
+                )
+            except (EdgeUnavailable, EdgeError) as exc:
+                if attempt == 1 and not chunks and _is_unknown_session(exc):
+                    # The edge restarted or evicted the session: open a new one
+                    # and send the whole transcript.
+                    self._edge_session = None
+                    continue
+                if chunks:
+                    # The caller saw part of an answer that will be replaced.
+                    on_event("edge_lost", str(exc))
+                raise _EdgeFailed(f"{type(exc).__name__}: {exc}") from exc
+        raise _EdgeFailed("unreachable")  # pragma: no cover
+
+
+class _EdgeFailed(Exception):
+    pass
+
+
+@dataclass
+class _Answer:
+    text: str
+    ttft_s: float | None
+    prefill_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    #: False when the edge session did not record this turn (cancelled).
+    edge_kept: bool = True
+
+
+def _is_unknown_session(exc: Exception) -> bool:
+    """True when the edge says the session id is unknown (gRPC NOT_FOUND)."""
+    code = getattr(exc, "code", None)
+    code = getattr(code, "name", code)
+    return str(code).upper() in ("NOT_FOUND", "STATUSCODE.NOT_FOUND")

@@ -1,0 +1,110 @@
+"""PROFILE.json: the measured cost parameters, and how they enter the cost model.
+
+``edgeroute profile`` writes it; ``--profile`` on chat, demo and simulate reads
+it through :func:`cost_params_from_profile`.  Units are seconds and tokens
+(device-SLM tokens, the unit of the runtime's L_p, C_t and ΔC):
+
+==========================  =====================================================
+``gamma_s_prefill``         γ_s for prefill, s/token (eq. 1)
+``gamma_s_decode``          γ_s for decode, s/token (eq. 5)
+``gamma_e_prefill``         γ_e for prefill, s/token (eq. 1), from the edge's timings
+``gamma_e_decode``          γ_e for decode, s/token (eq. 5)
+``tau_r``                   router time per token, s/token (eq. 4)
+``bandwidth_tokens_per_s``  B, tokens/s (eq. 3) = bytes/s ÷ ``bytes_per_token``
+``overhead_s``              δ, s (eq. 3): the RTT intercept of the Ping/Echo fit
+``bytes_per_token``         UTF-8 bytes per device-SLM token, measured on real text
+==========================  =====================================================
+
+Other keys (``fit``, ``sources``, ``meta``) describe how the numbers were made
+and are ignored by the cost model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from device_runtime.cost_model import CostParams, Link, ModelTiming
+
+#: The contract's keys (issue 5), all required in a written profile.
+PARAM_KEYS: tuple[str, ...] = (
+    "gamma_s_prefill",
+    "gamma_s_decode",
+    "gamma_e_prefill",
+    "gamma_e_decode",
+    "tau_r",
+    "bandwidth_tokens_per_s",
+    "overhead_s",
+    "bytes_per_token",
+)
+
+
+class ProfileError(ValueError):
+    """A profile is unreadable, incomplete, or holds a bad value."""
+
+
+def validate_profile(data: Any, *, require_all: bool = True) -> dict[str, Any]:
+    """Check the parameter keys; returns the profile as a dict."""
+    if not isinstance(data, dict):
+        raise ProfileError("a profile must be a JSON object")
+    missing = [k for k in PARAM_KEYS if k not in data]
+    if require_all and missing:
+        raise ProfileError(f"profile lacks {missing}")
+    for k in PARAM_KEYS:
+        if k not in data:
+            continue
+        v = data[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ProfileError(f"profile {k} must be a non-negative number, got {v!r}")
+    for k in ("bandwidth_tokens_per_s", "bytes_per_token"):
+        if k in data and not data[k] > 0:
+            raise ProfileError(f"profile {k} must be > 0")
+    return data
+
+
+def load_profile(path: str | Path, *, require_all: bool = True) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"profile {path} is not valid JSON: {exc}") from None
+    return validate_profile(data, require_all=require_all)
+
+
+def write_profile(path: str | Path, profile: Mapping[str, Any]) -> Path:
+    data = validate_profile(dict(profile))
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def apply_profile(profile: Mapping[str, Any], base: CostParams) -> CostParams:
+    """``base`` with every measured parameter in ``profile`` replaced (missing keys keep base's)."""
+    data = validate_profile(dict(profile), require_all=False)
+    g = lambda k, default: float(data.get(k, default))  # noqa: E731
+    return base.with_(
+        gamma_s=ModelTiming(
+            g("gamma_s_prefill", base.gamma_s.prefill_s_per_token),
+            g("gamma_s_decode", base.gamma_s.decode_s_per_token),
+        ),
+        gamma_e=ModelTiming(
+            g("gamma_e_prefill", base.gamma_e.prefill_s_per_token),
+            g("gamma_e_decode", base.gamma_e.decode_s_per_token),
+        ),
+        link=Link(
+            g("bandwidth_tokens_per_s", base.link.bandwidth_tokens_per_s),
+            g("overhead_s", base.link.overhead_s),
+        ),
+        tau_r=g("tau_r", base.tau_r),
+    )
+
+
+def cost_params_from_profile(path: str | Path, base: CostParams) -> CostParams:
+    """The cost parameters of ``base`` (α, L̄_r, upload mode) with the measured
+    γ_s, γ_e, τ_r, B and δ of the profile at ``path`` (eqs. 1-7)."""
+    return apply_profile(load_profile(path, require_all=False), base)

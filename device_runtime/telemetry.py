@@ -1,0 +1,154 @@
+"""Per-turn telemetry: one JSON object per turn (issue 4's contract).
+
+```
+{"turn": int, "target": "device"|"edge", "policy": str, "p": float|null, "p_fused": float|null,
+ "predicted_s": {"device": float, "edge": float}, "measured_s": float, "ttft_s": float,
+ "prompt_tokens": int, "context_tokens": int, "prefill_tokens": int, "cached_tokens": int,
+ "output_tokens": int, "fallback": bool}
+```
+
+- ``prompt_tokens`` is L_p and ``context_tokens`` C_t before the turn (paper,
+  Sec. II-B), both counted in device-SLM tokens of the message texts.
+- ``prefill_tokens`` / ``cached_tokens`` are what the serving model actually
+  computed / reused from its KV cache, as it reported them.
+- ``measured_s`` runs from the start of the turn (routing included, so it is
+  comparable with the paper's T_total, eq. 8) to the last token; ``ttft_s``
+  from the start of the turn to the first token of the answer.
+- ``target`` is where the answer was produced; a fallback says "device".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+FIELDS: dict[str, tuple[type, ...]] = {
+    "turn": (int,),
+    "target": (str,),
+    "policy": (str,),
+    "p": (float, type(None)),
+    "p_fused": (float, type(None)),
+    "predicted_s": (dict,),
+    "measured_s": (float,),
+    "ttft_s": (float,),
+    "prompt_tokens": (int,),
+    "context_tokens": (int,),
+    "prefill_tokens": (int,),
+    "cached_tokens": (int,),
+    "output_tokens": (int,),
+    "fallback": (bool,),
+}
+
+
+class TelemetryError(ValueError):
+    """A telemetry record breaks the contract."""
+
+
+@dataclass
+class TurnTelemetry:
+    """One turn, in the contract's field order."""
+
+    turn: int
+    target: str
+    policy: str
+    p: float | None
+    p_fused: float | None
+    predicted_s: dict[str, float]
+    measured_s: float
+    ttft_s: float
+    prompt_tokens: int
+    context_tokens: int
+    prefill_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    fallback: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["predicted_s"] = {k: float(v) for k, v in self.predicted_s.items()}
+        for k in ("p", "p_fused"):
+            if d[k] is not None:
+                d[k] = float(d[k])
+        d["measured_s"], d["ttft_s"] = float(self.measured_s), float(self.ttft_s)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+
+def validate_record(record: Mapping[str, Any]) -> None:
+    """Raise :class:`TelemetryError` unless ``record`` matches the contract exactly."""
+    if set(record) != set(FIELDS):
+        missing, extra = set(FIELDS) - set(record), set(record) - set(FIELDS)
+        raise TelemetryError(f"telemetry keys differ: missing {sorted(missing)}, extra {sorted(extra)}")
+    for key, types in FIELDS.items():
+        value = record[key]
+        # bool is an int in Python; the contract keeps them apart.
+        if isinstance(value, bool) and bool not in types:
+            raise TelemetryError(f"{key} must be {types}, got a bool")
+        if not isinstance(value, types):
+            raise TelemetryError(f"{key} must be {types}, got {type(value).__name__}")
+    if record["target"] not in ("device", "edge"):
+        raise TelemetryError(f"target must be device or edge, got {record['target']!r}")
+    pred = record["predicted_s"]
+    if set(pred) != {"device", "edge"} or not all(isinstance(v, float) for v in pred.values()):
+        raise TelemetryError(f"predicted_s must be {{'device': float, 'edge': float}}, got {pred!r}")
+    for key in ("turn", "prompt_tokens", "context_tokens", "prefill_tokens", "cached_tokens", "output_tokens"):
+        if record[key] < 0:
+            raise TelemetryError(f"{key} must be >= 0")
+    for key in ("measured_s", "ttft_s"):
+        if not math.isfinite(record[key]) or record[key] < 0:
+            raise TelemetryError(f"{key} must be a finite non-negative number")
+    if record["fallback"] and record["target"] != "device":
+        raise TelemetryError("a fallback turn is answered on the device")
+
+
+@dataclass
+class TelemetryLog:
+    """The turns of a run, kept in memory for profiling and summaries."""
+
+    records: list[TurnTelemetry] = field(default_factory=list)
+
+    def append(self, record: TurnTelemetry) -> None:
+        self.records.append(record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def to_jsonl(self) -> str:
+        return "".join(r.to_json() + "\n" for r in self.records)
+
+    def summary(self) -> dict[str, Any]:
+        """Edge share, fallbacks, latency and token totals over the run."""
+        return summarize(self.records)
+
+
+def summarize(records: Iterable[TurnTelemetry]) -> dict[str, Any]:
+    recs = list(records)
+    n = len(recs)
+    if n == 0:
+        return {"turns": 0}
+    edge = [r for r in recs if r.target == "edge"]
+    measured = [r.measured_s for r in recs]
+    chosen_pred = [r.predicted_s[r.target] for r in recs]
+    return {
+        "turns": n,
+        "edge_turns": len(edge),
+        "device_turns": n - len(edge),
+        "edge_share": len(edge) / n,
+        "fallbacks": sum(r.fallback for r in recs),
+        "mean_measured_s": statistics.fmean(measured),
+        "p50_measured_s": statistics.median(measured),
+        "mean_ttft_s": statistics.fmean(r.ttft_s for r in recs),
+        "mean_predicted_s": statistics.fmean(chosen_pred),
+        "total_s": sum(measured),
+        "prefill_tokens": sum(r.prefill_tokens for r in recs),
+        "cached_tokens": sum(r.cached_tokens for r in recs),
+        "output_tokens": sum(r.output_tokens for r in recs),
+    }

@@ -1,0 +1,132 @@
+"""The llama-cpp-python backend: one ``Llama`` context per slot on one GGUF.
+
+Prompt formatting, prefix reuse of the KV cache, streaming with cancel and
+the per-turn counts all come from :mod:`device_runtime.llama_session`, the
+same code the device SLM runs, so both sides count prefill and cached tokens
+the same way.  Slots load the same file; llama.cpp maps the weights with
+mmap, so each extra slot costs its KV cache and compute buffers, not another
+copy of the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from device_runtime import llama_session
+from edge_service.backends.base import Backend, Slot, register_backend
+from edge_service.errors import InvalidArgument
+from edge_service.settings import EdgeSettings
+from edgeroute.v1.types import GenerationParams
+
+log = logging.getLogger(__name__)
+
+
+class LlamaSlot(Slot):
+    def __init__(self, conversation: llama_session.LlamaConversation) -> None:
+        self.conversation = conversation
+
+    @property
+    def last_stats(self) -> llama_session.GenerationStats | None:  # type: ignore[override]
+        return self.conversation.last_stats
+
+    def stream(
+        self, messages: Sequence[dict], params: GenerationParams, cancel: threading.Event
+    ) -> Iterator[str]:
+        try:
+            yield from self.conversation.stream(
+                list(messages),
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                seed=params.seed,
+                stop=params.stop,
+                cancel=cancel,
+            )
+        except (llama_session.ContextOverflowError, llama_session.InvalidMessagesError) as exc:
+            raise InvalidArgument(str(exc)) from exc
+
+    def close(self) -> None:
+        self.conversation.llama.close()
+
+
+@register_backend("llama_cpp")
+class LlamaCppBackend(Backend):
+    """Serves a GGUF with llama.cpp; instruct models use their chat template, base models ``plain``."""
+
+    name = "llama_cpp"
+
+    def __init__(self, settings: EdgeSettings) -> None:
+        if settings.model_path is None:
+            from edge_service.models import default_edge_model_path
+
+            model_path = default_edge_model_path()
+        else:
+            model_path = settings.model_path
+        if not Path(model_path).is_file():
+            raise FileNotFoundError(f"edge model not found: {model_path}")
+        self.settings = settings
+        self.model_path = Path(model_path)
+        self._slots: list[LlamaSlot] = []
+        # The first context is loaded now: it answers the metadata questions
+        # (prompt format, KV size) and becomes the first slot.
+        self._first: LlamaSlot | None = self._load_slot()
+
+    def _load_slot(self) -> LlamaSlot:
+        llama = llama_session.load_llama(
+            self.model_path,
+            n_ctx=self.settings.n_ctx,
+            n_threads=self.settings.n_threads,
+            seed=self.settings.seed,
+        )
+        fmt = llama_session.resolve_prompt_format(llama, self.settings.prompt_format)
+        slot = LlamaSlot(llama_session.LlamaConversation(llama, fmt))
+        self._slots.append(slot)
+        return slot
+
+    @property
+    def _probe(self) -> LlamaSlot:
+        return self._slots[0]
+
+    @property
+    def model_name(self) -> str:
+        return self.model_path.name
+
+    @property
+    def prompt_format(self) -> str:
+        return self._probe.conversation.prompt_format.name
+
+    @property
+    def n_ctx(self) -> int:
+        return self._probe.conversation.n_ctx
+
+    def kv_bytes_per_slot(self) -> int | None:
+        """f16 K and V for every layer at ``n_ctx`` (the SWA cache is full-size, see load_llama)."""
+        meta = self._probe.conversation.llama.metadata
+        arch = meta.get("general.architecture", "")
+        try:
+            n_layer = int(meta[f"{arch}.block_count"])
+            n_head = int(meta[f"{arch}.attention.head_count"])
+            n_head_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_head))
+            n_embd = int(meta[f"{arch}.embedding_length"])
+            k_len = int(meta.get(f"{arch}.attention.key_length", n_embd // n_head))
+            v_len = int(meta.get(f"{arch}.attention.value_length", n_embd // n_head))
+        except (KeyError, ValueError, ZeroDivisionError):
+            return None
+        return self.n_ctx * n_layer * n_head_kv * (k_len + v_len) * 2
+
+    def new_slot(self) -> Slot:
+        if self._first is not None:
+            slot, self._first = self._first, None
+            return slot
+        return self._load_slot()
+
+    def close(self) -> None:
+        for slot in self._slots:
+            try:
+                slot.close()
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                log.debug("closing a slot failed", exc_info=True)
+        self._slots.clear()

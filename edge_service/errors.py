@@ -1,0 +1,107 @@
+"""Service errors and their gRPC status codes, in one place.
+
+Code in the service raises the exceptions below; :class:`ErrorMappingInterceptor`
+turns them into status codes for every EdgeLLM method.  Anything else becomes
+INTERNAL with a generic message and a reference id; the traceback is logged on
+the server and never sent to the client.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+from typing import Any, Callable
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+# Only methods of this service are wrapped; health and reflection keep their own handling.
+SERVICE_PREFIX = "/edgeroute.v1.EdgeLLM/"
+
+
+class EdgeServiceError(Exception):
+    """An error whose message is safe to show to the client."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(EdgeServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(EdgeServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(EdgeServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class ResourceExhausted(EdgeServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(EdgeServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(EdgeServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for an exception."""
+    if isinstance(exc, EdgeServiceError):
+        return exc.code, str(exc) or exc.code.name
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error (ref %s)", ref, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref})"
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    code, message = status_for(exc)
+    if code is not grpc.StatusCode.INTERNAL:
+        log.info("%s: %s", code.name, message)
+    await context.abort(code, message)
+
+
+def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the one place that maps them all
+            await _abort(context, exc)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort(context, exc)
+
+    return wrapper
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by EdgeLLM methods to gRPC status codes."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
+        log.warning("no error mapping for %s: not a unary or async-generator method", handler_call_details.method)
+        return handler

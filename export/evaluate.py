@@ -1,0 +1,62 @@
+"""APGR / CPT of a router's scores on labelled turns (device_runtime.metrics definitions).
+
+The routing curve is swept at every distinct score: the turns with
+p >= θ go to the edge.  Quality is the mean of each turn's routed quality.
+This is the quality-only curve RouteLLM evaluates (no latency fusion).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from device_runtime.metrics import apgr, cpt
+
+
+def routing_curve(scores: Sequence[float], q_device: Sequence[float], q_edge: Sequence[float]):
+    """(edge_share, quality) at every distinct threshold, ties routed together."""
+    s = np.asarray(scores, dtype=float)
+    qd = np.asarray(q_device, dtype=float)
+    qe = np.asarray(q_edge, dtype=float)
+    n = len(s)
+    order = np.argsort(-s, kind="stable")
+    s_sorted = s[order]
+    gain = (qe - qd)[order]
+    base = qd.sum()
+    cum = np.cumsum(gain)
+    # Cut only where the score changes, so tied turns are routed together.
+    cut = np.nonzero(np.diff(s_sorted) != 0)[0] + 1
+    cuts = np.concatenate([cut, [n]])
+    return [(k / n, (base + cum[k - 1]) / n) for k in cuts]
+
+
+def routing_metrics(scores, q_device, q_edge) -> dict[str, float]:
+    """APGR, CPT(50%), CPT(80%) (as fractions of edge calls) and the reference qualities."""
+    qd = float(np.mean(q_device))
+    qe = float(np.mean(q_edge))
+    pts = routing_curve(scores, q_device, q_edge)
+    return {
+        "apgr": apgr(pts, qd, qe),
+        "cpt50": cpt(pts, qd, qe, 0.5),
+        "cpt80": cpt(pts, qd, qe, 0.8),
+        "q_device": qd,
+        "q_edge": qe,
+        "n": len(pts) and len(scores),
+    }
+
+
+def metrics_by_benchmark(examples, scores) -> dict[str, dict[str, float]]:
+    """routing_metrics per benchmark of ``examples`` (objects with .benchmark/.quality_*)."""
+    out: dict[str, dict[str, float]] = {}
+    for bench in sorted({e.benchmark for e in examples}):
+        idx = [i for i, e in enumerate(examples) if e.benchmark == bench]
+        try:
+            out[bench] = routing_metrics(
+                [scores[i] for i in idx],
+                [examples[i].quality_device for i in idx],
+                [examples[i].quality_edge for i in idx],
+            )
+        except ValueError:
+            continue  # no gap between the models on this subset: nothing to recover
+    return out

@@ -1,0 +1,277 @@
+"""Train the eq. (10) router on the RouteLLM labels.
+
+Why the caching: a full fine-tune of even MiniLM-L6 costs ~0.3 s per turn
+per epoch on a shared 2-core CPU (an hour for the public sets).  The lower
+``L - train_layers`` layers are frozen, so their output is computed once
+(one forward pass over the data) and cached; each epoch then runs only the
+top ``train_layers`` layers and the head.  The exported model is the whole
+encoder with the trained top layers, so the device runs one ordinary graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from device_runtime.bundle import LpFeature, encode_turn, load_tokenizer, pad_id_of
+from export.config import TrainConfig
+from export.data import Example, load_examples
+from export.evaluate import metrics_by_benchmark
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(RuntimeError):
+    """Training could not run (no data, bad base model, ...)."""
+
+
+@dataclass
+class TrainResult:
+    model: object  # export.model.RouterModel
+    tokenizer: object  # tokenizers.Tokenizer
+    lp_feature: LpFeature
+    train_examples: list[Example]
+    val_examples: list[Example]
+    #: PyTorch validation scores, aligned with val_examples.
+    val_scores: list[float]
+    val_metrics: dict[str, dict[str, float]]
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _progress(iterable=None, **kw):
+    from tqdm import tqdm
+
+    return tqdm(iterable, leave=False, **kw)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def base_tokenizer(base: Path):
+    """The base model's ``tokenizers`` tokenizer: its tokenizer.json, else converted by transformers."""
+    path = Path(base) / "tokenizer.json"
+    if path.is_file():
+        return load_tokenizer(path)
+    try:
+        from transformers import AutoTokenizer
+
+        fast = AutoTokenizer.from_pretrained(str(base), use_fast=True, local_files_only=True)
+    except Exception as exc:
+        raise TrainError(f"{base}: no tokenizer.json and transformers cannot build one: {exc}") from exc
+    tok = fast.backend_tokenizer
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def load_encoder(base: Path):
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(str(base), local_files_only=True)
+    except Exception as exc:
+        raise TrainError(f"cannot load an encoder from {str(base)!r}: {exc}") from exc
+
+
+def _pad(batch_ids: Sequence[Sequence[int]], pad_id: int, types: Sequence[Sequence[int]]):
+    import torch
+
+    width = max(len(x) for x in batch_ids)
+    ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
+    tt = torch.zeros((len(batch_ids), width), dtype=torch.long)
+    mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+    for i, (x, t) in enumerate(zip(batch_ids, types)):
+        ids[i, : len(x)] = torch.tensor(x)
+        tt[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(x)] = 1
+    return ids, tt, mask
+
+
+class _Stack:
+    """The encoder split in two: frozen bottom (run once, cached) and trained top."""
+
+    def __init__(self, encoder, train_layers: int, uses_types: bool) -> None:
+        self.encoder = encoder
+        layers = encoder.encoder.layer
+        if train_layers > len(layers):
+            raise TrainError(f"train_layers={train_layers} but the encoder has {len(layers)} layers")
+        self.split = len(layers) - train_layers
+        self.top = list(layers[self.split :])
+        self.uses_types = uses_types
+
+    def bottom(self, ids, tt, mask):
+        """Hidden states after the frozen layers (the cache)."""
+        kw = {"input_ids": ids, "attention_mask": mask, "output_hidden_states": True}
+        if self.uses_types:
+            kw["token_type_ids"] = tt
+        return self.encoder(**kw).hidden_states[self.split]
+
+    def run_top(self, hidden, mask):
+        if not self.top:
+            return hidden
+        from transformers.masking_utils import create_bidirectional_mask
+
+        attn = create_bidirectional_mask(
+            config=self.encoder.config, inputs_embeds=hidden, attention_mask=mask
+        )
+        for layer in self.top:
+            out = layer(hidden, attention_mask=attn)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Cache the frozen layers, train the top layers + head, score the validation split."""
+    import torch
+
+    from export.model import RouterModel, pool, uses_token_types
+
+    t0 = time.time()
+    seed_everything(config.seed)
+    torch.set_num_threads(config.threads)
+    examples = load_examples(
+        config.data_dirs, config.benchmarks,
+        val_fraction=config.val_fraction, weights=config.benchmark_weights,
+    )
+    train_ex = [e for e in examples if e.split == "train"]
+    val_ex = [e for e in examples if e.split == "val"]
+    if not train_ex or not val_ex:
+        raise TrainError(f"need both train and val turns, got {len(train_ex)} / {len(val_ex)}")
+    log.info("router data: %d train / %d val turns", len(train_ex), len(val_ex))
+
+    tokenizer = base_tokenizer(config.base)
+    pad_id = pad_id_of(tokenizer)
+    encoder = load_encoder(config.base)
+    types = uses_token_types(encoder.config)
+    model = RouterModel(encoder, config.pooling, types)
+    lp_feature = LpFeature(scale=config.lp_scale)
+    stack = _Stack(encoder, config.train_layers, types)
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    for layer in stack.top:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+
+    everything = train_ex + val_ex
+    encs = [encode_turn(tokenizer, e.prompt, e.context, config.max_length) for e in everything]
+    # Length-sorted batches: far less padding in the cached forward pass.
+    order = sorted(range(len(everything)), key=lambda i: len(encs[i].ids))
+    cache: list = [None] * len(everything)
+    encoder.eval()
+    with torch.no_grad():
+        for s in _progress(range(0, len(order), 64), desc="caching frozen layers", unit="batch"):
+            idx = order[s : s + 64]
+            ids, tt, mask = _pad([encs[i].ids for i in idx], pad_id, [encs[i].type_ids for i in idx])
+            hidden = stack.bottom(ids, tt, mask)
+            for j, i in enumerate(idx):
+                n = len(encs[i].ids)
+                # fp16 halves the cache; the top layers run in fp32.
+                cache[i] = hidden[j, :n].to(torch.float16) if stack.top else pool(
+                    hidden[j : j + 1, :n], mask[j : j + 1, :n], config.pooling
+                )[0]
+    n_train = len(train_ex)
+    lp_all = torch.tensor([[lp_feature.value(e.prompt)] for e in everything], dtype=torch.float32)
+    y_all = torch.tensor([e.label for e in everything], dtype=torch.float32)
+    w_all = torch.tensor([e.weight for e in everything], dtype=torch.float32)
+
+    def forward_cached(idx: Sequence[int]):
+        if stack.top:
+            width = max(cache[i].shape[0] for i in idx)
+            hidden = torch.zeros(len(idx), width, cache[idx[0]].shape[1])
+            mask = torch.zeros(len(idx), width, dtype=torch.long)
+            for j, i in enumerate(idx):
+                n = cache[i].shape[0]
+                hidden[j, :n] = cache[i].float()
+                mask[j, :n] = 1
+            h = pool(stack.run_top(hidden, mask), mask, config.pooling)
+        else:
+            h = torch.stack([cache[i] for i in idx])
+        return model.head(h, lp_all[list(idx)])
+
+    def score(indices: Sequence[int]) -> list[float]:
+        for layer in stack.top:
+            layer.eval()
+        out: list[float] = []
+        with torch.no_grad():
+            srt = sorted(indices, key=lambda i: cache_len(i))
+            got = {}
+            for s in range(0, len(srt), 64):
+                idx = srt[s : s + 64]
+                for i, v in zip(idx, torch.sigmoid(forward_cached(idx)).tolist()):
+                    got[i] = v
+            out = [got[i] for i in indices]
+        return out
+
+    def cache_len(i: int) -> int:
+        return int(cache[i].shape[0]) if stack.top else 0
+
+    # Start the head at the base rate, so early steps do not just learn the bias.
+    mean_y = float((y_all[:n_train] * w_all[:n_train]).sum() / w_all[:n_train].sum())
+    with torch.no_grad():
+        model.head.linear.weight.zero_()
+        model.head.linear.bias.fill_(math.log(mean_y / (1 - mean_y)))
+    params = [
+        {"params": [p for l in stack.top for p in l.parameters()], "lr": config.lr_encoder},
+        {"params": list(model.head.parameters()), "lr": config.lr_head},
+    ]
+    opt = torch.optim.AdamW([g for g in params if g["params"]], weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (step + 1) / max(1, total // 10)) * max(0.0, (total - step) / total)
+    )
+    rng = np.random.default_rng(config.seed)
+    history = []
+    val_idx = list(range(n_train, len(everything)))
+    for epoch in range(config.epochs):
+        for layer in stack.top:
+            layer.train()
+        # Batches of similar length (shuffled buckets): less padding, still random.
+        perm = rng.permutation(n_train).tolist()
+        buckets = [sorted(perm[s : s + config.batch_size * 32], key=cache_len) for s in range(0, n_train, config.batch_size * 32)]
+        batches = [b[s : s + config.batch_size] for b in buckets for s in range(0, len(b), config.batch_size)]
+        rng.shuffle(batches)
+        running = 0.0
+        bar = _progress(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch")
+        for k, idx in enumerate(bar):
+            logit = forward_cached(idx)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logit, y_all[idx], weight=w_all[idx], reduction="sum"
+            ) / w_all[idx].sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            running = 0.98 * running + 0.02 * float(loss) if k else float(loss)
+            bar.set_postfix(loss=f"{running:.4f}")
+        val_scores = score(val_idx)
+        metrics = metrics_by_benchmark(val_ex, val_scores)
+        history.append({"epoch": epoch + 1, "loss": running, **{b: m["apgr"] for b, m in metrics.items()}})
+        log.info("epoch %d: loss %.4f, val APGR %s", epoch + 1, running,
+                 ", ".join(f"{b} {m['apgr']:.3f}" for b, m in metrics.items()))
+    model.eval()
+    val_scores = score(val_idx)
+    return TrainResult(
+        model=model,
+        tokenizer=tokenizer,
+        lp_feature=lp_feature,
+        train_examples=train_ex,
+        val_examples=val_ex,
+        val_scores=val_scores,
+        val_metrics=metrics_by_benchmark(val_ex, val_scores),
+        history=history,
+        seconds=time.time() - t0,
+    )

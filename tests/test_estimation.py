@@ -1,0 +1,158 @@
+"""Link fitting and online estimation (pure)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from device_runtime.cost_model import ContextLedger, Link, decide, paper_params
+from device_runtime.estimation import (
+    EwmaSettings,
+    FitError,
+    LinkEstimator,
+    OnlineEstimator,
+    RobustEwma,
+    bytes_per_token,
+    fit_link,
+    per_token_time,
+)
+
+
+def _samples(overhead=0.05, bw=1e6, sizes=(0, 10_000, 50_000, 100_000, 200_000), reps=5, noise=0.002, seed=0):
+    rng = random.Random(seed)
+    xs, ys = [], []
+    for s in sizes:
+        for _ in range(reps):
+            xs.append(s)
+            ys.append(overhead + s / bw + rng.uniform(0, noise))
+    return xs, ys
+
+
+def test_fit_link_recovers_overhead_and_bandwidth():
+    xs, ys = _samples()
+    fit = fit_link(xs, ys)
+    assert fit.overhead_s == pytest.approx(0.051, abs=0.002)
+    assert fit.bandwidth_bytes_per_s == pytest.approx(1e6, rel=0.02)
+    assert fit.r_squared > 0.999
+    assert len(fit.residuals_s) == 5 and fit.n_samples == 25
+    assert fit.predict_s(100_000) == pytest.approx(0.151, abs=0.003)
+    assert set(fit.to_dict()) >= {"overhead_s", "bandwidth_bytes_per_s", "r_squared", "residuals_s"}
+
+
+def test_fit_link_is_robust_to_a_few_slow_round_trips():
+    xs, ys = _samples(reps=7)
+    # Two wild round trips per size (retransmission, scheduler stall).
+    for i in range(0, len(ys), 7):
+        ys[i] += 1.0
+        ys[i + 1] += 0.5
+    fit = fit_link(xs, ys)
+    assert fit.overhead_s == pytest.approx(0.051, abs=0.003)
+    assert fit.bandwidth_bytes_per_s == pytest.approx(1e6, rel=0.05)
+    assert fit.r_squared_all < fit.r_squared
+
+
+@pytest.mark.parametrize(
+    "sizes, rtts",
+    [([100, 100], [0.1, 0.1]), ([], []), ([1, 2], [0.1]), ([1, 2], [0.2, 0.1]), ([1, 2], [0.1, float("nan")])],
+)
+def test_fit_link_rejects_undetermined_input(sizes, rtts):
+    with pytest.raises(FitError):
+        fit_link(sizes, rtts)
+
+
+def test_bytes_per_token_and_per_token_time():
+    assert bytes_per_token(["abcd", "", "efgh ij"], lambda t: len(t.split())) == pytest.approx(11 / 3)
+    with pytest.raises(ValueError):
+        bytes_per_token(["", ""], len)
+    # 10 ms fixed + 2 ms/token: the slope ignores the fixed part.
+    tokens = [16, 64, 256]
+    assert per_token_time([0.01 + 0.002 * t for t in tokens], tokens) == pytest.approx(0.002)
+    assert per_token_time([0.2, 0.2], [100, 100]) == pytest.approx(0.002)
+
+
+def test_robust_ewma_rejects_isolated_outlier_and_follows_a_regime_change():
+    e = RobustEwma(EwmaSettings(weight=0.3, regime_after=2), value=0.05)
+    for x in [0.05, 0.052, 0.049, 0.051, 0.05, 0.05]:
+        assert e.update(x)
+    assert not e.update(2.0)  # one spike: rejected
+    assert e.value == pytest.approx(0.05, abs=0.002)
+    assert e.update(0.05)
+    # The link degrades: two consecutive outliers adopt the new level at once.
+    assert not e.update(0.40)
+    assert e.update(0.42)
+    assert e.value == pytest.approx(0.41)
+    assert e.n_regime_changes == 1
+    # Recovery is the same rule the other way.
+    for x in [0.40, 0.41, 0.42, 0.40]:
+        e.update(x)
+    e.update(0.05)
+    e.update(0.05)
+    assert e.value == pytest.approx(0.05)
+    with pytest.raises(ValueError):
+        e.update(float("inf"))
+
+
+def test_ewma_settings_validate():
+    with pytest.raises(ValueError):
+        EwmaSettings(weight=0)
+    with pytest.raises(ValueError):
+        EwmaSettings(window=1)
+
+
+def test_link_estimator_refits_bandwidth_when_sizes_vary():
+    est = LinkEstimator(Link(bandwidth_tokens_per_s=1000.0, overhead_s=0.05))
+    rng = random.Random(1)
+    for _ in range(20):
+        tokens = rng.choice([10, 100, 400, 800])
+        est.update(tokens, 0.05 + tokens / 250.0)  # the true B is 250 tokens/s
+    assert est.link.bandwidth_tokens_per_s == pytest.approx(250.0, rel=0.15)
+    assert est.link.overhead_s == pytest.approx(0.05, abs=0.03)
+
+
+def test_online_estimator_moves_turns_to_device_when_link_degrades_and_back():
+    """Eqs. (6)-(12) with live estimates: a hard turn goes to the edge on a good
+    link, to the device within a few turns of degradation, back after recovery."""
+    base = paper_params("mt-bench").with_(link=Link(bandwidth_tokens_per_s=1e5, overhead_s=0.04))
+    est = OnlineEstimator(base)
+    ledger = ContextLedger()
+    turn = ledger.turn_inputs(prompt_tokens=50)
+
+    def target() -> str:
+        return decide(est.params(), turn, p=0.9, threshold=0.5).target
+
+    def edge_turn(rtt_s: float) -> None:
+        server_s = 0.02 * 879
+        est.observe_edge_turn(measured_s=server_s + rtt_s, server_s=server_s, router_s=0.0,
+                              upload_tokens=50, output_tokens=879, prefill_tokens=50, prefill_s=1.0,
+                              decode_s=server_s - 1.0)
+
+    for _ in range(5):
+        edge_turn(0.04)
+    assert target() == "edge"
+    decisions = []
+    for _ in range(4):  # the link degrades: 60 s of comm per turn (an outage-like link)
+        edge_turn(60.0)
+        decisions.append(target())
+    assert "device" in decisions[:2]
+    assert est.snapshot()["overhead_s"] > 10
+    back = []
+    for _ in range(3):  # pings while on the device see the recovery
+        est.observe_ping(0.04)
+        back.append(target())
+    assert back[-1] == "edge" and "edge" in back[:3]
+    assert set(est.snapshot()) == {
+        "gamma_s_prefill", "gamma_s_decode", "gamma_e_prefill", "gamma_e_decode",
+        "bandwidth_tokens_per_s", "overhead_s",
+    }
+
+
+def test_online_estimator_updates_gamma_and_skips_tiny_samples():
+    est = OnlineEstimator(paper_params("gsm8k"), min_tokens=4)
+    for _ in range(10):
+        est.observe_device_turn(prefill_tokens=100, prefill_s=0.5, output_tokens=50, decode_s=1.0)
+    p = est.params()
+    assert p.gamma_s.prefill_s_per_token == pytest.approx(0.005, rel=0.05)
+    assert p.gamma_s.decode_s_per_token == pytest.approx(0.02, rel=0.05)
+    est.observe_device_turn(prefill_tokens=1, prefill_s=5.0, output_tokens=0, decode_s=0.0)
+    assert est.params().gamma_s.prefill_s_per_token == pytest.approx(0.005, rel=0.05)

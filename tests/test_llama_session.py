@@ -1,0 +1,228 @@
+"""The resident-KV conversation on the real device SLM (SmolLM2-135M-Instruct GGUF)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from device_runtime.llama_session import (
+    ContextOverflowError,
+    ConversationBusyError,
+    InvalidMessagesError,
+    LlamaConversation,
+    PlainFormat,
+    _StopFilter,
+    load_llama,
+    resolve_prompt_format,
+)
+from device_runtime.models import ModelNotFoundError, default_slm_path, resolve_model_path
+
+MAX_TOKENS = 12
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_llama(default_slm_path(), n_ctx=1024, n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def cold_llama():
+    return load_llama(default_slm_path(), n_ctx=1024, n_threads=1)
+
+
+def run(conv, messages, **kw):
+    kw.setdefault("max_tokens", MAX_TOKENS)
+    text = "".join(conv.stream(messages, **kw))
+    return text, conv.last_stats
+
+
+# --- pure parts ----------------------------------------------------------------
+
+
+def test_stop_filter_holds_back_partial_stop_and_cuts_at_it():
+    f = _StopFilter(["\nUser:"], lstrip=True)
+    assert f.feed("  Hello") == "Hello"
+    assert f.feed(" there\nUs") == " there"  # "\nUs" might start a stop string
+    assert f.feed("er: next") == ""
+    assert f.stopped and f.flush() == ""
+
+
+def test_stop_filter_releases_held_text_that_was_not_a_stop():
+    f = _StopFilter(["\nUser:"], lstrip=False)
+    assert f.feed("a\nU") == "a"
+    assert f.feed("niverse") == "\nUniverse"
+    assert f.flush() == ""
+
+
+def test_plain_format_renders_turns_and_cue():
+    text = PlainFormat().render([user("Hi"), assistant(" Hello "), user("Bye")])
+    assert text == "User: Hi\nAssistant: Hello\nUser: Bye\nAssistant:"
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        resolve_model_path(tmp_path / "nope.gguf", default_slm_path)
+    with pytest.raises(FileNotFoundError):
+        load_llama(tmp_path / "nope.gguf")
+
+
+# --- real model ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_auto_format_uses_the_gguf_chat_template(llama):
+    fmt = resolve_prompt_format(llama, "auto")
+    assert fmt.name == "chat-template"
+    assert "<|im_start|>assistant" in fmt.render([user("hi")])
+    with pytest.raises(ValueError, match="unknown prompt format"):
+        resolve_prompt_format(llama, "nope")
+
+
+@pytest.mark.slow
+def test_follow_up_prefills_only_new_tokens_and_matches_a_cold_run(llama, cold_llama):
+    fmt = resolve_prompt_format(llama)
+    conv = LlamaConversation(llama, fmt)
+    conv.reset()
+    msgs = [user("Name three colours.")]
+    first, s1 = run(conv, msgs)
+    assert s1.cached_tokens == 0 and s1.prefill_tokens == s1.prompt_tokens
+    assert s1.output_tokens > 0 and first
+
+    msgs = msgs + [assistant(first), user("And three animals?")]
+    second, s2 = run(conv, msgs)
+    assert s2.prompt_tokens == s2.prefill_tokens + s2.cached_tokens
+    # The first prompt and (all but the last of) the answer stay in the KV cache.
+    assert s2.cached_tokens >= s1.prompt_tokens + s1.output_tokens - 1 - 2
+    new_only = s2.prompt_tokens - s1.prompt_tokens
+    assert 0 < s2.prefill_tokens <= new_only
+
+    cold = LlamaConversation(cold_llama, resolve_prompt_format(cold_llama))
+    cold.reset()
+    cold_text, s3 = run(cold, msgs)
+    assert s3.cached_tokens == 0 and s3.prefill_tokens == s2.prompt_tokens
+    assert cold_text == second  # greedy: the reused cache changes nothing
+
+
+@pytest.mark.slow
+def test_coming_back_after_missed_turns_prefills_only_those(llama):
+    conv = LlamaConversation(llama, resolve_prompt_format(llama))
+    conv.reset()
+    msgs = [user("Say hello.")]
+    a1, s1 = run(conv, msgs)
+    # Two turns answered elsewhere (e.g. on the edge), then back here.
+    missed = [assistant(a1), user("Count to three."), assistant("One, two, three."),
+              user("Now to five."), assistant("One, two, three, four, five.")]
+    msgs = msgs + missed + [user("Thanks!")]
+    _, s2 = run(conv, msgs)
+    assert s2.cached_tokens >= s1.prompt_tokens
+    assert s2.prefill_tokens == s2.prompt_tokens - s2.cached_tokens
+    assert s2.prefill_tokens <= s2.prompt_tokens - s1.prompt_tokens
+
+
+@pytest.mark.slow
+def test_repeating_the_same_prompt_recomputes_one_token_only(llama):
+    conv = LlamaConversation(llama, resolve_prompt_format(llama))
+    conv.reset()
+    msgs = [user("What is two plus two?")]
+    a, s1 = run(conv, msgs, max_tokens=1)
+    b, s2 = run(conv, msgs, max_tokens=1)
+    assert a == b
+    assert s2.cached_tokens == s1.prompt_tokens - 1 and s2.prefill_tokens == 1
+
+
+@pytest.mark.slow
+def test_cancel_stops_between_tokens(llama):
+    conv = LlamaConversation(llama, resolve_prompt_format(llama))
+    cancel = threading.Event()
+    chunks = []
+    for chunk in conv.stream([user("Write a long story about a dragon.")], max_tokens=64, cancel=cancel):
+        chunks.append(chunk)
+        cancel.set()
+    stats = conv.last_stats
+    assert stats.finish_reason == "cancelled"
+    assert 1 <= stats.output_tokens < 64
+    # Cancelled before it starts: nothing is generated.
+    already = threading.Event()
+    already.set()
+    assert list(conv.stream([user("Hi")], max_tokens=8, cancel=already)) == []
+    assert conv.last_stats.finish_reason == "cancelled" and conv.last_stats.output_tokens == 0
+
+
+@pytest.mark.slow
+def test_closing_the_stream_early_counts_as_cancelled(llama):
+    conv = LlamaConversation(llama, resolve_prompt_format(llama))
+    it = conv.stream([user("Tell me about the sea.")], max_tokens=32)
+    next(it)
+    it.close()
+    assert conv.last_stats.finish_reason == "cancelled"
+    # The conversation is free again.
+    assert run(conv, [user("Hi")], max_tokens=2)[1].output_tokens >= 1
+
+
+@pytest.mark.slow
+def test_a_second_concurrent_stream_is_refused(llama):
+    conv = LlamaConversation(llama, resolve_prompt_format(llama))
+    it = conv.stream([user("Tell me a joke.")], max_tokens=16)
+    next(it)
+    with pytest.raises(ConversationBusyError):
+        next(conv.stream([user("Hi")], max_tokens=2))
+    it.close()
+
+
+@pytest.mark.slow
+def test_overflow_is_a_clear_error_and_the_window_caps_the_answer():
+    small = load_llama(default_slm_path(), n_ctx=64, n_threads=1)
+    conv = LlamaConversation(small, resolve_prompt_format(small))
+    with pytest.raises(ContextOverflowError, match="context window is 64"):
+        next(conv.stream([user("word " * 200)], max_tokens=4))
+    # A prompt that fits but leaves less room than max_tokens stops at the window.
+    prompt = [user("Tell me a long story " + "please " * 3)]
+    n = conv.count_tokens(prompt)
+    assert n < 64
+    _, stats = run(conv, prompt, max_tokens=500)
+    assert stats.output_tokens <= 64 - n
+    small.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ([], "must not be empty"),
+        ([{"role": "robot", "content": "x"}], "unknown role"),
+        ([{"role": "user", "content": 3}], "must be a string"),
+        ([user("a"), assistant("b")], "last message"),
+        (["hello"], "not an object"),
+    ],
+)
+def test_bad_messages_are_rejected(llama, messages, match):
+    conv = LlamaConversation(llama, resolve_prompt_format(llama))
+    with pytest.raises(InvalidMessagesError, match=match):
+        next(conv.stream(messages, max_tokens=2))
+
+
+@pytest.mark.slow
+def test_bad_parameters_are_rejected(llama):
+    conv = LlamaConversation(llama, resolve_prompt_format(llama))
+    with pytest.raises(ValueError, match="max_tokens"):
+        conv.stream([user("hi")], max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        conv.stream([user("hi")], max_tokens=1, top_p=0.0)
+
+
+@pytest.mark.slow
+def test_plain_format_stops_at_the_next_user_turn(llama):
+    conv = LlamaConversation(llama, resolve_prompt_format(llama, "plain"))
+    conv.reset()
+    text, stats = run(conv, [user("Hi"), assistant("Hello!"), user("How are you?")], max_tokens=48)
+    assert "\nUser:" not in text
+    assert stats.prompt_tokens == stats.prefill_tokens

@@ -1,0 +1,385 @@
+"""The turn orchestrator with the real SLM, a real edge service on loopback gRPC and the real models.
+
+Fakes appear only to inject faults: a policy that plays a fixed target
+sequence, a router with a fixed score, and an edge client whose stream dies
+after its first chunk.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Sequence
+
+import pytest
+
+from device_runtime import cost_model
+from device_runtime.orchestrator import (
+    AutoPolicy,
+    FixedPolicy,
+    Orchestrator,
+    OrchestratorSettings,
+    Policy,
+    PolicyDecision,
+    ProfileError,
+    RandomPolicy,
+    create_policy,
+    live_cost_params,
+)
+from device_runtime.routers.base import Router
+from device_runtime.telemetry import validate_record
+
+MAX_TOKENS = 10
+
+
+class SequencePolicy(Policy):
+    """Plays a fixed list of targets (deterministic routing for the tests)."""
+
+    name = "sequence"
+
+    def __init__(self, targets: Sequence[str]) -> None:
+        self.targets = list(targets)
+
+    def choose(self, params, turn, prompt, context):
+        return PolicyDecision(self.targets.pop(0), None, None, {"device": 0.0, "edge": 0.0})
+
+
+class FixedScoreRouter(Router):
+    name = "fixed"
+    tau_r = 0.0
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self.seen: list[tuple[str, list]] = []
+
+    def score(self, prompt, context=()):
+        self.seen.append((prompt, list(context)))
+        return self.p
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- pure parts (no models) ------------------------------------------------------
+
+
+def test_auto_policy_applies_eqs_11_and_12():
+    params = live_cost_params()
+    turn = cost_model.ContextLedger().turn_inputs(20, response_device=10, response_edge=10)
+    t_s = cost_model.latency(params, turn, "device").total_s
+    t_e = cost_model.latency(params, turn, "edge").total_s
+    router = FixedScoreRouter(0.6)
+    d = AutoPolicy(router, threshold=0.6).choose(params, turn, "q", [{"role": "user", "content": "x"}])
+    assert d.p == 0.6
+    assert d.p_fused == pytest.approx(0.6 - params.alpha * (t_e - t_s))
+    assert d.target == ("edge" if d.p_fused > 0.6 else "device")
+    assert d.predicted_s == pytest.approx({"device": t_s, "edge": t_e})
+    assert router.seen == [("q", [{"role": "user", "content": "x"}])]
+
+
+def test_fixed_and_random_policies():
+    params = live_cost_params()
+    turn = cost_model.ContextLedger().turn_inputs(5)
+    assert FixedPolicy("edge").choose(params, turn, "q", []).target == "edge"
+    d = FixedPolicy("device").choose(params, turn, "q", [])
+    assert d.p is None and d.p_fused is None and set(d.predicted_s) == {"device", "edge"}
+    a = [RandomPolicy(0.5, seed=3).choose(params, turn, "q", []) for _ in range(1)]
+    r1, r2 = RandomPolicy(0.5, seed=3), RandomPolicy(0.5, seed=3)
+    picks1 = [r1.choose(params, turn, "q", []) for _ in range(20)]
+    picks2 = [r2.choose(params, turn, "q", []) for _ in range(20)]
+    assert [d.target for d in picks1] == [d.target for d in picks2]
+    assert {d.target for d in picks1} == {"device", "edge"}
+    assert all(0 <= d.p <= 1 and d.p_fused is None for d in picks1 + a)
+    assert all(d.target == ("edge" if d.p > 0.5 else "device") for d in picks1)
+
+
+def test_bad_settings_policies_and_profiles(tmp_path):
+    with pytest.raises(ValueError, match="unknown policy"):
+        create_policy("nope")
+    with pytest.raises(ValueError, match="max_tokens"):
+        OrchestratorSettings(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        OrchestratorSettings(top_p=0)
+    with pytest.raises(ProfileError, match="unknown keys"):
+        live_cost_params({"gamma": 1})
+    with pytest.raises(ProfileError, match="non-negative"):
+        live_cost_params({"tau_r": -1})
+    bad = tmp_path / "p.json"
+    bad.write_text("{not json")
+    with pytest.raises(ProfileError, match="not valid JSON"):
+        live_cost_params(bad)
+    with pytest.raises(ProfileError, match="cannot read"):
+        live_cost_params(tmp_path / "missing.json")
+
+
+def test_profile_overrides_the_preset(tmp_path):
+    prof = tmp_path / "profile.json"
+    prof.write_text('{"gamma_s_prefill": 0.001, "gamma_s_decode": 0.01, "gamma_e_prefill": 0.0005,'
+                    ' "gamma_e_decode": 0.004, "tau_r": 0.0001, "bandwidth_tokens_per_s": 1e5,'
+                    ' "overhead_s": 0.003, "bytes_per_token": 4}')
+    p = live_cost_params(prof)
+    assert p.gamma_s == cost_model.ModelTiming(0.001, 0.01)
+    assert p.gamma_e == cost_model.ModelTiming(0.0005, 0.004)
+    assert p.link == cost_model.Link(1e5, 0.003) and p.tau_r == 0.0001
+    assert p.upload_mode == "session"
+
+
+# --- real models over loopback gRPC -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def edge_server():
+    from edge_service.server import EdgeServerThread
+    from edge_service.settings import EdgeSettings
+
+    server = EdgeServerThread(EdgeSettings(n_ctx=2048, n_slots=1, n_threads=1)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def slm():
+    from device_runtime.slm import SLMSettings, create_slm
+
+    backend = create_slm("llama-cpp", SLMSettings(n_ctx=2048, n_threads=1))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def edge_client(edge_server):
+    from device_runtime.edge_client import EdgeClient
+
+    client = EdgeClient(edge_server.target, timeout_s=60)
+    yield client
+    client.close()
+
+
+def make(slm, policy, edge=None, **settings) -> Orchestrator:
+    settings.setdefault("max_tokens", MAX_TOKENS)
+    return Orchestrator(slm, policy, live_cost_params(), edge=edge, settings=OrchestratorSettings(**settings))
+
+
+def server_record(edge_server, session_id, n):
+    """The server's log entry of the n-th Generate (1-based) of a session."""
+
+    def nth(_record):
+        return len([r for r in edge_server.servicer.records if r.session_id == session_id]) >= n
+
+    assert edge_server.servicer.wait_for_record(nth, 30) is not None
+    return [r for r in edge_server.servicer.records if r.session_id == session_id][n - 1]
+
+
+@pytest.mark.slow
+def test_fixed_policies_answer_where_told_and_telemetry_follows_the_contract(slm, edge_client):
+    for target in ("device", "edge"):
+        orch = make(slm, FixedPolicy(target), edge_client)
+        recs = [orch.turn(p).telemetry for p in ("Hello there.", "What is the sky's colour?")]
+        for r in recs:
+            validate_record(r.to_dict())
+            assert r.target == target and not r.fallback and r.policy == target
+            assert r.output_tokens >= 1 and r.prefill_tokens >= 1
+        assert [r.turn for r in recs] == [1, 2]
+        assert recs[0].context_tokens == 0
+        assert recs[1].context_tokens == recs[0].prompt_tokens + orch.slm.count_tokens(orch.transcript[1]["content"])
+        # The second turn reuses the first from the serving side's KV cache.
+        assert recs[1].cached_tokens > 0
+        assert len(orch.telemetry) == 2 and len(orch.transcript) == 4
+        orch.close()
+
+
+@pytest.mark.slow
+def test_back_on_the_device_after_edge_turns_prefills_only_the_missed_turns(slm, edge_client):
+    orch = make(slm, SequencePolicy(["device", "edge", "edge", "device"]), edge_client)
+    slm.reset()
+    orch.turn("Hi! Tell me a colour.")
+    first = slm.last_stats
+    orch.turn("Name a fruit.")
+    orch.turn("Name a city.")
+    rec = orch.turn("Which of those did you like best?").telemetry
+    last = slm.last_stats
+    assert rec.target == "device"
+    assert (rec.prefill_tokens, rec.cached_tokens) == (last.prefill_tokens, last.cached_tokens)
+    # Everything the device held is reused; only the edge's two turns and the
+    # new prompt are computed.
+    assert last.cached_tokens >= first.prompt_tokens + first.output_tokens - 1 - 2
+    assert last.prefill_tokens <= last.prompt_tokens - first.prompt_tokens
+    assert last.prefill_tokens + last.cached_tokens == last.prompt_tokens
+    orch.close()
+
+
+@pytest.mark.slow
+def test_edge_session_returning_after_two_device_turns_prefills_only_those(slm, edge_client, edge_server):
+    events = []
+    orch = make(slm, SequencePolicy(["edge", "device", "device", "edge"]), edge_client)
+    orch.turn("Hello, who are you?", on_event=lambda k, d: events.append((k, d)))
+    sid = orch._edge_session
+    assert events == [("edge_session", sid)]
+    orch.turn("What is one plus one?")
+    orch.turn("And two plus two?")
+    rec = orch.turn("Thanks. Say goodbye.").telemetry
+    r1, r2 = server_record(edge_server, sid, 1), server_record(edge_server, sid, 2)
+    assert rec.target == "edge" and (rec.prefill_tokens, rec.cached_tokens) == (r2.prefill_tokens, r2.cached_tokens)
+    # (A new session may still share a few leading tokens with whatever the
+    # edge's slot held before, e.g. "<bos>User:".)
+    assert r1.prefill_tokens + r1.cached_tokens == r1.prompt_tokens
+    # The edge reuses its first turn (all but the last generated token) and
+    # prefills only the two device turns plus the new prompt.
+    assert r2.cached_tokens >= r1.prompt_tokens + r1.output_tokens - 1 - 2
+    assert r2.prefill_tokens == r2.prompt_tokens - r2.cached_tokens
+    assert r2.prefill_tokens <= r2.prompt_tokens - r1.prompt_tokens
+    orch.close()
+
+
+@pytest.mark.slow
+def test_edge_down_falls_back_to_the_device_and_keeps_the_conversation(slm):
+    from device_runtime.edge_client import EdgeClient
+
+    dead = EdgeClient(f"127.0.0.1:{free_port()}", connect_timeout_s=1.0)
+    events = []
+    orch = make(slm, FixedPolicy("edge"), dead)
+    results = [orch.turn(p, on_event=lambda k, d: events.append(k)) for p in ("Hi.", "Name a colour.")]
+    for r in results:
+        assert r.telemetry.target == "device" and r.telemetry.fallback
+        assert "EdgeUnavailable" in r.fallback_reason
+        validate_record(r.telemetry.to_dict())
+    assert events == ["fallback", "fallback"]
+    assert [m["role"] for m in orch.transcript] == ["user", "assistant"] * 2
+    assert orch.ledger.seen == {"device": orch.ledger.context_tokens, "edge": 0}
+    # No edge configured at all: the same fallback.
+    none = make(slm, FixedPolicy("edge"), None)
+    assert none.turn("Hi.").telemetry.fallback
+    dead.close()
+
+
+@pytest.mark.slow
+def test_edge_killed_mid_conversation_then_back(slm):
+    from device_runtime.edge_client import EdgeClient
+    from edge_service.server import EdgeServerThread
+    from edge_service.settings import EdgeSettings
+
+    settings = EdgeSettings(n_ctx=2048, n_slots=1, n_threads=1)
+    server = EdgeServerThread(settings).start()
+    port = server.port
+    client = EdgeClient(server.target, timeout_s=60, connect_timeout_s=2.0)
+    orch = make(slm, FixedPolicy("edge"), client)
+    try:
+        assert not orch.turn("Hello.").telemetry.fallback
+        server.stop()
+        lost = orch.turn("Are you still there?")
+        assert lost.telemetry.target == "device" and lost.telemetry.fallback
+        assert len(orch.transcript) == 4
+        # A new edge process on the same port knows nothing of the session:
+        # NOT_FOUND, a new session, and the whole transcript is sent.
+        server = EdgeServerThread(settings, port=port).start()
+        back = orch.turn("Good, you are back.")
+        assert back.telemetry.target == "edge" and not back.telemetry.fallback
+        sid = orch._edge_session
+        rec = server_record(server, sid, 1)
+        assert rec.cached_tokens == 0 and rec.prefill_tokens == rec.prompt_tokens
+        assert back.telemetry.prefill_tokens == rec.prompt_tokens
+        assert len(orch.transcript) == 6
+    finally:
+        orch.close()
+        client.close()
+        server.stop()
+
+
+class DyingEdge:
+    """Fault injection: the real client, but a stream that dies after its first chunk."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def generate(self, session_id, new_messages, params):
+        from device_runtime.edge_client import EdgeUnavailable
+
+        real_stream = self.real.generate(session_id, new_messages, params)
+
+        class Stream:
+            def __iter__(self_inner):
+                for chunk in real_stream:
+                    yield chunk
+                    real_stream.cancel()
+                    raise EdgeUnavailable("connection reset (injected)")
+
+            def cancel(self_inner):
+                real_stream.cancel()
+
+        return Stream()
+
+
+@pytest.mark.slow
+def test_edge_dying_mid_stream_restarts_the_answer_on_the_device(slm, edge_client, edge_server):
+    events, texts = [], []
+    orch = make(slm, SequencePolicy(["edge", "edge", "edge"]), edge_client, max_tokens=16)
+    orch.turn("Hi there.")
+    sid = orch._edge_session
+    orch.edge = DyingEdge(edge_client)
+    r = orch.turn("Tell me about rivers.", on_text=texts.append, on_event=lambda k, d: events.append(k))
+    assert r.telemetry.target == "device" and r.telemetry.fallback
+    assert events == ["edge_lost", "fallback"]
+    assert orch.transcript[-1] == {"role": "assistant", "content": r.text}
+    # The edge kept its session as it was; the next edge turn sends the
+    # device-answered turn it missed and reuses the rest.
+    orch.edge = edge_client
+    back = orch.turn("Thanks.")
+    assert back.telemetry.target == "edge" and orch._edge_session == sid
+    rec = [x for x in edge_server.servicer.records if x.session_id == sid and x.finish_reason != "cancelled"][-1]
+    assert rec.cached_tokens > 0 and rec.prefill_tokens == back.telemetry.prefill_tokens
+    orch.close()
+
+
+@pytest.mark.slow
+def test_unknown_edge_session_is_reopened_with_the_whole_transcript(slm, edge_client, edge_server):
+    orch = make(slm, SequencePolicy(["edge", "device", "edge"]), edge_client)
+    orch.turn("Hello.")
+    orch.turn("Name a colour.")
+    edge_client.close_session(orch._edge_session)  # e.g. the edge evicted it
+    old = orch._edge_session
+    r = orch.turn("Name an animal.")
+    assert r.telemetry.target == "edge" and not r.telemetry.fallback
+    assert orch._edge_session != old
+    rec = server_record(edge_server, orch._edge_session, 1)
+    assert rec.prefill_tokens + rec.cached_tokens == rec.prompt_tokens
+    assert rec.prompt_tokens > 3 * r.telemetry.prompt_tokens  # the whole conversation was sent
+    orch.close()
+
+
+@pytest.mark.slow
+def test_auto_policy_with_a_router_end_to_end(slm, edge_client):
+    # p = 1 with θ = 0.5: eq. (12) sends the turn to the edge unless the
+    # latency term outweighs it; p = 0 always stays on the device.
+    for p, expect in ((0.0, "device"), (1.0, None)):
+        orch = make(slm, AutoPolicy(FixedScoreRouter(p), 0.5), edge_client)
+        rec = orch.turn("Explain gravity in one line.").telemetry
+        assert rec.policy == "auto" and rec.p == p and rec.p_fused is not None
+        assert rec.target == (expect or ("edge" if rec.p_fused > 0.5 else "device"))
+        validate_record(rec.to_dict())
+        orch.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", ["", "   \n", None, 5])
+def test_empty_or_non_string_prompts_are_rejected(slm, prompt):
+    orch = make(slm, FixedPolicy("device"))
+    with pytest.raises(ValueError, match="non-empty string"):
+        orch.turn(prompt)
+    assert orch.transcript == [] and len(orch.telemetry) == 0
+
+
+@pytest.mark.slow
+def test_new_conversation_resets_books_but_keeps_the_device_prefix(slm):
+    orch = make(slm, FixedPolicy("device"), system_prompt="You are terse.")
+    orch.turn("Hi.")
+    orch.new_conversation()
+    assert orch.transcript == [{"role": "system", "content": "You are terse."}]
+    assert orch.ledger.context_tokens == 0 and orch.turn_index == 0
+    rec = orch.turn("Hello again.").telemetry
+    assert rec.turn == 1 and rec.context_tokens == 0
+    assert rec.cached_tokens > 0  # the shared system prompt stayed in the KV cache
