@@ -101,6 +101,8 @@ def _interactive(orch, out) -> None:
         def on_event(kind: str, detail: str) -> None:
             if kind == "edge_lost":
                 print(f"\n[edge lost mid-answer ({detail}); answering on the device]", file=stderr, flush=True)
+            elif kind == "truncated":
+                print(f"[context window: {detail}]", file=stderr, flush=True)
 
         try:
             result = orch.turn(prompt, on_text=on_text, on_event=on_event, cancel=cancel)

@@ -42,6 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--edge", metavar="HOST:PORT",
                    help="use a running edge service instead of starting one")
     p.add_argument("--show-text", action="store_true", help="also print the prompts and streamed answers")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the 1-token warm-up request to each model before the first turn")
     add_runtime_args(p, max_tokens=48)
     p.set_defaults(func=run)
     return p
@@ -49,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from device_runtime.dialogues import ScriptError, load_dialogues
-    from device_runtime.runner import Output, build_orchestrator, format_summary, play
+    from device_runtime.runner import Output, build_orchestrator, connect_edge, format_summary, play
 
     for name in ("limit", "max_turns"):
         v = getattr(args, name)
@@ -65,14 +67,19 @@ def run(args: argparse.Namespace) -> int:
     edge_server = None
     orch = None
     try:
+        # The device side first: a missing router bundle or SLM fails before
+        # the edge model loads.
+        t0 = time.perf_counter()
+        orch = build_orchestrator(args, None)
+        log.info("device runtime ready in %.1f s (policy %s)", time.perf_counter() - t0, args.policy)
         target = args.edge
         if target is None:
             edge_server = _start_edge(args)
             target = edge_server.target
             log.info("edge service on %s", target)
-        t0 = time.perf_counter()
-        orch = build_orchestrator(args, target)
-        log.info("device runtime ready in %.1f s (policy %s)", time.perf_counter() - t0, args.policy)
+        connect_edge(orch, target, args)
+        if not args.no_warmup:
+            _warm_up(orch)
         out = Output(json_mode=args.json, show_text=args.show_text, table=True)
         from tqdm import tqdm
 
@@ -93,6 +100,23 @@ def run(args: argparse.Namespace) -> int:
         if edge_server is not None:
             edge_server.stop()
     return 0
+
+
+def _warm_up(orch) -> None:
+    """One 1-token request to each model, so that the first row of the table
+    does not carry the page-in of the weights.  Its counts are not recorded."""
+    from device_runtime.edge_client import EdgeError, EdgeUnavailable, GenerationParams
+
+    hello = [{"role": "user", "content": "Hello."}]
+    list(orch.slm.stream(hello, max_tokens=1))
+    try:
+        sid = orch.edge.open_session()
+        try:
+            orch.edge.generate(sid, hello, GenerationParams(max_tokens=1)).consume()
+        finally:
+            orch.edge.close_session(sid)
+    except (EdgeUnavailable, EdgeError) as exc:
+        log.warning("edge warm-up failed (%s); its turns will fall back to the device", exc)
 
 
 def _start_edge(args: argparse.Namespace):

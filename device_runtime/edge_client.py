@@ -212,9 +212,11 @@ class EdgeClient:
         with self._state_lock:
             if self._state == grpc.ChannelConnectivity.READY:
                 return
+        ready = grpc.channel_ready_future(self._channel)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout_s)
+            ready.result(timeout=self.connect_timeout_s)
         except grpc.FutureTimeoutError:
+            ready.cancel()  # otherwise it stays subscribed to the channel
             raise EdgeUnavailable(
                 f"cannot connect to the edge at {self.target} within {self.connect_timeout_s} s"
             ) from None
@@ -286,6 +288,13 @@ class EdgeClient:
         self._closed = True
         try:
             self._channel.unsubscribe(self._on_state)
+            # grpc's connectivity poller notices the last unsubscribe only at
+            # its next 0.2 s tick; closing the channel before that makes the
+            # poller thread raise "Channel closed!".  Let it exit first.
+            state = getattr(self._channel, "_connectivity_state", None)
+            deadline = time.monotonic() + 1.0
+            while getattr(state, "polling", False) and time.monotonic() < deadline:
+                time.sleep(0.01)
         finally:
             self._channel.close()
 

@@ -21,13 +21,15 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
 from device_runtime.cost_model import CostParams, Link, ModelTiming
 
 #: MAD -> standard deviation for normally distributed samples.
 _MAD_TO_SIGMA = 1.4826
+#: Smallest spread of δ samples taken as noise, seconds.
+LINK_ABS_FLOOR_S = 0.005
 
 
 # --- offline fit ---------------------------------------------------------------
@@ -177,6 +179,9 @@ class EwmaSettings:
     rel_floor: float = 0.1
     """σ̂ is at least this fraction of the estimate: equal samples (MAD 0) must
     not turn ordinary noise into outliers."""
+    abs_floor: float = 0.0
+    """σ̂ is at least this, in the sample's unit (ms-level jitter on a small δ
+    is not an outlier)."""
     window: int = 16
     """Recent accepted samples kept for the MAD."""
     min_samples: int = 4
@@ -188,15 +193,20 @@ class EwmaSettings:
     def __post_init__(self) -> None:
         if not 0 < self.weight <= 1:
             raise ValueError(f"weight must be in (0, 1], got {self.weight!r}")
-        if not self.k_mad > 0 or not self.rel_floor >= 0:
-            raise ValueError("k_mad must be > 0 and rel_floor >= 0")
+        if not self.k_mad > 0 or not self.rel_floor >= 0 or not self.abs_floor >= 0:
+            raise ValueError("k_mad must be > 0, rel_floor and abs_floor >= 0")
         if self.window < 2 or self.min_samples < 1 or self.regime_after < 1:
             raise ValueError("window >= 2, min_samples >= 1, regime_after >= 1")
 
 
 @dataclass
 class RobustEwma:
-    """An EWMA that rejects isolated outliers but follows a persistent change."""
+    """An EWMA that rejects isolated outliers but follows a persistent change.
+
+    A prior ``value`` (a profiled γ or δ) fills the window as if it had been
+    seen ``min_samples`` times: the first sample that contradicts the profile
+    is held back, the second adopted, like any later change of regime.
+    """
 
     settings: EwmaSettings = field(default_factory=EwmaSettings)
     value: float | None = None
@@ -208,12 +218,14 @@ class RobustEwma:
 
     def __post_init__(self) -> None:
         self._recent = deque(self._recent, maxlen=self.settings.window)
+        if self.value is not None and not self._recent:
+            self._recent.extend([self.value] * self.settings.min_samples)
 
     def is_outlier(self, x: float) -> bool:
         s = self.settings
         if self.value is None or len(self._recent) < s.min_samples:
             return False
-        sigma = max(_MAD_TO_SIGMA * _mad(self._recent), s.rel_floor * abs(self.value), 1e-12)
+        sigma = max(_MAD_TO_SIGMA * _mad(self._recent), s.rel_floor * abs(self.value), s.abs_floor, 1e-12)
         return abs(x - self.value) > s.k_mad * sigma
 
     def update(self, x: float) -> bool:
@@ -233,6 +245,9 @@ class RobustEwma:
             self.value = statistics.median(self._pending)
             self._recent.clear()
             self._recent.extend(self._pending)
+            # As with a prior: the new level must be contradicted twice, too.
+            while len(self._recent) < s.min_samples:
+                self._recent.append(self.value)
             self._pending.clear()
             self.n_accepted += 1
             self.n_regime_changes += 1
@@ -251,10 +266,11 @@ class LinkEstimator:
     A sample is ``(transfer_tokens, comm_s)``: the tokens that crossed the
     link and the seconds the turn spent on the link (wall time minus the
     server's compute and the router).  δ is a robust EWMA of
-    ``comm_s − transfer_tokens / B``.  B is re-estimated from the recent
-    samples only when their sizes differ enough to show a slope; on a link
-    where transfers are small next to δ (the usual case: streamed replies
-    overlap decode), B keeps its profiled value and δ absorbs the change.
+    ``comm_s − transfer_tokens / B``.  B is re-estimated (Theil-Sen slope of
+    the recent samples) only when their sizes differ enough to show a slope
+    above timing noise; on a link where transfers are small next to δ (the
+    usual case: streamed replies overlap decode), B keeps its profiled value
+    and δ absorbs the change.
     """
 
     link: Link
@@ -265,37 +281,55 @@ class LinkEstimator:
     _samples: deque = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.overhead = RobustEwma(self.settings, value=self.link.overhead_s)
+        # A few ms of jitter on a 20 ms δ is noise, not a new regime.
+        overhead_settings = replace(self.settings, abs_floor=max(self.settings.abs_floor, LINK_ABS_FLOOR_S))
+        self.overhead = RobustEwma(overhead_settings, value=self.link.overhead_s)
         self._samples = deque(maxlen=self.settings.window)
 
     def update(self, transfer_tokens: float, comm_s: float) -> bool:
+        """Feed one sample; returns whether δ accepted it."""
         if transfer_tokens < 0 or not math.isfinite(comm_s):
             raise ValueError("transfer_tokens must be >= 0 and comm_s finite")
         # Clock noise can make comm_s slightly negative on a fast link.
         comm_s = max(0.0, comm_s)
+        x = float(transfer_tokens)
         regimes = self.overhead.n_regime_changes
-        accepted = self.overhead.update(comm_s - transfer_tokens / self.link.bandwidth_tokens_per_s)
-        if not accepted:
-            return False
-        if self.overhead.n_regime_changes != regimes:  # regime change: old samples are stale
+        accepted = self.overhead.update(comm_s - x / self.link.bandwidth_tokens_per_s)
+        if self.overhead.n_regime_changes != regimes:
+            # A new regime: only the samples that announced it still count.
+            n = self.settings.regime_after
+            keep = [(px, py, True) for px, py, _ in list(self._samples)[-(n - 1):]] if n > 1 else []
             self._samples.clear()
-        self._samples.append((transfer_tokens, comm_s))
+            self._samples.extend(keep)
+        self._samples.append((x, comm_s, accepted))
         self._refit_bandwidth()
         self.link = Link(self.link.bandwidth_tokens_per_s, max(0.0, self.overhead.value))
-        return True
+        return accepted
 
     def _refit_bandwidth(self) -> None:
         if len(self._samples) < self.settings.min_samples:
             return
-        xs = [x for x, _ in self._samples]
-        if min(xs) <= 0 or max(xs) / min(xs) < self.min_size_ratio:
+        # The sizes must differ among *accepted* samples: a size-0 ping that
+        # first shows a new δ, next to old turns of one size, has no slope to tell.
+        xs = [x for x, _, ok in self._samples if ok]
+        if not xs or max(xs) / max(min(xs), 1.0) < self.min_size_ratio:
             return
-        try:
-            _, slope = _ols(xs, [y for _, y in self._samples])
-        except FitError:
+        # Theil-Sen over the accepted samples of this regime: the median of
+        # pairwise slopes shrugs off the odd bad sample.
+        pts = [(x, y) for x, y, ok in self._samples if ok]
+        slopes = [
+            (y2 - y1) / (x2 - x1)
+            for i, (x1, y1) in enumerate(pts)
+            for x2, y2 in pts[i + 1 :]
+            if x2 != x1
+        ]
+        if not slopes:
             return
-        if slope > 0:
-            # The window is the smoothing: B follows the recent slope directly.
+        slope = statistics.median(slopes)
+        lo, hi = min(x for x, _ in pts), max(x for x, _ in pts)
+        # Only a slope that the sizes make visible above timing noise says
+        # anything about B; otherwise transfers are negligible and B stays.
+        if slope > 0 and slope * (hi - lo) >= 2 * LINK_ABS_FLOOR_S:
             self.link = Link(1.0 / slope, self.link.overhead_s)
 
 
@@ -310,7 +344,10 @@ class OnlineEstimator:
 
     base: CostParams
     settings: EwmaSettings = field(default_factory=EwmaSettings)
-    min_tokens: int = 4
+    min_prefill_tokens: int = 16
+    """Prefill samples shorter than this are skipped: eq. (1) has no fixed
+    per-call term, so a 4-token prefill would charge its overhead to γ."""
+    min_decode_tokens: int = 4
     gamma: dict[str, RobustEwma] = field(init=False)
     link: LinkEstimator = field(init=False)
 
@@ -325,9 +362,9 @@ class OnlineEstimator:
         self.link = LinkEstimator(b.link, self.settings)
 
     def _gamma(self, side: str, prefill_tokens: int, prefill_s: float, output_tokens: int, decode_s: float) -> None:
-        if prefill_tokens >= self.min_tokens and prefill_s > 0:
+        if prefill_tokens >= self.min_prefill_tokens and prefill_s > 0:
             self.gamma[f"gamma_{side}_prefill"].update(prefill_s / prefill_tokens)
-        if output_tokens >= self.min_tokens and decode_s > 0:
+        if output_tokens >= self.min_decode_tokens and decode_s > 0:
             self.gamma[f"gamma_{side}_decode"].update(decode_s / output_tokens)
 
     def observe_device_turn(self, prefill_tokens: int, prefill_s: float, output_tokens: int, decode_s: float) -> None:

@@ -208,8 +208,8 @@ def load_llama(
         n_threads_batch=n_threads,
         seed=seed,
         verbose=verbose,
-        # Sliding-window models (Gemma 3) otherwise drop old positions from
-        # the SWA cache, and a prefix could no longer be reused.
+        # Sliding-window models (Gemma 3): a full-size SWA cache keeps every
+        # position of a prefix we reuse, not only the last window.
         swa_full=True,
     )
 

@@ -24,19 +24,19 @@ is sent the turns it missed the next time it answers.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from device_runtime import cost_model
 from device_runtime.cost_model import ContextLedger, CostParams, Target, TurnInputs
+from device_runtime.profile import ProfileError
 from device_runtime.telemetry import TelemetryLog, TurnTelemetry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,23 +50,6 @@ POLICIES = ("auto", "device", "edge", "random")
 
 # --- cost parameters for the live system ------------------------------------------
 
-#: Keys a ``--profile`` JSON may carry (all optional; missing ones keep the preset).
-PROFILE_KEYS = (
-    "gamma_s_prefill",
-    "gamma_s_decode",
-    "gamma_e_prefill",
-    "gamma_e_decode",
-    "tau_r",
-    "bandwidth_tokens_per_s",
-    "overhead_s",
-    "bytes_per_token",
-)
-
-
-class ProfileError(ValueError):
-    """A profile JSON is unreadable or has bad keys/values."""
-
-
 def live_cost_params(
     profile: str | Path | Mapping[str, Any] | None = None,
     *,
@@ -76,47 +59,21 @@ def live_cost_params(
 
     Starts from the paper's Table I preset (``benchmark`` picks L̄_r and α) in
     ``session`` upload mode, since the edge keeps the session and only unseen
-    turns travel.  A profile (a path or a mapping with :data:`PROFILE_KEYS`)
-    replaces the measured numbers.  ``bytes_per_token`` is informative: the
-    link bandwidth is already in tokens/s.
+    turns travel.  A profile (a PROFILE.json path from ``edgeroute profile``,
+    or a mapping with its keys, see :mod:`device_runtime.profile`) replaces
+    the measured γ_s, γ_e, τ_r, B and δ; missing keys keep the preset's.
     """
+    from device_runtime.profile import apply_profile, load_profile
+
     params = cost_model.paper_params(benchmark, upload_mode="session")
     if profile is None:
         return params
-    if isinstance(profile, Mapping):
-        data = dict(profile)
-    else:
-        try:
-            data = json.loads(Path(profile).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ProfileError(f"cannot read profile {profile}: {exc}") from None
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"profile {profile} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ProfileError("a profile must be a JSON object")
-    unknown = set(data) - set(PROFILE_KEYS)
-    if unknown:
-        raise ProfileError(f"profile has unknown keys {sorted(unknown)}; expected {list(PROFILE_KEYS)}")
-    for k, v in data.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ProfileError(f"profile {k} must be a non-negative number, got {v!r}")
+    data = dict(profile) if isinstance(profile, Mapping) else load_profile(profile, require_all=False)
     try:
-        gamma_s = cost_model.ModelTiming(
-            data.get("gamma_s_prefill", params.gamma_s.prefill_s_per_token),
-            data.get("gamma_s_decode", params.gamma_s.decode_s_per_token),
-        )
-        gamma_e = cost_model.ModelTiming(
-            data.get("gamma_e_prefill", params.gamma_e.prefill_s_per_token),
-            data.get("gamma_e_decode", params.gamma_e.decode_s_per_token),
-        )
-        link = cost_model.Link(
-            data.get("bandwidth_tokens_per_s", params.link.bandwidth_tokens_per_s),
-            data.get("overhead_s", params.link.overhead_s),
-        )
-        return params.with_(
-            gamma_s=gamma_s, gamma_e=gamma_e, link=link, tau_r=data.get("tau_r", params.tau_r)
-        )
-    except ValueError as exc:
+        return apply_profile(data, params)
+    except ProfileError:
+        raise
+    except ValueError as exc:  # e.g. a zero bandwidth rejected by cost_model.Link
         raise ProfileError(f"bad profile: {exc}") from None
 
 
@@ -231,8 +188,15 @@ class OrchestratorSettings:
     seed: int = 0
     #: An optional system message placed before the first turn.
     system_prompt: str | None = None
+    #: Tokens the formatted conversation plus ``max_tokens`` may fill (device
+    #: SLM count) before the oldest turns are dropped; None: the SLM's window.
+    context_window: int | None = None
 
     def __post_init__(self) -> None:
+        if self.context_window is not None and (
+            not isinstance(self.context_window, int) or self.context_window < 16
+        ):
+            raise ValueError(f"context_window must be an integer >= 16, got {self.context_window!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -342,6 +306,8 @@ class Orchestrator:
         on_event = on_event or (lambda _k, _d: None)
         t0 = time.perf_counter()
         s = self.settings
+        user_msg = {"role": "user", "content": prompt}
+        self._fit_window(user_msg, on_event)
         prompt_tokens = self.slm.count_tokens(prompt)
         context_tokens = self.ledger.context_tokens
         turn_inputs = self.ledger.turn_inputs(
@@ -350,7 +316,6 @@ class Orchestrator:
             response_edge=min(self.params.response.edge, s.max_tokens),
         )
         decision = self.policy.choose(self.params, turn_inputs, prompt, list(self.transcript))
-        user_msg = {"role": "user", "content": prompt}
 
         target: Target = decision.target
         fallback_reason = None
@@ -392,6 +357,32 @@ class Orchestrator:
         )
         self.telemetry.append(record)
         return TurnResult(text, record, fallback_reason)
+
+    def _fit_window(self, user_msg: dict, on_event: EventCallback) -> None:
+        """Drop the oldest user/assistant pairs until the turn fits the window.
+
+        A sliding window, documented in docs/live.md: the system message stays;
+        the edge session is closed (an edge transcript cannot lose messages),
+        and both KV caches must recompute the shortened conversation.  A prompt
+        that does not fit even alone is left to the SLM's ContextOverflowError.
+        """
+        window = self.settings.context_window or self.slm.context_window
+        budget = window - self.settings.max_tokens
+        start = 1 if self.transcript and self.transcript[0]["role"] == "system" else 0
+        dropped = 0
+        while (
+            len(self.transcript) - start >= 2
+            and self.slm.prompt_tokens(self.transcript + [user_msg]) > budget
+        ):
+            del self.transcript[start : start + 2]
+            dropped += 2
+        if not dropped:
+            return
+        self._close_edge_session()
+        kept = sum(self.slm.count_tokens(m["content"]) for m in self.transcript[start:])
+        self.ledger = ContextLedger(context_tokens=kept, seen={"device": 0, "edge": 0})
+        log.info("context window: dropped the %d oldest messages", dropped)
+        on_event("truncated", f"dropped the {dropped} oldest messages to fit {window} tokens")
 
     def _answer_on_device(self, user_msg, on_text, cancel, t0):
         s = self.settings

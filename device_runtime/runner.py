@@ -36,14 +36,18 @@ def add_runtime_args(p: argparse.ArgumentParser, *, max_tokens: int = 128) -> No
     g.add_argument("--threshold", type=float, default=0.5, help="θ of eq. (12)")
     g.add_argument("--alpha", type=float, default=None, help="α of eq. (11) (default: the preset's)")
     g.add_argument("--profile", metavar="JSON",
-                   help="measured cost parameters (gamma_s_prefill, gamma_s_decode, gamma_e_prefill, "
-                        "gamma_e_decode, tau_r, bandwidth_tokens_per_s, overhead_s, bytes_per_token)")
+                   help="PROFILE.json from `edgeroute profile`: measured gamma_s_prefill, gamma_s_decode, "
+                        "gamma_e_prefill, gamma_e_decode, tau_r, bandwidth_tokens_per_s, overhead_s "
+                        "(missing keys keep the paper preset)")
     g.add_argument("--benchmark", default="mt-bench", choices=("mt-bench", "gsm8k", "mmlu"),
                    help="paper preset for L̄_r and α (Tables I-III)")
     g.add_argument("--max-tokens", type=int, default=max_tokens, help="answer length cap, both sides")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0, help="sampling seed and random-policy seed")
     g.add_argument("--system", metavar="TEXT", default=None, help="system message before the first turn")
+    g.add_argument("--context-window", type=int, default=None,
+                   help="tokens the conversation may fill before its oldest turns are dropped "
+                        "(default: the SLM's --n-ctx)")
     g.add_argument("--edge-timeout", type=float, default=120.0, help="edge call deadline (s)")
     g.add_argument("--json", action="store_true", help="stdout: one telemetry JSON line per turn, nothing else")
 
@@ -61,7 +65,7 @@ def build_orchestrator(args: argparse.Namespace, edge_target: str | None) -> "Or
 
     settings = OrchestratorSettings(
         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-        system_prompt=args.system,
+        system_prompt=args.system, context_window=args.context_window,
     )
     params = live_cost_params(args.profile, benchmark=args.benchmark)
     if args.alpha is not None:
@@ -80,12 +84,17 @@ def build_orchestrator(args: argparse.Namespace, edge_target: str | None) -> "Or
         model_path=args.slm, n_ctx=args.n_ctx, n_threads=args.threads,
         prompt_format=args.slm_format, seed=args.seed,
     ))
-    edge = None
+    orch = Orchestrator(slm, policy, params, settings=settings)
     if edge_target:
-        from device_runtime.edge_client import EdgeClient
+        connect_edge(orch, edge_target, args)
+    return orch
 
-        edge = EdgeClient(edge_target, timeout_s=args.edge_timeout)
-    return Orchestrator(slm, policy, params, edge=edge, settings=settings)
+
+def connect_edge(orch: "Orchestrator", target: str, args: argparse.Namespace) -> None:
+    """Give ``orch`` an edge client for ``target`` (nothing connects until the first edge turn)."""
+    from device_runtime.edge_client import EdgeClient
+
+    orch.edge = EdgeClient(target, timeout_s=args.edge_timeout)
 
 
 # --- playing turns ---------------------------------------------------------------
@@ -175,6 +184,8 @@ def play(orch: "Orchestrator", items: Sequence[ScriptItem], out: Output,
                 if kind == "edge_lost":
                     print(f"\n[edge lost mid-answer ({detail}); answering on the device]",
                           file=out.stderr, flush=True)
+                elif kind == "truncated":
+                    print(f"[context window: {detail}]", file=out.stderr, flush=True)
 
             result = orch.turn(prompt, on_text=on_text, on_event=on_event)
             if out.show_text:

@@ -43,6 +43,15 @@ class SLMBackend(ABC):
         """Tokens of ``text`` alone (no template), for the cost model's L_p, C_t."""
 
     @abstractmethod
+    def prompt_tokens(self, messages: Sequence[dict]) -> int:
+        """Tokens of the formatted conversation ``messages`` (template included)."""
+
+    @property
+    @abstractmethod
+    def context_window(self) -> int:
+        """The model's context window in tokens."""
+
+    @abstractmethod
     def stream(
         self,
         messages: list[dict],
@@ -119,6 +128,13 @@ class LlamaCppSLM(SLMBackend):
 
     def count_tokens(self, text: str) -> int:
         return len(self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def prompt_tokens(self, messages: Sequence[dict]) -> int:
+        return self.conversation.count_tokens(messages)
+
+    @property
+    def context_window(self) -> int:
+        return self.conversation.n_ctx
 
     def stream(self, messages, *, max_tokens, temperature=0.0, top_p=1.0, seed=0, stop=None, cancel=None):
         return self.conversation.stream(

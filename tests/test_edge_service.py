@@ -149,7 +149,7 @@ def test_streams_chunks_then_a_final_message(client, stub, edge):
 def test_follow_up_turn_prefills_only_the_new_message(client, edge):
     sid = client.open_session()
     r1 = client.generate(sid, [_user("What is the capital of France?")], GREEDY).consume()
-    assert r1.cached_tokens == 0 or r1.cached_tokens < r1.prompt_tokens
+    assert r1.prefill_tokens > 0 and r1.cached_tokens < r1.prompt_tokens
     r2 = client.generate(sid, [_user("And of Italy?")], GREEDY).consume()
     # Turn 1's prompt is reused from the KV cache; only the new user message
     # (and the template glue around it) is computed.
@@ -162,9 +162,12 @@ def test_follow_up_turn_prefills_only_the_new_message(client, edge):
     history = [_user("What is the capital of France?"), _assistant(r1.text), _user("And of Italy?")]
     cold = client.generate(cold_sid, history, GREEDY).consume()
     assert cold.prompt_tokens == r2.prompt_tokens
-    assert cold.prefill_tokens > 3 * r2.prefill_tokens
-    # Greedy decoding: a KV hit gives the same answer as the cold run.
-    assert cold.text == r2.text
+    # (A slot may still hold another session's tokens, so a short shared
+    # prefix such as BOS + "User:" can hit; turn 1 cannot.)
+    assert cold.cached_tokens < r1.prompt_tokens
+    assert cold.prefill_tokens == cold.prompt_tokens - cold.cached_tokens > r2.prefill_tokens
+    # Greedy answers of the warm and cold runs need not match token for token:
+    # llama.cpp's results depend slightly on how the prompt was batched.
     assert [m.role for m in edge.servicer.pool.transcript(sid)] == ["user", "assistant"] * 2
 
 
@@ -331,6 +334,21 @@ def test_health_and_reflection(edge):
         assert responses[1].file_descriptor_response.file_descriptor_proto
 
 
+@pytest.mark.slow
+def test_instruct_gguf_uses_its_chat_template():
+    from device_runtime.models import default_slm_path
+
+    settings = EdgeSettings(model_path=default_slm_path(), n_ctx=512, n_slots=1, n_threads=1)
+    with EdgeServerThread(settings) as server, EdgeClient(server.target) as c:
+        assert c.server_info().prompt_format == "chat-template"
+        sid = c.open_session()
+        r1 = c.generate(sid, [_user("What is 2 + 2?")], GREEDY).consume()
+        assert r1.text.strip() and "<|im_" not in r1.text  # template tokens never leak
+        r2 = c.generate(sid, [_user("And 3 + 3?")], GREEDY).consume()
+        assert r2.cached_tokens >= r1.prompt_tokens
+        assert r2.prefill_tokens <= r2.prompt_tokens - r1.prompt_tokens
+
+
 # --- faults (fake backend) -------------------------------------------------------
 
 
@@ -348,6 +366,23 @@ def test_all_slots_busy_is_resource_exhausted():
             backend.gate.set()
             assert list(chunks) == [] and first.result.output_tokens == 1
             assert c.generate(b, [_user("y")]).consume().text == "chunk"
+
+
+def test_closing_a_session_mid_stream_aborts_it():
+    backend = FaultBackend()
+    with EdgeServerThread(EdgeSettings(n_slots=1), backend=backend) as server:
+        with EdgeClient(server.target, timeout_s=30) as c:
+            sid = c.open_session()
+            stream = c.generate(sid, [_user("x")])
+            chunks = iter(stream)
+            next(chunks)
+            c.close_session(sid)  # cancels the running generation
+            with pytest.raises(EdgeError) as err:
+                list(chunks)
+            assert err.value.code == "ABORTED"
+            # Its slot is free again for others.
+            backend.gate.set()
+            assert c.generate(c.open_session(), [_user("y")]).consume().text == "chunk"
 
 
 def test_unexpected_errors_are_internal_without_details():

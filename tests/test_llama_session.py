@@ -226,3 +226,28 @@ def test_plain_format_stops_at_the_next_user_turn(llama):
     text, stats = run(conv, [user("Hi"), assistant("Hello!"), user("How are you?")], max_tokens=48)
     assert "\nUser:" not in text
     assert stats.prompt_tokens == stats.prefill_tokens
+
+
+@pytest.mark.slow
+def test_base_model_plain_format_reuses_a_prefix_longer_than_the_sliding_window():
+    """Gemma 3 (the edge model) attends locally over 512 tokens; swa_full keeps the
+    whole prefix reusable, and the reused cache gives the cold run's output."""
+    from edge_service.models import default_edge_model_path
+
+    path = default_edge_model_path()
+    warm_llama = load_llama(path, n_ctx=1024, n_threads=1)
+    fmt = resolve_prompt_format(warm_llama)
+    assert fmt.name == "plain"  # a base model: no chat template
+    warm = LlamaConversation(warm_llama, fmt)
+    facts = " ".join(f"Box {i} holds {i * 3} marbles." for i in range(70))
+    msgs = [user(facts + " How many marbles are in box 2?")]
+    a1, s1 = run(warm, msgs, max_tokens=8)
+    assert s1.prompt_tokens > 600
+    msgs = msgs + [assistant(a1), user("And in box 5?")]
+    a2, s2 = run(warm, msgs, max_tokens=8)
+    assert s2.cached_tokens >= s1.prompt_tokens and s2.prefill_tokens < 30
+    warm_llama.close()
+    cold_llama = load_llama(path, n_ctx=1024, n_threads=1)
+    a3, s3 = run(LlamaConversation(cold_llama, fmt), msgs, max_tokens=8)
+    assert s3.cached_tokens == 0 and a3 == a2
+    cold_llama.close()

@@ -88,11 +88,11 @@ class BertRouter(Router):
             raise RouterError(f"prompt must be a string, got {type(prompt).__name__}")
         return encode_turn(self.tokenizer, prompt, list(context or ()), self.manifest.max_length)
 
-    def feeds(self, turns: Sequence[tuple[str, Sequence[Message]]]):
+    def feeds(self, turns: Sequence[tuple[str, Sequence[Message]]], encodings=None):
         """onnxruntime feeds for a batch of turns (also used by the benchmark)."""
         import numpy as np
 
-        encs = [self.encode(p, c) for p, c in turns]
+        encs = encodings if encodings is not None else [self.encode(p, c) for p, c in turns]
         arrays = batch_arrays(encs, self._pad_id)
         feeds = {k: arrays[k] for k in self.manifest.inputs if k in arrays}
         if "lp" in self.manifest.inputs:
@@ -100,8 +100,8 @@ class BertRouter(Router):
             feeds["lp"] = np.asarray([[lp.value(p)] for p, _ in turns], dtype=np.float32)
         return feeds
 
-    def _run(self, turns: Sequence[tuple[str, Sequence[Message]]]) -> list[float]:
-        out = self.session.run([self._output], self.feeds(turns))[0]
+    def _run(self, turns: Sequence[tuple[str, Sequence[Message]]], encodings=None) -> list[float]:
+        out = self.session.run([self._output], self.feeds(turns, encodings))[0]
         return [float(v) for v in out.reshape(-1)]
 
     def score(self, prompt: str, context: Sequence[Message] = ()) -> float:
@@ -112,11 +112,11 @@ class BertRouter(Router):
         turns = [(p, tuple(c or ())) for p, c in items]
         if not turns:
             return []
-        lengths = [len(self.encode(p, c).ids) for p, c in turns]
-        order = sorted(range(len(turns)), key=lambda i: lengths[i])
+        encs = [self.encode(p, c) for p, c in turns]
+        order = sorted(range(len(turns)), key=lambda i: len(encs[i].ids))
         scores: list[float] = [0.0] * len(turns)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            for i, p in zip(idx, self._run([turns[i] for i in idx])):
+            for i, p in zip(idx, self._run([turns[i] for i in idx], [encs[i] for i in idx])):
                 scores[i] = p
         return scores

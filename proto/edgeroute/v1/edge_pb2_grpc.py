@@ -86,11 +86,15 @@ class EdgeLLMServicer:
         A stream that ends without `done` (cancelled, failed) leaves the
         transcript as it was before the call.
 
+        An answer that would run past the context window is cut there
+        (finish_reason LENGTH).
+
         Errors: NOT_FOUND (unknown session), INVALID_ARGUMENT (no messages,
         unknown role, a conversation that does not end with a user message,
-        bad parameters, prompt plus max_tokens longer than the context window),
+        bad parameters, a prompt that fills the context window),
         FAILED_PRECONDITION (a Generate is already running on this session),
-        RESOURCE_EXHAUSTED (every KV slot is busy generating).
+        RESOURCE_EXHAUSTED (every KV slot is busy generating), ABORTED (the
+        session was closed while generating).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,153 @@
+"""The device side of a link experiment, driven line by line.
+
+Runs inside the device namespace (``ip netns exec``) so that its traffic to
+the edge crosses the emulated link, while the driver (a test or
+``scripts/bench_link.py``) stays outside and changes the link between turns.
+
+Protocol: one JSON object per line on stdin, one per line on stdout.
+
+- ``{"cmd": "turn", "prompt": str}`` -> ``{"telemetry": {...}, "estimates": {...}|null, "comm_s": float|null}``
+- ``{"cmd": "new_conversation"}`` -> ``{"ok": true}``
+- ``{"cmd": "quit"}`` -> exits
+
+The first line written is ``{"ready": true, "policy": ...}``; errors are
+``{"error": str}``.  Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+from device_runtime.routers.base import Router
+
+#: Policies of the validation benchmark (issue 5, item 5), plus ``constant:P``.
+POLICY_CHOICES = ("device", "edge", "random", "bert-noctx", "bert-ctx")
+
+
+class ConstantRouter(Router):
+    """p is the same for every turn: isolates the latency term of eq. (11)."""
+
+    name = "constant"
+    tau_r = 0.0
+
+    def __init__(self, p: float) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p!r}")
+        self.p = p
+
+    def score(self, prompt: str, context=()) -> float:
+        return self.p
+
+
+def _no_context_policy(router: Router, threshold: float):
+    """BERT without context: the router reads only L_p (eq. 4 with C_t = 0)."""
+    from device_runtime.orchestrator import AutoPolicy
+
+    class NoContextPolicy(AutoPolicy):
+        name = "auto-noctx"
+
+        def choose(self, params, turn, prompt, context: Sequence[dict]):
+            turn = dataclasses.replace(turn, router_tokens=turn.prompt_tokens)
+            return super().choose(params, turn, prompt, ())
+
+    return NoContextPolicy(router, threshold)
+
+
+def build(args: argparse.Namespace):
+    from device_runtime.cost_model import paper_params
+    from device_runtime.edge_client import EdgeClient
+    from device_runtime.orchestrator import AutoPolicy, Orchestrator, OrchestratorSettings, create_policy
+    from device_runtime.profile import cost_params_from_profile
+    from device_runtime.slm import SLMSettings, create_slm
+
+    params = paper_params("mt-bench", upload_mode="session")
+    if args.profile:
+        params = cost_params_from_profile(args.profile, params)
+    if args.alpha is not None:
+        params = params.with_(alpha=args.alpha)
+    if args.policy.startswith("constant:"):
+        policy = AutoPolicy(ConstantRouter(float(args.policy.split(":", 1)[1])), args.threshold)
+    elif args.policy in ("bert-ctx", "bert-noctx"):
+        from device_runtime.routers.base import create_router
+
+        router = create_router("bert", bundle=args.bundle)
+        policy = AutoPolicy(router, args.threshold) if args.policy == "bert-ctx" else _no_context_policy(router, args.threshold)
+    else:
+        policy = create_policy(args.policy, threshold=args.threshold, seed=args.seed)
+    slm = create_slm("llama-cpp", SLMSettings(model_path=args.slm, n_threads=args.threads, seed=args.seed))
+    edge = EdgeClient(args.edge, timeout_s=args.edge_timeout)
+    orch = Orchestrator(slm, policy, params, edge=edge, settings=OrchestratorSettings(
+        max_tokens=args.max_tokens, temperature=0.0, seed=args.seed))
+    if args.online:
+        from device_runtime.online import OnlineRouting, OnlineSettings
+
+        return OnlineRouting(orch, OnlineSettings(track_gamma=not args.online_link_only))
+    return orch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m netlab.device_worker")
+    p.add_argument("--edge", required=True)
+    p.add_argument("--policy", required=True, help=f"{', '.join(POLICY_CHOICES)} or constant:P")
+    p.add_argument("--profile")
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--online", action="store_true", help="keep γ, B, δ current from each turn")
+    p.add_argument("--online-link-only", action="store_true", help="with --online: keep γ, follow only B and δ")
+    p.add_argument("--bundle")
+    p.add_argument("--slm")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--edge-timeout", type=float, default=60.0)
+    args = p.parse_args(argv)
+    if args.policy not in POLICY_CHOICES and not args.policy.startswith("constant:"):
+        p.error(f"unknown policy {args.policy!r}")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # llama.cpp may write to fd 1 from C: the protocol gets its own copy of
+    # fd 1, and fd 1 itself goes to stderr.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    runner = build(args)
+    online = hasattr(runner, "estimator")
+
+    def send(obj) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    send({"ready": True, "policy": args.policy, "online": online})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            msg = json.loads(line)
+            cmd = msg.get("cmd")
+            if cmd == "quit":
+                break
+            if cmd == "new_conversation":
+                runner.new_conversation()
+                send({"ok": True})
+            elif cmd == "turn":
+                res = runner.turn(msg["prompt"])
+                send({
+                    "telemetry": res.telemetry.to_dict(),
+                    "estimates": runner.estimates if online else None,
+                    "comm_s": runner.last_comm_s if online else None,
+                })
+            else:
+                send({"error": f"unknown cmd {cmd!r}"})
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, the worker lives on
+            send({"error": f"{type(exc).__name__}: {exc}"})
+    runner.close()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

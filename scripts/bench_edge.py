@@ -1,0 +1,282 @@
+"""Edge service benchmarks; prints markdown tables (the numbers in docs/live.md come from here).
+
+    python scripts/bench_edge.py [--model GGUF] [--trials 15] [--threads 1] [--json]
+
+1. gRPC on loopback against in-process: the same GGUF, prompt and settings
+   through ``LlamaConversation`` directly and through ``EdgeClient`` ->
+   ``edgeroute serve`` (in a thread) on 127.0.0.1.  p50 TTFT and decode
+   throughput, trials interleaved so that machine load hits both alike.
+2. A follow-up turn with ~1,500 tokens of history on a warm session, against
+   the same turn with no history and against re-prefilling the whole history.
+3. Edge session reuse: a session returning after two device turns.
+
+Nothing here is asserted: run it, read the table.  Progress goes to stderr;
+with ``--json`` stdout carries one JSON object instead of the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "proto")]  # run from a checkout without installing
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+TOPICS = ["rivers", "mountains", "bridges", "clocks", "gardens", "trains", "bees", "lighthouses",
+          "maps", "violins", "glaciers", "markets", "kites", "deserts", "libraries", "harbours",
+          "comets", "orchards", "windmills", "caves"]
+
+
+def _history(target_tokens: int, count_tokens) -> list[dict]:
+    """A made-up dialogue of about ``target_tokens`` prompt tokens (team-written filler)."""
+    history: list[dict] = []
+    i = 0
+    while True:
+        topic = TOPICS[i % len(TOPICS)]
+        turn = [
+            _user(f"Question {i + 1}: tell me one plain fact about {topic} and why it matters."),
+            _assistant(
+                f"Fact {i + 1}: {topic} have been studied for a long time. People care about {topic} "
+                f"because they shape daily life, trade and travel in many places, and because "
+                f"learning how {topic} work helps us plan better for the years ahead."
+            ),
+        ]
+        if count_tokens([*history, *turn, _user("ok")]) > target_tokens:
+            return history
+        history += turn
+        i += 1
+
+
+def bench_grpc_vs_inprocess(model: Path, threads: int, trials: int, max_tokens: int) -> dict:
+    from device_runtime import llama_session
+    from device_runtime.edge_client import EdgeClient, GenerationParams
+    from edge_service.server import EdgeServerThread
+    from edge_service.settings import EdgeSettings
+
+    n_ctx = 1024
+    llama = llama_session.load_llama(model, n_ctx=n_ctx, n_threads=threads)
+    local = llama_session.LlamaConversation(llama, llama_session.resolve_prompt_format(llama))
+    params = GenerationParams(max_tokens=max_tokens)
+    rows = {"in-process": [], "grpc": []}
+    settings = EdgeSettings(model_path=model, n_ctx=n_ctx, n_slots=1, n_threads=threads)
+    with EdgeServerThread(settings) as edge, EdgeClient(edge.target) as client:
+        for t in range(trials + 1):  # trial 0 warms both up and is dropped
+            prompt = [_user(f"Trial {t}. Count from 1 to 100, separated by commas: 1, 2, 3,")]
+
+            def run_local():
+                # In-process: time to the first chunk and from there to the end.
+                t0 = time.perf_counter()
+                first = None
+                for _ in local.stream(prompt, max_tokens=max_tokens):
+                    if first is None:
+                        first = time.perf_counter()
+                end = time.perf_counter()
+                return (first - t0, local.last_stats.output_tokens, end - first)
+
+            def run_grpc():
+                # The same turn through gRPC on loopback (a new session: no history).
+                sid = client.open_session()
+                r = client.generate(sid, prompt, params).consume()
+                client.close_session(sid)
+                return (r.ttft_s, r.output_tokens, r.total_s - r.ttft_s)
+
+            # Alternate the order, so that neither path always runs second.
+            if t % 2:
+                grpc_row, local_row = run_grpc(), run_local()
+            else:
+                local_row, grpc_row = run_local(), run_grpc()
+            if t > 0:
+                rows["in-process"].append(local_row)
+                rows["grpc"].append(grpc_row)
+            _log(f"trial {t}: in-process ttft {local_row[0]*1e3:.1f} ms, grpc ttft {grpc_row[0]*1e3:.1f} ms")
+    llama.close()
+    out = {}
+    for name, rs in rows.items():
+        ttft = statistics.median(r[0] for r in rs)
+        # Decode throughput after the first chunk: (tokens - 1) / time.
+        tok = sum(r[1] - 1 for r in rs)
+        secs = sum(r[2] for r in rs)
+        out[name] = {"p50_ttft_ms": ttft * 1e3, "decode_tok_s": tok / secs if secs else float("nan"),
+                     "mean_output_tokens": statistics.mean(r[1] for r in rs)}
+    out["ttft_diff_ms"] = out["grpc"]["p50_ttft_ms"] - out["in-process"]["p50_ttft_ms"]
+    # Per-trial differences (same prompt, back to back) are less exposed to
+    # load drift than the difference of the two medians.
+    diffs = [(g[0] - l[0]) * 1e3 for g, l in zip(rows["grpc"], rows["in-process"])]
+    out["paired_ttft_diff_ms"] = {
+        "median": statistics.median(diffs),
+        "grpc_first": statistics.median(diffs[0::2]),  # trials 1, 3, ...: gRPC ran first
+        "in_process_first": statistics.median(diffs[1::2]),
+        "iqr": _iqr(diffs),
+    }
+    out["decode_ratio"] = out["grpc"]["decode_tok_s"] / out["in-process"]["decode_tok_s"]
+    return out
+
+
+def _iqr(values: list[float]) -> float:
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
+
+
+def bench_echo(model: Path, threads: int, repeats: int = 50) -> dict:
+    """p50 Echo round trip on loopback: the link cost gRPC adds, without the model's noise."""
+    from device_runtime.edge_client import EdgeClient
+    from edge_service.server import EdgeServerThread
+    from edge_service.settings import EdgeSettings
+
+    sizes = [(0, 0), (1024, 0), (0, 1024), (65536, 0), (0, 65536), (1 << 20, 0), (0, 1 << 20)]
+    out = {}
+    settings = EdgeSettings(model_path=model, n_ctx=256, n_slots=1, n_threads=threads)
+    with EdgeServerThread(settings) as edge, EdgeClient(edge.target) as client:
+        client.ping(0)
+        for up, down in sizes:
+            rtts = [client.ping(up, down) for _ in range(repeats)]
+            out[f"{up}/{down}"] = statistics.median(rtts) * 1e3
+    return out
+
+
+def bench_history(model: Path, threads: int, trials: int, history_tokens: int) -> dict:
+    from device_runtime import llama_session
+    from device_runtime.edge_client import EdgeClient, GenerationParams
+    from edge_service.server import EdgeServerThread
+    from edge_service.settings import EdgeSettings
+
+    n_ctx = 4096
+    settings = EdgeSettings(model_path=model, n_ctx=n_ctx, n_slots=3, n_threads=threads)
+    params = GenerationParams(max_tokens=8)
+    res = {"warm": [], "no_history": [], "re_prefill": []}
+    with EdgeServerThread(settings) as edge, EdgeClient(edge.target) as client:
+        conv = edge.servicer.pool.slots[0].conversation
+        history = _history(history_tokens, conv.count_tokens)
+        for t in range(trials):
+            follow_up = _user(f"Follow-up {t}: which of those facts was the most surprising?")
+            # Warm: the history is already in the session's KV.
+            sid = client.open_session()
+            r0 = client.generate(sid, [_user(f"Session {t}."), *history, _user("Summarise.")], params).consume()
+            warm = client.generate(sid, [follow_up], params).consume()
+            # No history: the same turn alone.
+            sid2 = client.open_session()
+            alone = client.generate(sid2, [follow_up], params).consume()
+            # Re-prefill: the same conversation as new messages on a fresh session
+            # (a different opening, so no slot holds its prefix).
+            sid3 = client.open_session()
+            convo = [_user(f"Replay {t}."), *history, _user("Summarise."), _assistant(r0.text), follow_up]
+            cold = client.generate(sid3, convo, params).consume()
+            for s in (sid, sid2, sid3):
+                client.close_session(s)
+            res["warm"].append(warm)
+            res["no_history"].append(alone)
+            res["re_prefill"].append(cold)
+            _log(f"trial {t}: warm {warm.ttft_s*1e3:.0f} ms ({warm.prefill_tokens} prefilled of "
+                 f"{warm.prompt_tokens}), alone {alone.ttft_s*1e3:.0f} ms, re-prefill {cold.ttft_s*1e3:.0f} ms "
+                 f"({cold.prefill_tokens} prefilled)")
+    out = {}
+    for name, rs in res.items():
+        out[name] = {
+            "p50_ttft_ms": statistics.median(r.ttft_s for r in rs) * 1e3,
+            "prompt_tokens": int(statistics.median(r.prompt_tokens for r in rs)),
+            "prefill_tokens": int(statistics.median(r.prefill_tokens for r in rs)),
+        }
+    out["warm_over_no_history"] = out["warm"]["p50_ttft_ms"] / out["no_history"]["p50_ttft_ms"]
+    out["re_prefill_over_warm"] = out["re_prefill"]["p50_ttft_ms"] / out["warm"]["p50_ttft_ms"]
+    return out
+
+
+def bench_session_reuse(model: Path, threads: int) -> dict:
+    from device_runtime.edge_client import EdgeClient, GenerationParams
+    from edge_service.server import EdgeServerThread
+    from edge_service.settings import EdgeSettings
+
+    settings = EdgeSettings(model_path=model, n_ctx=2048, n_slots=1, n_threads=threads)
+    params = GenerationParams(max_tokens=16)
+    with EdgeServerThread(settings) as edge, EdgeClient(edge.target) as client:
+        sid = client.open_session()
+        r1 = client.generate(sid, [_user("What is a lighthouse for?")], params).consume()
+        device_turns = [_user("Who keeps one?"), _assistant("A lighthouse keeper looks after it."),
+                        _user("Do they still exist?"), _assistant("A few do; most lights are automatic now.")]
+        r = client.generate(sid, [*device_turns, _user("How far can the light be seen?")], params).consume()
+    seen = r1.prompt_tokens + r1.output_tokens  # what the edge computed in turn 1
+    return {"first_turn_prompt_tokens": r1.prompt_tokens, "first_turn_output_tokens": r1.output_tokens,
+            "return_prompt_tokens": r.prompt_tokens, "return_prefill_tokens": r.prefill_tokens,
+            "return_cached_tokens": r.cached_tokens, "tokens_the_edge_had_not_seen": r.prompt_tokens - seen}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="GGUF (default: Gemma 3 270M Q4_K_M)")
+    parser.add_argument("--trials", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--history-tokens", type=int, default=1500)
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = parser.parse_args(argv)
+
+    from edge_service.models import default_edge_model_path
+
+    model = Path(args.model) if args.model else default_edge_model_path()
+    _log(f"model {model.name}, {args.threads} thread(s), {args.trials} trials")
+    results = {
+        "model": model.name,
+        "threads": args.threads,
+        "trials": args.trials,
+        "grpc_vs_inprocess": bench_grpc_vs_inprocess(model, args.threads, args.trials, args.max_tokens),
+        "echo_p50_ms": bench_echo(model, args.threads),
+        "history": bench_history(model, args.threads, max(3, args.trials // 3), args.history_tokens),
+        "session_reuse": bench_session_reuse(model, args.threads),
+    }
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    g = results["grpc_vs_inprocess"]
+    print(f"### gRPC loopback vs in-process ({model.name}, {args.threads} thread(s), {args.trials} trials, "
+          f"max_tokens {args.max_tokens})\n")
+    print("| path | p50 TTFT (ms) | decode (tok/s) |\n|---|---:|---:|")
+    for name in ("in-process", "grpc"):
+        print(f"| {name} | {g[name]['p50_ttft_ms']:.1f} | {g[name]['decode_tok_s']:.1f} |")
+    p = g["paired_ttft_diff_ms"]
+    print(f"\nTTFT difference (gRPC - in-process): {g['ttft_diff_ms']:+.1f} ms between the medians; "
+          f"per trial: median {p['median']:+.1f} ms (IQR {p['iqr']:.1f} ms; {p['grpc_first']:+.1f} ms when gRPC "
+          f"ran first, {p['in_process_first']:+.1f} ms when it ran second). "
+          f"Decode throughput ratio: {g['decode_ratio']*100:.1f}%\n")
+    print("### Echo round trip on loopback (p50 of 50)\n")
+    print("| up bytes | down bytes | p50 RTT (ms) |\n|---:|---:|---:|")
+    for key, ms in results["echo_p50_ms"].items():
+        up, down = key.split("/")
+        print(f"| {up} | {down} | {ms:.2f} |")
+    print()
+    h = results["history"]
+    print(f"### Follow-up turn with ~{args.history_tokens} tokens of history (edge, via gRPC)\n")
+    print("| turn | p50 TTFT (ms) | prompt tokens | prefill tokens |\n|---|---:|---:|---:|")
+    for name, label in (("warm", "follow-up, warm session"), ("no_history", "same turn, no history"),
+                        ("re_prefill", "follow-up, whole history re-prefilled")):
+        print(f"| {label} | {h[name]['p50_ttft_ms']:.1f} | {h[name]['prompt_tokens']} | {h[name]['prefill_tokens']} |")
+    print(f"\nwarm / no history: {h['warm_over_no_history']:.2f}x; "
+          f"re-prefill / warm: {h['re_prefill_over_warm']:.1f}x\n")
+    s = results["session_reuse"]
+    print("### Edge session returning after two device turns\n")
+    print("| turn 1 prompt + answer | return prompt tokens | not seen by the edge | prefilled | cached |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {s['first_turn_prompt_tokens']} + {s['first_turn_output_tokens']} | {s['return_prompt_tokens']} | "
+          f"{s['tokens_the_edge_had_not_seen']} | {s['return_prefill_tokens']} | {s['return_cached_tokens']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

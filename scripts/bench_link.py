@@ -1,0 +1,259 @@
+"""Validation benchmark: MT-Bench-101 dialogues through the live system over an emulated link.
+
+    sudo .venv/bin/python scripts/bench_link.py --data-dir ../shared/data [--bundle DIR]
+
+For each link setting (a good 5G-like link and a poor one, :mod:`netlab.namespaces`):
+
+1. profile the link (and, once, γ_s, γ_e, τ_r) with ``edgeroute profile`` from the
+   device namespace, as a deployed device would;
+2. replay the same dialogues under each policy (device, edge, random, BERT
+   without context, BERT with context), the device runtime in the device
+   namespace, the edge service in the edge namespace;
+3. report per policy: mean and p95 turn latency, edge share, and the cost
+   model's prediction error median |predicted − measured| / measured for the
+   turns each target served.
+
+Prints a markdown table on stdout, writes ``bench_link.json`` and plots into
+``--out``.  Needs root (network namespaces).  Sized for a 2-core machine: a
+few dialogues, a few turns each, short answers; the sizes are printed with
+the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from netlab.namespaces import GOOD_5G, POOR, LinkSettings, NetLab, unavailable_reason  # noqa: E402
+
+log = logging.getLogger("bench_link")
+
+POLICIES = ("device", "edge", "random", "bert-noctx", "bert-ctx")
+LINKS = {"good-5g": GOOD_5G, "poor": POOR}
+
+
+def pick_dialogues(path: Path, n: int, max_turns: int) -> list[dict]:
+    """``n`` dialogues spread evenly over the file (so several tasks appear), cut to ``max_turns``."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise SystemExit(f"{path}: no dialogues")
+    step = max(1, len(lines) // n)
+    out = []
+    for line in lines[::step][:n]:
+        d = json.loads(line)
+        prompts = [t["user"] for t in d["history"] if t.get("user", "").strip()][:max_turns]
+        out.append({"task": d.get("task"), "id": d.get("id"), "prompts": prompts})
+    return out
+
+
+def p95(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, math.ceil(0.95 * len(xs)) - 1)]
+
+
+def summarize(records: list[dict]) -> dict:
+    measured = [r["measured_s"] for r in records]
+    out = {
+        "turns": len(records),
+        "mean_s": statistics.fmean(measured),
+        "p95_s": p95(measured),
+        "edge_share": sum(r["target"] == "edge" for r in records) / len(records),
+        "fallbacks": sum(r["fallback"] for r in records),
+    }
+    for target in ("device", "edge"):
+        errs = [
+            abs(r["predicted_s"][target] - r["measured_s"]) / r["measured_s"]
+            for r in records
+            if r["target"] == target and not r["fallback"] and r["measured_s"] > 0
+        ]
+        out[f"pred_err_{target}"] = statistics.median(errs) if errs else None
+        out[f"n_{target}"] = len(errs)
+    return out
+
+
+def run_profile(lab: NetLab, target: str, out: Path, parts: str, args) -> dict:
+    cmd = lab.exec_prefix(lab.dev_ns) + [
+        sys.executable, "-m", "device_runtime.cli", "profile", "--edge", target, "--out", str(out),
+        "--parts", parts, "--data-dir", str(args.data_dir), "--link-reps", "3",
+        "--prompt-tokens", "32,128,256", "--max-tokens", str(args.max_tokens), "--reps", "1",
+    ]
+    if args.bundle:
+        cmd += ["--bundle", args.bundle]
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def plot(results: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    links = list(results["links"])
+    policies = list(results["policies"])
+    fig, axes = plt.subplots(1, len(links), figsize=(5 * len(links), 3.6), squeeze=False)
+    for ax, link in zip(axes[0], links):
+        rows = results["links"][link]["summary"]
+        xs = range(len(policies))
+        ax.bar([x - 0.2 for x in xs], [rows[p]["mean_s"] for p in policies], 0.4, label="mean")
+        ax.bar([x + 0.2 for x in xs], [rows[p]["p95_s"] for p in policies], 0.4, label="p95")
+        for x, p in zip(xs, policies):
+            ax.annotate(f"{rows[p]['edge_share']:.0%}", (x, rows[p]["p95_s"]), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(xs), policies, rotation=20)
+        ax.set_title(f"{link} (labels: edge share)")
+        ax.set_ylabel("turn latency (s)")
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "link_latency.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(links), figsize=(5 * len(links), 4), squeeze=False)
+    for ax, link in zip(axes[0], links):
+        recs = [r for p in policies for r in results["links"][link]["records"][p] if not r["fallback"]]
+        for target, marker in (("device", "o"), ("edge", "^")):
+            pts = [(r["predicted_s"][target], r["measured_s"]) for r in recs if r["target"] == target]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, s=14, label=target, alpha=0.7)
+        hi = max([r["measured_s"] for r in recs] + [r["predicted_s"][r["target"]] for r in recs] + [0.1])
+        ax.plot([0, hi], [0, hi], "k--", lw=0.8)
+        ax.set_xlabel("predicted (s, eqs. 6-7)")
+        ax.set_ylabel("measured (s)")
+        ax.set_title(link)
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "link_prediction.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| link | policy | turns | mean s | p95 s | edge share | fallbacks | pred. err device (n) | pred. err edge (n) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    for link, data in results["links"].items():
+        for policy, s in data["summary"].items():
+            lines.append(
+                f"| {link} | {policy} | {s['turns']} | {s['mean_s']:.2f} | {s['p95_s']:.2f} | "
+                f"{s['edge_share']:.0%} | {s['fallbacks']} | {fmt(s['pred_err_device'])} ({s['n_device']}) | "
+                f"{fmt(s['pred_err_edge'])} ({s['n_edge']}) |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--dialogues", type=int, default=3, help="MT-Bench-101 dialogues per policy and link")
+    ap.add_argument("--max-turns", type=int, default=3, help="user turns per dialogue")
+    ap.add_argument("--max-tokens", type=int, default=24, help="answer cap on both sides")
+    ap.add_argument("--links", default="good-5g,poor", help=f"comma-separated from {','.join(LINKS)}")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--bundle", help="router bundle for the BERT policies (default: the shipped one)")
+    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "figures" / "link")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    reason = unavailable_reason()
+    if reason:
+        print(f"bench_link: {reason}", file=sys.stderr)
+        return 2
+    links = {name: LINKS[name] for name in args.links.split(",")}
+    policies = [p for p in args.policies.split(",") if p]
+    if bad := set(policies) - set(POLICIES):
+        print(f"bench_link: unknown policies {sorted(bad)}", file=sys.stderr)
+        return 2
+    if any(p.startswith("bert") for p in policies):
+        from device_runtime.routers.base import RouterError, create_router
+
+        try:
+            create_router("bert", bundle=args.bundle)
+        except (RouterError, FileNotFoundError) as exc:
+            log.warning("BERT policies skipped: %s", exc)
+            policies = [p for p in policies if not p.startswith("bert")]
+    dialogues = pick_dialogues(args.data_dir / "mtbench101" / "mtbench101.jsonl", args.dialogues, args.max_turns)
+    args.out.mkdir(parents=True, exist_ok=True)
+    from netlab.live import EDGE_PORT, DeviceWorker, start_edge
+
+    t_start = time.perf_counter()
+    results: dict = {
+        "sizes": {
+            "dialogues": len(dialogues), "turns_per_policy": sum(len(d["prompts"]) for d in dialogues),
+            "max_tokens": args.max_tokens, "dialogue_ids": [d["id"] for d in dialogues],
+        },
+        "policies": policies,
+        "links": {},
+    }
+    first = next(iter(links.values()))
+    with NetLab(settings=first) as lab:
+        start_edge(lab, extra=["--n-slots", "1"])
+        relay = lab.start_relay(EDGE_PORT, seed=args.seed)
+        target = f"127.0.0.1:{relay}"
+        base_profile = None
+        for name, setting in links.items():
+            lab.apply(setting)
+            profile_path = args.out / f"profile_{name}.json"
+            if base_profile is None:
+                log.info("profiling γ_s, γ_e, τ_r and the %s link", name)
+                parts = "link,edge,slm" + (",router" if any(p.startswith("bert") for p in policies) else "")
+                base_profile = run_profile(lab, target, profile_path, parts, args)
+                profile = base_profile
+            else:
+                log.info("profiling the %s link", name)
+                link_only = run_profile(lab, target, profile_path, "link", args)
+                profile = {**base_profile, **{k: link_only[k] for k in ("overhead_s", "bandwidth_tokens_per_s", "bandwidth_bytes_per_s")}}
+                profile["fit"] = {**base_profile["fit"], "link": link_only["fit"]["link"]}
+                profile_path.write_text(json.dumps(profile, indent=2))
+            entry = {"setting": {"rate_mbit": setting.rate_mbit, "delay_ms": setting.delay_ms, "jitter_ms": setting.jitter_ms},
+                     "profile": {k: v for k, v in profile.items() if not isinstance(v, dict)},
+                     "records": {}, "summary": {}}
+            for policy in policies:
+                log.info("%s / %s", name, policy)
+                extra = ["--profile", str(profile_path), "--max-tokens", str(args.max_tokens),
+                         "--threshold", str(args.threshold), "--seed", str(args.seed)]
+                if args.bundle:
+                    extra += ["--bundle", args.bundle]
+                recs = []
+                with DeviceWorker(lab, target, policy, extra=extra) as dev:
+                    for d in dialogues:
+                        dev.new_conversation()
+                        for prompt in d["prompts"]:
+                            recs.append(dev.turn(prompt)["telemetry"])
+                entry["records"][policy] = recs
+                entry["summary"][policy] = summarize(recs)
+            results["links"][name] = entry
+    results["wall_s"] = time.perf_counter() - t_start
+    (args.out / "bench_link.json").write_text(json.dumps(results, indent=2))
+    figs = plot(results, args.out)
+    print(f"dialogues: {len(dialogues)} (ids {results['sizes']['dialogue_ids']}), "
+          f"{results['sizes']['turns_per_policy']} turns per policy and link, max_tokens {args.max_tokens}, "
+          f"wall {results['wall_s']:.0f} s")
+    for name, entry in results["links"].items():
+        p = entry["profile"]
+        print(f"{name}: {entry['setting']} -> profiled overhead_s {p['overhead_s']:.4f}, "
+              f"B {p['bandwidth_bytes_per_s'] / 1e6:.2f} MB/s ({p['bandwidth_tokens_per_s']:.3g} tokens/s)")
+    print()
+    print(table(results))
+    print()
+    print("figures: " + ", ".join(str(f.relative_to(REPO)) if f.is_relative_to(REPO) else str(f) for f in figs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

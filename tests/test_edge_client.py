@@ -1,0 +1,133 @@
+"""The device's edge client against real loopback servers: streaming, deadlines, failures."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from _edge_fakes import FaultBackend
+from device_runtime.edge_client import (
+    EdgeClient,
+    EdgeError,
+    EdgeUnavailable,
+    GenerationParams,
+    new_session_id,
+)
+from edge_service.server import EdgeServerThread
+from edge_service.settings import EdgeSettings
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fault_edge():
+    backend = FaultBackend()
+    with EdgeServerThread(EdgeSettings(n_slots=1), backend=backend) as server:
+        yield server, backend
+
+
+def test_unreachable_edge_raises_edge_unavailable():
+    with EdgeClient(f"127.0.0.1:{_free_port()}", connect_timeout_s=0.5) as c:
+        with pytest.raises(EdgeUnavailable):
+            c.open_session()
+        with pytest.raises(EdgeUnavailable):
+            c.generate("s", HI, GenerationParams(max_tokens=4))
+        with pytest.raises(EdgeUnavailable):
+            c.ping(10)
+
+
+def test_deadline_exceeded_is_edge_unavailable(fault_edge):
+    server, backend = fault_edge  # the fake slot blocks until its gate opens
+    with EdgeClient(server.target) as c:
+        sid = c.open_session()
+        stream = c.generate(sid, HI, timeout_s=0.5)
+        with pytest.raises(EdgeUnavailable) as err:
+            stream.consume()
+        assert err.value.code == "DEADLINE_EXCEEDED"
+        backend.gate.set()
+        # The deadline cancelled the turn on the server; the session is usable.
+        assert c.generate(sid, HI).consume().text == "chunk"
+
+
+def test_server_errors_carry_the_code_name(fault_edge):
+    server, _ = fault_edge
+    with EdgeClient(server.target) as c:
+        with pytest.raises(EdgeError) as err:
+            c.generate("no-such-session", HI).consume()
+        assert err.value.code == "NOT_FOUND" and "no-such-session" in err.value.details
+        with pytest.raises(EdgeError) as err:
+            c.close_session("no-such-session")
+        assert err.value.code == "NOT_FOUND"
+        sid = new_session_id()
+        assert c.open_session(sid) == sid
+        with pytest.raises(EdgeError) as err:
+            c.open_session(sid)
+        assert err.value.code == "ALREADY_EXISTS"
+        with pytest.raises(EdgeError) as err:
+            c.ping(0, response_bytes=c.server_info().max_message_bytes)
+        assert err.value.code == "INVALID_ARGUMENT"
+
+
+def test_bad_input_is_rejected_before_sending(fault_edge):
+    server, _ = fault_edge
+    with EdgeClient(server.target) as c:
+        with pytest.raises(ValueError, match="role"):
+            c.generate("s", [{"role": "robot", "content": "x"}])
+        with pytest.raises(ValueError, match="max_tokens"):
+            GenerationParams(max_tokens=-1)
+        with pytest.raises(ValueError):
+            c.ping(-1)
+    with pytest.raises(ValueError):
+        EdgeClient("")
+    c.close()
+    c.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        c.open_session()
+
+
+def test_client_recovers_when_the_edge_comes_back():
+    port = _free_port()
+    settings = EdgeSettings(n_slots=1)
+    with EdgeClient(f"127.0.0.1:{port}", connect_timeout_s=1.0) as c:
+        with pytest.raises(EdgeUnavailable):
+            c.ping(10)
+        with EdgeServerThread(settings, port=port, backend=FaultBackend(gate_open=True)):
+            assert c.ping(10) > 0
+            sid = c.open_session()
+        with pytest.raises(EdgeUnavailable):
+            c.generate(sid, HI).consume()
+        with EdgeServerThread(settings, port=port, backend=FaultBackend(gate_open=True)):
+            # A new server knows nothing of the old session.
+            with pytest.raises(EdgeError) as err:
+                c.generate(sid, HI).consume()
+            assert err.value.code == "NOT_FOUND"
+            assert c.generate(c.open_session(), HI).consume().text == "chunk"
+
+
+@pytest.mark.slow
+def test_stream_result_from_the_real_model():
+    settings = EdgeSettings(n_ctx=512, n_slots=1, n_threads=1)
+    with EdgeServerThread(settings) as server, EdgeClient(server.target) as c:
+        sid = c.open_session()
+        stream = c.generate(sid, [{"role": "user", "content": "Count: 1, 2, 3,"}], GenerationParams(max_tokens=8))
+        with pytest.raises(RuntimeError):
+            stream.result  # not finished yet
+        chunks = list(stream)
+        r = stream.result
+        assert len(chunks) >= 2 and r.text == "".join(chunks) == stream.text
+        assert 1 <= r.output_tokens <= 8
+        assert r.prefill_tokens + r.cached_tokens == r.prompt_tokens and r.prefill_tokens > 0
+        assert 0 < r.ttft_s <= r.total_s
+        assert r.prefill_s > 0 and r.decode_s >= 0
+        with pytest.raises(RuntimeError, match="once"):
+            list(stream)
+        c.close_session(sid)
+        with pytest.raises(EdgeError):
+            c.generate(sid, HI).consume()

@@ -1,0 +1,163 @@
+"""``edgeroute profile`` and PROFILE.json: on loopback, and over the emulated link."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from device_runtime.cost_model import paper_params
+from device_runtime.profile import (
+    PARAM_KEYS,
+    ProfileError,
+    apply_profile,
+    cost_params_from_profile,
+    load_profile,
+    write_profile,
+)
+from netlab.namespaces import REPO_ROOT, LinkSettings, NetLab, unavailable_reason
+
+GOOD = {
+    "gamma_s_prefill": 0.002, "gamma_s_decode": 0.03, "gamma_e_prefill": 0.001,
+    "gamma_e_decode": 0.02, "tau_r": 1e-4, "bandwidth_tokens_per_s": 5e5,
+    "overhead_s": 0.05, "bytes_per_token": 4.2, "fit": {"link": {}}, "sources": {},
+}
+
+
+def test_cost_params_from_profile_replaces_measured_values(tmp_path):
+    path = write_profile(tmp_path / "p.json", GOOD)
+    base = paper_params("mt-bench", upload_mode="session")
+    params = cost_params_from_profile(path, base)
+    assert params.gamma_s.prefill_s_per_token == 0.002 and params.gamma_s.decode_s_per_token == 0.03
+    assert params.gamma_e.prefill_s_per_token == 0.001 and params.gamma_e.decode_s_per_token == 0.02
+    assert params.tau_r == 1e-4
+    assert params.link.bandwidth_tokens_per_s == 5e5 and params.link.overhead_s == 0.05
+    # What the profile does not measure stays the base's.
+    assert params.alpha == base.alpha and params.response == base.response
+    assert params.upload_mode == "session"
+    # A partial profile replaces only what it has.
+    partial = apply_profile({"overhead_s": 0.3}, base)
+    assert partial.link.overhead_s == 0.3 and partial.gamma_s == base.gamma_s
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {k: v for k, v in GOOD.items() if k != "tau_r"},
+        {**GOOD, "overhead_s": -1},
+        {**GOOD, "bandwidth_tokens_per_s": 0},
+        {**GOOD, "gamma_s_decode": "fast"},
+        {**GOOD, "gamma_e_decode": float("nan")},
+    ],
+)
+def test_bad_profiles_are_rejected(tmp_path, bad):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ProfileError):
+        load_profile(path)
+    with pytest.raises(ProfileError):
+        write_profile(tmp_path / "out.json", bad)
+
+
+def test_unreadable_profiles_are_rejected(tmp_path):
+    with pytest.raises(ProfileError, match="cannot read"):
+        cost_params_from_profile(tmp_path / "missing.json", paper_params())
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(ProfileError, match="not valid JSON"):
+        cost_params_from_profile(tmp_path / "x.json", paper_params())
+    (tmp_path / "y.json").write_text("[1, 2]")
+    with pytest.raises(ProfileError, match="object"):
+        cost_params_from_profile(tmp_path / "y.json", paper_params())
+
+
+def _profile_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "device_runtime.cli", "profile", *args]
+
+
+def test_profile_cli_rejects_bad_arguments():
+    for args in (["--json", "--parts", "link"], ["--out", "x.json", "--parts", "nope"], ["--parts", "slm"]):
+        proc = subprocess.run(_profile_cmd(*args), capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stdout == ""
+        assert "edgeroute profile:" in proc.stderr
+
+
+def test_profile_cli_unreachable_edge_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        _profile_cmd("--edge", "127.0.0.1:9", "--parts", "link", "--json", "--timeout", "2"),
+        capture_output=True, text=True, timeout=180, cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert "unreachable" in proc.stderr
+
+
+@pytest.mark.slow
+def test_profile_cli_on_loopback_writes_the_contract(tmp_path):
+    """Real edge (Gemma 3 270M) on loopback, real SLM; stdout is only the JSON."""
+    from edge_service.server import EdgeServerThread
+    from edge_service.settings import EdgeSettings
+
+    out = tmp_path / "PROFILE.json"
+    with EdgeServerThread(EdgeSettings(n_slots=1, n_ctx=1024)) as edge:
+        proc = subprocess.run(
+            _profile_cmd(
+                "--edge", edge.target, "--out", str(out), "--json", "--parts", "link,edge,slm",
+                "--sizes", "0,65536,1048576", "--link-reps", "3", "--prompt-tokens", "16,96",
+                "--max-tokens", "8", "--reps", "1",
+            ),
+            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout)  # the whole of stdout is one JSON object
+    assert printed == json.loads(out.read_text())
+    for key in PARAM_KEYS:
+        assert isinstance(printed[key], float) and printed[key] >= 0, key
+    for key in ("gamma_s_prefill", "gamma_s_decode", "gamma_e_prefill", "gamma_e_decode"):
+        assert printed["sources"][key].startswith("measured") and printed[key] > 0
+    assert 2.0 < printed["bytes_per_token"] < 8.0  # English text, a BPE tokenizer
+    assert {"up", "down"} <= set(printed["fit"]["link"])
+    cost_params_from_profile(out, paper_params())  # usable as --profile
+
+
+_REASON = unavailable_reason()
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.skipif(_REASON is not None, reason=f"netlab: {_REASON}")
+def test_profiler_recovers_configured_rtt_and_rate_over_emulated_link():
+    """Issue 5 target: δ within 10% of 2 × the relay's one-way delay, B within
+    15% of the tbf rate (payload bytes/s against the configured bit rate)."""
+    settings = LinkSettings(rate_mbit=20.0, delay_ms=25.0, name="test")
+    with NetLab(settings=settings) as lab:
+        edge_port = 50051
+        server = lab.popen(
+            lab.edge_ns,
+            [sys.executable, "-m", "device_runtime.cli", "serve", "--host", lab.edge_addr,
+             "--port", str(edge_port), "--n-slots", "1", "--n-ctx", "512"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        lab.wait_port(lab.edge_ns, lab.edge_addr, edge_port, timeout_s=300, proc=server)
+        relay_port = lab.start_relay(edge_port)
+        proc = subprocess.run(
+            lab.exec_prefix(lab.dev_ns) + _profile_cmd(
+                "--edge", f"127.0.0.1:{relay_port}", "--parts", "link", "--json", "--link-reps", "5",
+            ),
+            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profile = json.loads(proc.stdout)
+    rtt = settings.rtt_added_s
+    assert abs(profile["overhead_s"] - rtt) <= 0.10 * rtt, profile["fit"]["link"]
+    rate = settings.rate_bytes_per_s
+    for direction in ("up", "down"):
+        fit = profile["fit"]["link"][direction]
+        assert fit["ok"] and fit["r_squared"] > 0.95
+        assert abs(fit["bandwidth_bytes_per_s"] - rate) <= 0.15 * rate, fit
+    assert abs(profile["bandwidth_bytes_per_s"] - rate) <= 0.15 * rate
+    assert profile["bandwidth_tokens_per_s"] == pytest.approx(
+        profile["bandwidth_bytes_per_s"] / profile["bytes_per_token"]
+    )
