@@ -21,18 +21,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from edge_service.settings import EdgeSettings
 
     h = EdgeSettings.help_texts()
-    p = subparsers.add_parser("serve", help="run the edge LLM gRPC service", description=__doc__.split("\n\n")[0])
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (default 50051)")
-    p.add_argument("--model", default=None, metavar="GGUF", help=h["model_path"] + " (default: Gemma 3 270M Q4_K_M)")
-    p.add_argument("--backend", default="llama_cpp", help=h["backend"])
-    p.add_argument("--prompt-format", default="auto", help=h["prompt_format"])
-    p.add_argument("--n-ctx", type=int, default=2048, help=h["n_ctx"])
-    p.add_argument("--n-slots", type=int, default=2, help=h["n_slots"])
+    d = EdgeSettings()  # defaults live on the dataclass only
+    p = subparsers.add_parser(
+        "serve",
+        help="run the edge LLM gRPC service",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one")
+    p.add_argument("--model", default=None, metavar="GGUF", help=h["model_path"] + "; default: Gemma 3 270M Q4_K_M")
+    p.add_argument("--backend", default=d.backend, help=h["backend"])
+    p.add_argument("--prompt-format", default=d.prompt_format, help=h["prompt_format"])
+    p.add_argument("--n-ctx", type=int, default=d.n_ctx, help=h["n_ctx"])
+    p.add_argument("--n-slots", type=int, default=d.n_slots, help=h["n_slots"])
     p.add_argument("--kv-budget-mb", type=float, default=None, help=h["kv_budget_mb"])
     p.add_argument("--threads", type=int, default=None, help=h["n_threads"])
-    p.add_argument("--max-sessions", type=int, default=256, help=h["max_sessions"])
-    p.add_argument("--grace", type=float, default=5.0, help=h["shutdown_grace_s"])
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions, help=h["max_sessions"])
+    p.add_argument("--grace", type=float, default=d.shutdown_grace_s, help=h["shutdown_grace_s"])
     p.set_defaults(func=run)
     return p
 

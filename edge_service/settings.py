@@ -32,7 +32,10 @@ class EdgeSettings:
         default=None,
         metadata={"help": "memory bound on all slots' KV caches in MiB; lowers n_slots to fit"},
     )
-    n_threads: int | None = field(default=None, metadata={"help": "CPU threads per slot (default: all)"})
+    n_threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads per slot (default: half the cores to decode, all to prefill)"},
+    )
     max_sessions: int = field(
         default=256, metadata={"help": "open sessions (transcripts) kept; more are refused"}
     )

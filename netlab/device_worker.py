@@ -83,7 +83,7 @@ def build(args: argparse.Namespace):
     slm = create_slm("llama-cpp", SLMSettings(model_path=args.slm, n_threads=args.threads, seed=args.seed))
     edge = EdgeClient(args.edge, timeout_s=args.edge_timeout)
     orch = Orchestrator(slm, policy, params, edge=edge, settings=OrchestratorSettings(
-        max_tokens=args.max_tokens, temperature=0.0, seed=args.seed))
+        max_tokens=args.max_tokens, temperature=0.0, seed=args.seed, system_prompt=args.system))
     if args.online:
         from device_runtime.online import OnlineRouting, OnlineSettings
 
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slm")
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system", help="system message before the first turn of each conversation")
     p.add_argument("--edge-timeout", type=float, default=60.0)
     args = p.parse_args(argv)
     if args.policy not in POLICY_CHOICES and not args.policy.startswith("constant:"):

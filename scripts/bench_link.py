@@ -40,7 +40,12 @@ from netlab.namespaces import GOOD_5G, POOR, LinkSettings, NetLab, unavailable_r
 log = logging.getLogger("bench_link")
 
 POLICIES = ("device", "edge", "random", "bert-noctx", "bert-ctx")
-LINKS = {"good-5g": GOOD_5G, "poor": POOR}
+LINKS = {
+    "good-5g": GOOD_5G,
+    "poor": POOR,
+    # The profiler test's link (tests/test_profile.py): no jitter.
+    "test-50ms": LinkSettings(rate_mbit=20.0, delay_ms=25.0, name="test-50ms"),
+}
 
 
 def pick_dialogues(path: Path, n: int, max_turns: int) -> list[dict]:
@@ -156,6 +161,30 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_links(links: dict[str, LinkSettings], args) -> int:
+    """The profiler's accuracy: configured RTT (2 × relay delay) and tbf rate vs the Echo fit."""
+    from netlab.live import EDGE_PORT, start_edge
+
+    print("| link | configured RTT ms | profiled δ ms | err | configured rate MB/s | profiled B up / down / used MB/s | err (used) | R² up / down |")
+    print("|---|---|---|---|---|---|---|---|")
+    with NetLab(settings=next(iter(links.values()))) as lab:
+        start_edge(lab, extra=["--n-slots", "1", "--n-ctx", "512"])
+        relay = lab.start_relay(EDGE_PORT, seed=args.seed)
+        for name, setting in links.items():
+            lab.apply(setting)
+            prof = run_profile(lab, f"127.0.0.1:{relay}", args.out / f"linkprofile_{name}.json", "link", args)
+            fit = prof["fit"]["link"]
+            rtt, rate = setting.rtt_added_s, setting.rate_bytes_per_s
+            print(
+                f"| {name} | {rtt * 1e3:.0f} | {prof['overhead_s'] * 1e3:.1f} | {prof['overhead_s'] / rtt - 1:+.1%} | "
+                f"{rate / 1e6:.3f} | {fit['up']['bandwidth_bytes_per_s'] / 1e6:.3f} / {fit['down']['bandwidth_bytes_per_s'] / 1e6:.3f} / "
+                f"{prof['bandwidth_bytes_per_s'] / 1e6:.3f} | {prof['bandwidth_bytes_per_s'] / rate - 1:+.1%} | "
+                f"{fit['up'].get('r_squared', float('nan')):.4f} / {fit['down'].get('r_squared', float('nan')):.4f} |",
+                flush=True,
+            )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
@@ -168,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "figures" / "link")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile-only", action="store_true",
+                    help="only profile each link: configured vs measured RTT and rate")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     reason = unavailable_reason()
@@ -201,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         "links": {},
     }
     first = next(iter(links.values()))
+    if args.profile_only:
+        return profile_links(links, args)
     with NetLab(settings=first) as lab:
         start_edge(lab, extra=["--n-slots", "1"])
         relay = lab.start_relay(EDGE_PORT, seed=args.seed)
@@ -225,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
                      "records": {}, "summary": {}}
             for policy in policies:
                 log.info("%s / %s", name, policy)
+                # A system line unique to the run: the edge's slots reuse KV by
+                # prompt prefix across sessions, and a run must not inherit the
+                # previous policy's cache of the same dialogues.
                 extra = ["--profile", str(profile_path), "--max-tokens", str(args.max_tokens),
-                         "--threshold", str(args.threshold), "--seed", str(args.seed)]
+                         "--threshold", str(args.threshold), "--seed", str(args.seed),
+                         "--system", f"Conversation run {name}/{policy}."]
                 if args.bundle:
                     extra += ["--bundle", args.bundle]
                 recs = []

@@ -8,12 +8,10 @@ behaviour, never speed.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import pytest
