@@ -180,6 +180,9 @@ def _gamma_runs(run_one, texts, settings: ProfileSettings, count_tokens, desc: s
 
     prefill_s, prefill_tok, decode_s, decode_tok = [], [], [], []
     runs = []
+    # The first call pays one-off costs (buffers, caches, graph build) that no
+    # later turn pays: run it once unrecorded.
+    run_one(text_of_tokens(texts[-1:] + texts, min(settings.prompt_tokens), count_tokens))
     with _progress(len(settings.prompt_tokens) * settings.reps, desc) as bar:
         for i, n in enumerate(settings.prompt_tokens):
             for rep in range(settings.reps):

@@ -32,7 +32,11 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         export_config = ExportConfig(atol=args.atol)
-        if args.from_classifier:
+        if args.quantize_only:
+            from export.pipeline import requantize
+
+            out = requantize(Path(args.out), threads=args.threads)
+        elif args.from_classifier:
             out = export_classifier(
                 Path(args.from_classifier), Path(args.out), positive_label=args.positive_label,
                 max_length=args.max_length or 512, export_config=export_config, force=args.force,
@@ -92,6 +96,8 @@ def add_parser(subparsers) -> None:
                    help="export this Hugging Face sequence-classification checkpoint as is (no training)")
     p.add_argument("--positive-label", type=int, default=0,
                    help="with --from-classifier: p = P(label K) (default 0: RouteLLM's 'strong model wins')")
+    p.add_argument("--quantize-only", action="store_true",
+                   help="re-quantize the full export already in --out (no training) and refresh its INT8 metrics")
     p.add_argument("--ship", metavar="DIR", help="also copy model.onnx, tokenizer.json and manifest.json to DIR")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
     p.add_argument("--json", action="store_true", help="print the validation summary as JSON on stdout")

@@ -121,9 +121,10 @@ class QuantizationConfig:
     weight_type: str = "QInt8"
     per_channel: bool = True
     reduce_range: bool = False
-    #: Which ops get INT8 weights.  MatMul only: Gather (embeddings) in INT8
-    #: shrinks the file further but costs accuracy for no speed.
-    op_types: tuple[str, ...] = ("MatMul",)
+    #: Which ops get INT8 weights.  MatMul: the speed-up.  Gather: the
+    #: word-embedding table, half of MiniLM's weights; without it the INT8
+    #: file is ~59 MB instead of ~23 MB.
+    op_types: tuple[str, ...] = ("MatMul", "Gather")
 
     def __post_init__(self) -> None:
         if self.weight_type not in ("QInt8", "QUInt8"):

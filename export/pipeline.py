@@ -147,6 +147,37 @@ def export_trained(
     return out
 
 
+def requantize(out: Path, quant_config: QuantizationConfig | None = None, *, threads: int = 2) -> Path:
+    """Re-quantize a full export's model_fp32.onnx and refresh the INT8 rows of its manifest.
+
+    No training: the FP32 model, the PyTorch and FP32 validation rows stay.
+    """
+    from device_runtime.bundle import load_bundle
+    from export.data import load_examples
+
+    quant_config = quant_config or QuantizationConfig()
+    bundle = load_bundle(out)
+    if not bundle.fp32_model_path.is_file():
+        raise FileNotFoundError(f"{out} has no {MODEL_FP32_FILE}: re-quantizing needs a full export")
+    m = bundle.manifest
+    int8_path = quantize(bundle.fp32_model_path, bundle.model_path, quant_config)
+    training = dict(m.training)
+    val = [e for e in load_examples([Path(d) for d in training["data_dirs"]], training["benchmarks"],
+                                    val_fraction=float(training["val_fraction"])) if e.split == "val"]
+    fp32_scores = _score_bundle(out, val, fp32=True, threads=threads)
+    int8_scores = _score_bundle(out, val, fp32=False, threads=threads)
+    validation = dict(m.validation)
+    validation.update({
+        "onnx_fp32": metrics_by_benchmark(val, fp32_scores),
+        "onnx_int8": metrics_by_benchmark(val, int8_scores),
+        "int8_vs_fp32": agreement(np.asarray(fp32_scores), np.asarray(int8_scores)),
+        "size_mb": {"int8": round(_size_mb(int8_path), 2), "fp32": round(_size_mb(bundle.fp32_model_path), 2)},
+    })
+    BundleManifest(**{**m.__dict__, "quantization": quant_config.to_dict(), "validation": validation}).write(out)
+    _log_summary(validation)
+    return Path(out)
+
+
 def _log_summary(validation: dict) -> None:
     for precision in ("pytorch", "onnx_fp32", "onnx_int8"):
         for bench, m in validation[precision].items():

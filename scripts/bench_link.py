@@ -92,6 +92,7 @@ def run_profile(lab: NetLab, target: str, out: Path, parts: str, args) -> dict:
         sys.executable, "-m", "device_runtime.cli", "profile", "--edge", target, "--out", str(out),
         "--parts", parts, "--data-dir", str(args.data_dir), "--link-reps", "3",
         "--prompt-tokens", "32,128,256", "--max-tokens", str(args.max_tokens), "--reps", "1",
+        "--threads", str(args.threads),
     ]
     if args.bundle:
         cmd += ["--bundle", args.bundle]
@@ -197,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "figures" / "link")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads of the device SLM and of the edge model each (1: they do not "
+                         "fight over the 2 cores of the test machine)")
+    ap.add_argument("--online", action="store_true",
+                    help="online estimation in every run (γ, B, δ and L̄_r updated after each turn)")
     ap.add_argument("--profile-only", action="store_true",
                     help="only profile each link: configured vs measured RTT and rate")
     args = ap.parse_args(argv)
@@ -224,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     results: dict = {
+        "threads": args.threads,
+        "online": args.online,
         "sizes": {
             "dialogues": len(dialogues), "turns_per_policy": sum(len(d["prompts"]) for d in dialogues),
             "max_tokens": args.max_tokens, "dialogue_ids": [d["id"] for d in dialogues],
@@ -235,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_only:
         return profile_links(links, args)
     with NetLab(settings=first) as lab:
-        start_edge(lab, extra=["--n-slots", "1"])
+        start_edge(lab, extra=["--n-slots", "1", "--threads", str(args.threads)])
         relay = lab.start_relay(EDGE_PORT, seed=args.seed)
         target = f"127.0.0.1:{relay}"
         base_profile = None
@@ -263,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                 # previous policy's cache of the same dialogues.
                 extra = ["--profile", str(profile_path), "--max-tokens", str(args.max_tokens),
                          "--threshold", str(args.threshold), "--seed", str(args.seed),
+                         "--threads", str(args.threads),
+                         *(["--online"] if args.online else []),
                          "--system", f"Conversation run {name}/{policy}."]
                 if args.bundle:
                     extra += ["--bundle", args.bundle]
@@ -278,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_s"] = time.perf_counter() - t_start
     (args.out / "bench_link.json").write_text(json.dumps(results, indent=2))
     figs = plot(results, args.out)
+    print(f"online estimation: {'on' if args.online else 'off'}; threads per model: {args.threads}")
     print(f"dialogues: {len(dialogues)} (ids {results['sizes']['dialogue_ids']}), "
           f"{results['sizes']['turns_per_policy']} turns per policy and link, max_tokens {args.max_tokens}, "
           f"wall {results['wall_s']:.0f} s")
