@@ -42,7 +42,7 @@ def routing_metrics(scores, q_device, q_edge) -> dict[str, float]:
         "cpt80": cpt(pts, qd, qe, 0.8),
         "q_device": qd,
         "q_edge": qe,
-        "n": len(pts) and len(scores),
+        "n": len(scores),
     }
 
 
