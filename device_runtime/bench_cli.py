@@ -12,17 +12,9 @@ import argparse
 import sys
 from typing import Callable
 
-#: name -> (help, add_arguments(parser), run(args) -> exit status)
+#: name -> (help, add_arguments(parser), run(args) -> exit status).  A new
+#: benchmark adds one entry; heavy imports stay inside its run function.
 BENCHES: dict[str, tuple[str, Callable, Callable]] = {}
-
-
-def register_bench(name: str, help: str):
-    def wrap(pair):
-        add_args, run = pair
-        BENCHES[name] = (help, add_args, run)
-        return pair
-
-    return wrap
 
 
 # --- router -------------------------------------------------------------------
@@ -60,8 +52,10 @@ def _router_run(args: argparse.Namespace) -> int:
     return 0
 
 
-register_bench("router", "latency, size and validation APGR/CPT: FP32 ONNX vs INT8 ONNX vs PyTorch")(
-    (_router_args, _router_run)
+BENCHES["router"] = (
+    "latency, size and validation APGR/CPT: FP32 ONNX vs INT8 ONNX vs PyTorch",
+    _router_args,
+    _router_run,
 )
 
 

@@ -39,7 +39,8 @@ LINK_ABS_FLOOR_S = 0.005
 class LinkFit:
     """``RTT = overhead_s + size_bytes / bandwidth_bytes_per_s`` (eq. 3, in bytes).
 
-    ``r_squared`` is over the per-size medians that were fitted;
+    ``dropped_sizes``: at most one size left out as an outlier (see
+    :func:`fit_link`).  ``r_squared`` is over the per-size medians that were fitted;
     ``r_squared_all`` over every sample; ``residuals_s`` are per size
     (median − fit), ``mad_s`` the typical spread of the raw samples.
     """
@@ -53,6 +54,7 @@ class LinkFit:
     residuals_s: tuple[float, ...]
     mad_s: float
     n_samples: int
+    dropped_sizes: tuple[int, ...] = ()
 
     def predict_s(self, size_bytes: float) -> float:
         return self.overhead_s + size_bytes / self.bandwidth_bytes_per_s
@@ -68,6 +70,7 @@ class LinkFit:
             "residuals_s": list(self.residuals_s),
             "mad_s": self.mad_s,
             "n_samples": self.n_samples,
+            "dropped_sizes": list(self.dropped_sizes),
         }
 
 
@@ -115,6 +118,24 @@ def fit_link(sizes_bytes: Sequence[int], rtts_s: Sequence[float]) -> LinkFit:
     xs = sorted(by_size)
     ys = [statistics.median(by_size[x]) for x in xs]
     intercept, slope = _ols(xs, ys)
+    dropped: list[int] = []
+    if len(xs) >= 4:
+        # One size whose every round trip was slow (a burst of drops and a
+        # retransmission timeout) would tilt the line: drop it if it sits far
+        # off a line that fits the others well.
+        best = None
+        for i in range(len(xs)):
+            rx, ry = xs[:i] + xs[i + 1 :], ys[:i] + ys[i + 1 :]
+            b0, b1 = _ols(rx, ry)
+            off = abs(ys[i] - b0 - b1 * xs[i])
+            typical = statistics.median(abs(y - b0 - b1 * x) for x, y in zip(rx, ry))
+            if off > max(4 * typical, 0.005) and (best is None or off > best[0]):
+                best = (off, i)
+        if best is not None:
+            worst = best[1]
+            dropped.append(xs[worst])
+            xs, ys = xs[:worst] + xs[worst + 1 :], ys[:worst] + ys[worst + 1 :]
+            intercept, slope = _ols(xs, ys)
     if not slope > 0:
         raise FitError(
             f"RTT does not grow with payload size (slope {slope:.3g} s/byte): "
@@ -132,6 +153,7 @@ def fit_link(sizes_bytes: Sequence[int], rtts_s: Sequence[float]) -> LinkFit:
         residuals_s=residuals,
         mad_s=statistics.median(abs(d) for d in spread),
         n_samples=len(rtts_s),
+        dropped_sizes=tuple(dropped),
     )
 
 

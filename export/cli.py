@@ -54,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
                 neighbor_smoothing=args.neighbor_smoothing,
                 seed=args.seed,
                 threads=args.threads,
+                progress=not args.no_progress,
             )
             out = export_trained(Path(args.out), config, export_config, force=args.force)
         if args.ship:
@@ -100,5 +101,6 @@ def add_parser(subparsers) -> None:
                    help="re-quantize the full export already in --out (no training) and refresh its INT8 metrics")
     p.add_argument("--ship", metavar="DIR", help="also copy model.onnx, tokenizer.json and manifest.json to DIR")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.add_argument("--json", action="store_true", help="print the validation summary as JSON on stdout")
     p.set_defaults(func=_run)

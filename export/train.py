@@ -210,7 +210,7 @@ def train(config: TrainConfig) -> TrainResult:
     cache: list = [None] * len(everything)
     encoder.eval()
     with torch.no_grad():
-        for s in _progress(range(0, len(order), 64), desc="caching frozen layers", unit="batch"):
+        for s in _progress(range(0, len(order), 64), desc="caching frozen layers", unit="batch", disable=not config.progress):
             idx = order[s : s + 64]
             ids, tt, mask = _pad([encs[i].ids for i in idx], pad_id, [encs[i].type_ids for i in idx])
             hidden = stack.bottom(ids, tt, mask)
@@ -224,7 +224,10 @@ def train(config: TrainConfig) -> TrainResult:
     labels = [e.label for e in everything]
     if config.neighbor_smoothing > 0:
         with torch.no_grad():
-            frozen = [_frozen_pooled(stack, cache, i, config.pooling) for i in range(n_train)]
+            frozen = [
+                _frozen_pooled(stack, cache, i, config.pooling)
+                for i in _progress(range(n_train), desc="neighbour labels", unit="turn", disable=not config.progress)
+            ]
         smoothed = neighbor_labels(
             np.stack(frozen), np.asarray(labels[:n_train]), [e.benchmark for e in train_ex], config.neighbors
         )
@@ -292,7 +295,7 @@ def train(config: TrainConfig) -> TrainResult:
         batches = [b[s : s + config.batch_size] for b in buckets for s in range(0, len(b), config.batch_size)]
         rng.shuffle(batches)
         running = 0.0
-        bar = _progress(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch")
+        bar = _progress(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not config.progress)
         for k, idx in enumerate(bar):
             logit = forward_cached(idx)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(

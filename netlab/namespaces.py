@@ -286,8 +286,11 @@ class NetLab:
                 continue
             rate_bps = rate_mbit * 1e6 / 8
             burst = burst_bytes or max(2 * 1514, int(rate_bps * 0.0005))
-            # Queue up to ~100 ms (at least 64 KiB) so one TCP flow is not starved by drops.
-            limit = max(64 * 1024, int(rate_bps * 0.1))
+            # A queue that holds a whole profiling transfer (1 MiB Echo): the
+            # relay-to-edge TCP path has no delay, so its window outgrows a
+            # short queue, and the drops then cost retransmission timeouts
+            # that would read as a slower link.
+            limit = max(2 * 1024 * 1024, int(rate_bps * 0.5))
             _run([
                 "ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", ifname, "root", "tbf",
                 "rate", f"{int(rate_mbit * 1e6)}bit", "burst", str(burst), "limit", str(limit),

@@ -43,6 +43,8 @@ POLICIES = ("device", "edge", "random", "bert-noctx", "bert-ctx")
 LINKS = {
     "good-5g": GOOD_5G,
     "poor": POOR,
+    # No added delay: what δ is left is the software path (gRPC, relay).
+    "no-delay": LinkSettings(rate_mbit=100.0, delay_ms=0.0, name="no-delay"),
     # The profiler test's link (tests/test_profile.py): no jitter.
     "test-50ms": LinkSettings(rate_mbit=20.0, delay_ms=25.0, name="test-50ms"),
 }
@@ -177,7 +179,8 @@ def profile_links(links: dict[str, LinkSettings], args) -> int:
             fit = prof["fit"]["link"]
             rtt, rate = setting.rtt_added_s, setting.rate_bytes_per_s
             print(
-                f"| {name} | {rtt * 1e3:.0f} | {prof['overhead_s'] * 1e3:.1f} | {prof['overhead_s'] / rtt - 1:+.1%} | "
+                f"| {name} | {rtt * 1e3:.0f} | {prof['overhead_s'] * 1e3:.1f} | "
+                f"{(prof['overhead_s'] / rtt - 1) if rtt else float('nan'):+.1%} | "
                 f"{rate / 1e6:.3f} | {fit['up']['bandwidth_bytes_per_s'] / 1e6:.3f} / {fit['down']['bandwidth_bytes_per_s'] / 1e6:.3f} / "
                 f"{prof['bandwidth_bytes_per_s'] / 1e6:.3f} | {prof['bandwidth_bytes_per_s'] / rate - 1:+.1%} | "
                 f"{fit['up'].get('r_squared', float('nan')):.4f} / {fit['down'].get('r_squared', float('nan')):.4f} |",

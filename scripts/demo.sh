@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh device
 export HF_HUB_OFFLINE=1
-exec .venv/bin/edgeroute simulate --benchmark mmlu --data-dir ../shared/data/routellm --routers random,oracle --out runs/simulate-mmlu "$@"
+exec .venv/bin/edgeroute demo "$@"

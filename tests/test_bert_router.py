@@ -188,12 +188,16 @@ def test_device_path_imports_no_torch():
         "p = r.score('What is the capital of France?')\n"
         "ps = r.score_batch([('hi', []), ('and then?', [{'role': 'user', 'content': 'hi'}])])\n"
         "assert 0 <= p <= 1 and len(ps) == 2\n"
+        "from device_runtime.cli import main\n"
+        "assert main(['router', 'score']) == 0\n"
         "bad = sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules)\n"
         "print('LOADED:' + ','.join(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env=_env(), timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], input='{"prompt": "hi"}\n', capture_output=True,
+                         text=True, cwd=ROOT, env=_env(), timeout=300)
     assert out.returncode == 0, out.stderr
+    # The CLI's score line, then the list of heavy modules loaded: none.
+    assert json.loads(out.stdout.splitlines()[0])["score"] >= 0
     assert out.stdout.strip().endswith("LOADED:"), out.stdout
 
 

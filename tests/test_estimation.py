@@ -52,6 +52,16 @@ def test_fit_link_is_robust_to_a_few_slow_round_trips():
     assert fit.r_squared_all < fit.r_squared
 
 
+def test_fit_link_drops_one_size_that_was_slow_every_time():
+    xs, ys = _samples(sizes=(0, 4096, 16384, 65536, 262144, 1048576))
+    ys = [y + (0.5 if x == 65536 else 0.0) for x, y in zip(xs, ys)]  # an RTO at every 64 KiB echo
+    fit = fit_link(xs, ys)
+    assert fit.dropped_sizes == (65536,)
+    assert fit.overhead_s == pytest.approx(0.051, abs=0.003)
+    assert fit.bandwidth_bytes_per_s == pytest.approx(1e6, rel=0.02)
+    assert fit_link(*_samples()).dropped_sizes == ()
+
+
 @pytest.mark.parametrize(
     "sizes, rtts",
     [([100, 100], [0.1, 0.1]), ([], []), ([1, 2], [0.1]), ([1, 2], [0.2, 0.1]), ([1, 2], [0.1, float("nan")])],

@@ -190,3 +190,15 @@ def test_trained_export_tiny(tmp_path):
         create_router("bert", bundle=out).score("what is the capital of france")
     )
     json.loads((shipped / "manifest.json").read_text())
+
+    # The benchmark runs on a full export and refuses the INT8-only shipped bundle.
+    from device_runtime.router_bench import BenchError, format_tables, run_router_bench
+
+    r = run_router_bench(out, repeats=2, lengths=(16, 32))
+    assert set(r["latency_ms"]) == {"16", "32"}
+    assert set(r["latency_ms"]["16"]) == {"onnx_fp32", "onnx_int8", "pytorch"}
+    assert set(r["quality"]) == {"onnx_fp32", "onnx_int8", "pytorch"}
+    assert r["size_mb"]["onnx_int8"] < r["size_mb"]["onnx_fp32"]
+    assert "| 16 |" in format_tables(r)
+    with pytest.raises(BenchError, match="full export"):
+        run_router_bench(shipped, repeats=1)
