@@ -270,6 +270,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     # Start the head at the base rate, so early steps do not just learn the bias.
     mean_y = float((y_all[:n_train] * w_all[:n_train]).sum() / w_all[:n_train].sum())
+    mean_y = min(max(mean_y, 1e-3), 1 - 1e-3)
     with torch.no_grad():
         model.head.linear.weight.zero_()
         model.head.linear.bias.fill_(math.log(mean_y / (1 - mean_y)))

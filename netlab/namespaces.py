@@ -15,7 +15,8 @@
 - The rate is shaped by ``tbf`` on both veth ends (egress of each end: uplink on
   the device side, downlink on the edge side).  This kernel has no ``netem``;
   the relay (:mod:`netlab.relay`) adds delay and jitter.
-- An outage is ``ip link set <dev veth> down`` and then up.
+- An outage is ``ip link set <edge veth> down`` and then up: the device's
+  packets are lost and its connections stall until the link returns.
 
 Needs root and iproute2 (``ip``, ``tc``); :func:`unavailable_reason` says why
 not, for test skips.
@@ -316,10 +317,29 @@ class NetLab:
         self.settings = settings
 
     def link_down(self) -> None:
-        _run(["ip", "-n", self.dev_ns, "link", "set", self.dev_if, "down"])
+        """Cut the link at the edge's end.  The device keeps its interface and
+        route (marked linkdown), so its packets vanish and connections stall,
+        as when a radio link drops; downing the device's own end instead would
+        remove the route and fail connects at once with ENETUNREACH."""
+        _run(["ip", "-n", self.edge_ns, "link", "set", self.edge_if, "down"])
 
-    def link_up(self) -> None:
-        _run(["ip", "-n", self.dev_ns, "link", "set", self.dev_if, "up"])
+    def link_up(self, timeout_s: float = 10.0) -> None:
+        """Bring the link back and wait until the edge is routable again
+        (the kernel re-adds the /30 route only once the carrier is up)."""
+        _run(["ip", "-n", self.edge_ns, "link", "set", self.edge_if, "up"])
+        # Address resolution that failed during the outage leaves a FAILED /
+        # INCOMPLETE neighbour entry; the next connect would get EHOSTUNREACH.
+        for ns, ifname in ((self.dev_ns, self.dev_if), (self.edge_ns, self.edge_if)):
+            _run(["ip", "-n", ns, "neigh", "flush", "dev", ifname], check=False)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            link = _run(["ip", "-n", self.dev_ns, "link", "show", "dev", self.dev_if], check=False).stdout
+            route = _run(["ip", "-n", self.dev_ns, "route", "get", self.edge_addr], check=False)
+            if "LOWER_UP" in link and route.returncode == 0 and self.dev_if in route.stdout:
+                return
+            if time.monotonic() > deadline:
+                raise NetLabError(f"{self.dev_if} did not come back up within {timeout_s:.0f}s")
+            time.sleep(0.05)
 
     @contextlib.contextmanager
     def outage(self):

@@ -202,3 +202,20 @@ def test_trained_export_tiny(tmp_path):
     assert "| 16 |" in format_tables(r)
     with pytest.raises(BenchError, match="full export"):
         run_router_bench(shipped, repeats=1)
+
+
+@pytest.mark.slow
+def test_trained_export_frozen_encoder_cls_pooling(tmp_path):
+    """train_layers=0 (head only, cached pooled features) with the literal h_CLS of eq. (10)."""
+    from export.pipeline import export_trained
+
+    base = build_bert(tmp_path / "base", seed=1)
+    data = build_data_dir(tmp_path / "data")
+    config = TrainConfig(base=base, data_dirs=(data,), epochs=1, batch_size=8, threads=1, max_length=64,
+                         train_layers=0, pooling="cls", neighbor_smoothing=0.0, progress=False)
+    out = export_trained(tmp_path / "bundle", config)
+    m = load_bundle(out).manifest
+    assert m.pooling == "cls" and m.training["train_layers"] == 0
+    assert m.validation["onnx_vs_pytorch_max_abs_diff"] <= 1e-4
+    p = create_router("bert", bundle=out).score(*TURNS[2])
+    assert 0.0 <= p <= 1.0

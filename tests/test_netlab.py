@@ -209,11 +209,8 @@ netns = pytest.mark.skipif(_REASON is not None, reason=f"netlab: {_REASON}")
 
 # Inside the edge namespace: echo each request, or answer a "GET n" with n bytes.
 _SINK = r"""
-import socket, sys
-srv = socket.create_server((sys.argv[1], 0))
-print(srv.getsockname()[1], flush=True)
-while True:
-    c, _ = srv.accept()
+import socket, sys, threading
+def serve(c):
     with c:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while True:
@@ -222,6 +219,10 @@ while True:
                 break
             n = int(head.decode())
             c.sendall(b"x" * n)
+srv = socket.create_server((sys.argv[1], 0))
+print(srv.getsockname()[1], flush=True)
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
 """
 
 _CLIENT = r"""
@@ -233,7 +234,10 @@ for n in map(int, sys.argv[2:]):
     s.sendall(f"{n:016d}".encode())
     got = 0
     while got < n:
-        got += len(s.recv(1 << 20))
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            sys.exit("connection closed")
+        got += len(chunk)
     print(n, time.perf_counter() - t0, flush=True)
 """
 
