@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from device_runtime.dialogues import ScriptError, load_script
-    from device_runtime.runner import Output, build_orchestrator, format_summary, play
+    from device_runtime.runner import Output, build_orchestrator, format_summary, play, with_online_estimation
 
     items = None
     if args.script:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.edge and args.policy != "device":
         log.warning("no --edge given: turns routed to the edge run on the device")
     try:
-        orch = build_orchestrator(args, args.edge)
+        orch = with_online_estimation(build_orchestrator(args, args.edge), args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"edgeroute chat: {exc}", file=sys.stderr)
         return 2

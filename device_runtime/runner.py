@@ -49,6 +49,9 @@ def add_runtime_args(p: argparse.ArgumentParser, *, max_tokens: int = 128) -> No
                    help="tokens the conversation may fill before its oldest turns are dropped "
                         "(default: the SLM's --n-ctx)")
     g.add_argument("--edge-timeout", type=float, default=120.0, help="edge call deadline (s)")
+    g.add_argument("--online", action="store_true",
+                   help="update γ, B and δ from every turn (EWMA with outlier rejection) and show the "
+                        "estimates in the telemetry's `estimates` key")
     g.add_argument("--json", action="store_true", help="stdout: one telemetry JSON line per turn, nothing else")
 
 
@@ -95,6 +98,18 @@ def connect_edge(orch: "Orchestrator", target: str, args: argparse.Namespace) ->
     from device_runtime.edge_client import EdgeClient
 
     orch.edge = EdgeClient(target, timeout_s=args.edge_timeout)
+
+
+def with_online_estimation(orch: "Orchestrator", args: argparse.Namespace):
+    """Wrap ``orch`` so every turn updates the cost parameters (``--online``).
+
+    Call it after the edge client is connected: the wrapper records its calls.
+    """
+    if not getattr(args, "online", False):
+        return orch
+    from device_runtime.online import OnlineRouting
+
+    return OnlineRouting(orch)
 
 
 # --- playing turns ---------------------------------------------------------------
@@ -188,6 +203,9 @@ def play(orch: "Orchestrator", items: Sequence[ScriptItem], out: Output,
                     print(f"[context window: {detail}]", file=out.stderr, flush=True)
 
             result = orch.turn(prompt, on_text=on_text, on_event=on_event)
+            estimates = getattr(orch, "estimates", None)
+            if estimates is not None:
+                result.telemetry.estimates = dict(estimates)
             if out.show_text:
                 print(file=out.text_stream, flush=True)
             out.telemetry(result.telemetry)

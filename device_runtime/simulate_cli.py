@@ -81,6 +81,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="comma-separated router names (random, oracle, bert); default: random,oracle",
     )
     p.add_argument("--preset", default="paper", choices=["paper"], help="cost parameters (Table I-III)")
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="JSON",
+        help="PROFILE.json from `edgeroute profile`: its measured γ_s, γ_e, τ_r, B and δ replace "
+        "the preset's (α and the response lengths stay the preset's)",
+    )
     p.add_argument("--alpha", type=_nonneg_float, default=None, help="latency weight α of eq. (11)")
     p.add_argument(
         "--tau-r",
@@ -142,6 +149,13 @@ def run(args: argparse.Namespace) -> int:
     log.info("%s: %d dialogues, %d turns", args.benchmark, len(dialogues), sum(len(d.turns) for d in dialogues))
 
     params = cost_model.preset(args.preset, args.benchmark, args.upload_mode)
+    if args.profile is not None:
+        from device_runtime.profile import ProfileError, cost_params_from_profile
+
+        try:
+            params = cost_params_from_profile(args.profile, params)
+        except ProfileError as exc:
+            return _fail(str(exc))
     if args.alpha is not None:
         params = params.with_(alpha=args.alpha)
     if args.tau_r is not None:

@@ -43,6 +43,10 @@ FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
+#: Keys a record may carry beyond the contract.
+OPTIONAL_FIELDS = ("estimates",)
+
+
 class TelemetryError(ValueError):
     """A telemetry record breaks the contract."""
 
@@ -65,9 +69,14 @@ class TurnTelemetry:
     cached_tokens: int
     output_tokens: int
     fallback: bool
+    #: Online estimates of γ, B and δ after this turn (only with ``--online``);
+    #: an optional key beyond the contract's fields.
+    estimates: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["estimates"] is None:
+            del d["estimates"]
         d["predicted_s"] = {k: float(v) for k, v in self.predicted_s.items()}
         for k in ("p", "p_fused"):
             if d[k] is not None:
@@ -81,8 +90,9 @@ class TurnTelemetry:
 
 def validate_record(record: Mapping[str, Any]) -> None:
     """Raise :class:`TelemetryError` unless ``record`` matches the contract exactly."""
-    if set(record) != set(FIELDS):
-        missing, extra = set(FIELDS) - set(record), set(record) - set(FIELDS)
+    keys = set(record) - set(OPTIONAL_FIELDS)
+    if keys != set(FIELDS):
+        missing, extra = set(FIELDS) - keys, keys - set(FIELDS)
         raise TelemetryError(f"telemetry keys differ: missing {sorted(missing)}, extra {sorted(extra)}")
     for key, types in FIELDS.items():
         value = record[key]

@@ -165,6 +165,19 @@ def test_demo_json_plays_the_shipped_dialogues(edge_server):
 
 
 @pytest.mark.slow
+def test_online_estimates_appear_in_the_telemetry(edge_server):
+    proc = edgeroute("demo", "--edge", edge_server.target, "--policy", "random", "--limit", "1",
+                     "--max-turns", "3", "--online", "--json", *FAST)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = json_lines(proc.stdout)  # validates each record, the optional key included
+    assert len(recs) == 3
+    for rec in recs:
+        est = rec["estimates"]
+        assert {"bandwidth_tokens_per_s", "overhead_s"} <= set(est)
+        assert est["bandwidth_tokens_per_s"] > 0 and est["overhead_s"] >= 0
+
+
+@pytest.mark.slow
 def test_demo_starts_its_own_edge_and_prints_a_table(tmp_path):
     dialogues = tmp_path / "d.jsonl"
     dialogues.write_text('{"task": "T", "id": 1, "history": [{"user": "Hello.", "bot": ""}, {"user": "Bye.", "bot": ""}]}\n')

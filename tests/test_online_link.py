@@ -73,7 +73,9 @@ def test_online_estimation_follows_link_degradation_recovery_and_outage(tmp_path
             # p̃ = 0.95 − 0.5 (T^e − T^s) > 0.5: the edge unless it is 0.9 s slower.
             warm = run(3)
             assert [r["telemetry"]["target"] for r in warm] == ["edge"] * 3
-            assert warm[-1]["estimates"]["overhead_s"] < 0.2
+            # δ on the good link is ~0.02 s plus CPU noise on a shared machine;
+            # the degraded link adds 1.4 s.  0.35 s separates the two robustly.
+            assert warm[-1]["estimates"]["overhead_s"] < 0.35
 
             lab.apply(bad)  # RTT +1.4 s
             degraded = run(3)
@@ -87,7 +89,7 @@ def test_online_estimation_follows_link_degradation_recovery_and_outage(tmp_path
             recovered = run(3)
             targets = [r["telemetry"]["target"] for r in recovered]
             assert "edge" in targets, "\n".join(map(str, log))  # back within 3 turns
-            assert recovered[-1]["estimates"]["overhead_s"] < 0.2
+            assert recovered[-1]["estimates"]["overhead_s"] < 0.35
 
             # An outage: the edge is chosen, the call times out, the device answers.
             with lab.outage():

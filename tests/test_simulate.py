@@ -13,7 +13,7 @@ import pytest
 from device_runtime import cost_model
 from device_runtime.cli import main
 from device_runtime.simulate import play_dialogue, sweep_thresholds
-from device_runtime.traces import Dialogue, TraceTurn, word_count
+from device_runtime.traces import Dialogue, TraceTurn, load_trace, word_count
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "routellm_tiny"
@@ -173,6 +173,29 @@ def test_cli_split_and_upload_mode(capsys):
     summary = json.loads(captured.out)
     assert summary["split"] == "train" and summary["params"]["upload_mode"] == "session"
     assert 0 < summary["n"] <= 8
+
+
+def test_cli_profile_replaces_the_measured_parameters(tmp_path, capsys):
+    profile = tmp_path / "PROFILE.json"
+    profile.write_text(json.dumps({
+        "gamma_s_prefill": 0.001, "gamma_s_decode": 0.03, "gamma_e_prefill": 0.0005,
+        "gamma_e_decode": 0.01, "tau_r": 0.0001, "bandwidth_tokens_per_s": 5000.0,
+        "overhead_s": 0.08, "bytes_per_token": 4.2,
+    }))
+    rc = main(["simulate", "--benchmark", "gsm8k", "--data-dir", str(FIXTURES), "--json",
+               "--no-progress", "--profile", str(profile)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    summary = json.loads(captured.out)
+    # all-device: eq. (6) with the profile's γ_s, the preset's L̄_r^s = 136.3 words
+    turns = load_trace("gsm8k", FIXTURES)
+    expected = sum(0.001 * word_count(d.turns[0].prompt) + 0.03 * 136.3 for d in turns) / len(turns)
+    assert summary["all_device"]["mean_latency_s"] == pytest.approx(expected)
+    profile.write_text('{"gamma_s_prefill": -1}')
+    rc = main(["simulate", "--benchmark", "gsm8k", "--data-dir", str(FIXTURES), "--json",
+               "--no-progress", "--profile", str(profile)])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == "" and "gamma_s_prefill" in captured.err
 
 
 @pytest.mark.parametrize(
