@@ -191,8 +191,12 @@ class EdgeClient:
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
                 # Reconnect quickly after the edge comes back; the default
-                # backoff grows to two minutes.
-                ("grpc.max_reconnect_backoff_ms", 2000),
+                # backoff starts at 1 s and grows to two minutes.  The cap stays
+                # well under connect_timeout_s, so a restarted edge is retried
+                # several times within one connect wait.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 1000),
             ],
         )
         self._stub = edge_pb2_grpc.EdgeLLMStub(self._channel)
