@@ -24,7 +24,9 @@ uses the true ΔC and C_t:
 Token counts are words (``traces.word_count``), as in the paper.  Response
 lengths are the preset's averages L̄_r (Tables II/III) for both the prediction
 and the charge, as the paper does; the ledger commits them rounded to whole
-tokens.
+tokens.  A :class:`LengthPlan` may replace them per turn, separately for the
+decision (eq. 11) and for the charge (eqs. 5-7); see "Per-query response
+lengths" in docs/simulation.md.
 """
 
 from __future__ import annotations
@@ -52,6 +54,32 @@ class SimulationError(RuntimeError):
     """The simulation cannot run with the given inputs."""
 
 
+#: Per-turn response lengths L̄_r (words) from a trace turn.
+LengthSource = Callable[[TraceTurn], cost_model.ResponseLengths]
+
+
+@dataclass(frozen=True)
+class LengthPlan:
+    """Where L̄_r comes from, per turn: for the decision (eq. 11) and for the charge (eqs. 5-7).
+
+    ``None`` means the params' per-benchmark averages, the paper's choice.
+    Keeping the two apart lets several decision rules be compared under one
+    charge (the recorded lengths, when the trace has them).
+    """
+
+    decide: LengthSource | None = None
+    charge: LengthSource | None = None
+
+
+def recorded_lengths(turn: TraceTurn) -> cost_model.ResponseLengths:
+    """The turn's recorded response lengths (GSM8K); raises if the trace has none."""
+    if turn.response_words_device is None or turn.response_words_edge is None:
+        raise SimulationError(
+            "this trace has no per-query response lengths (only GSM8K's responses file has them)"
+        )
+    return cost_model.ResponseLengths(float(turn.response_words_device), float(turn.response_words_edge))
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """Settings of one simulation run."""
@@ -62,6 +90,8 @@ class SimConfig:
     points: int = 41
     #: Token counter for prompts (the paper counts words).
     count_tokens: Callable[[str], int] = field(default=word_count, compare=False)
+    #: Per-turn L̄_r for the decision and the charge; the default is the paper's averages.
+    lengths: LengthPlan = field(default_factory=LengthPlan, compare=False)
 
     def __post_init__(self) -> None:
         if self.benchmark not in BENCHMARKS:
@@ -124,9 +154,22 @@ def _progress(iterable=None, *, total=None, desc: str = "", enabled: bool = True
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, unit="it")
 
 
-def _response_tokens(params: cost_model.CostParams, target: cost_model.Target) -> int:
-    """L̄_r of ``target`` as whole tokens, for the ledger."""
-    return int(round(params.response.device if target == "device" else params.response.edge))
+def _response_tokens(
+    params: cost_model.CostParams,
+    target: cost_model.Target,
+    charged: cost_model.ResponseLengths | None = None,
+) -> int:
+    """L_r of ``target`` as whole tokens, for the ledger: the charged length, else L̄_r."""
+    response = params.response if charged is None else charged
+    return int(round(response.device if target == "device" else response.edge))
+
+
+def _with_lengths(
+    turn: cost_model.TurnInputs, lengths: cost_model.ResponseLengths | None
+) -> cost_model.TurnInputs:
+    if lengths is None:
+        return turn
+    return dataclasses.replace(turn, response_device=lengths.device, response_edge=lengths.edge)
 
 
 # --- scoring ------------------------------------------------------------------
@@ -171,11 +214,14 @@ def _turn_costs(
     prompt_tokens: int,
     p: float,
     with_context: bool,
+    decide_lengths: cost_model.ResponseLengths | None = None,
+    charge_lengths: cost_model.ResponseLengths | None = None,
 ) -> tuple[float, float, float]:
     """(p̃, charged Tˢ, charged Tᵉ) for one turn given the ledger's state.
 
-    The policy's view (what p̃ is computed from) and the charge differ only for
-    "w/o context", which predicts with ΔC = C_t = 0 but pays the true ΔC.
+    The policy's view (what p̃ is computed from) and the charge differ for
+    "w/o context", which predicts with ΔC = C_t = 0 but pays the true ΔC, and
+    when a :class:`LengthPlan` gives them different response lengths.
     """
     true_inputs = ledger.turn_inputs(prompt_tokens)
     if with_context:
@@ -183,6 +229,7 @@ def _turn_costs(
     else:
         seen = cost_model.TurnInputs(prompt_tokens=prompt_tokens, router_tokens=prompt_tokens)
         charge = dataclasses.replace(true_inputs, router_tokens=prompt_tokens)
+    seen, charge = _with_lengths(seen, decide_lengths), _with_lengths(charge, charge_lengths)
     # θ does not change p̃; decide() is called once and eq. (12) reapplied per θ.
     p_fused = cost_model.decide(params, seen, p, threshold=0.0).p_fused
     dev = cost_model.latency(params, charge, "device").total_s
@@ -198,6 +245,7 @@ def play_dialogue(
     count: Callable[[str], int],
     threshold: float | None = None,
     forced: cost_model.Target | None = None,
+    lengths: LengthPlan = LengthPlan(),
 ) -> tuple[float, int, float, list[float]]:
     """Play one dialogue: (quality sum, edge calls, latency sum, p̃ of each turn).
 
@@ -212,7 +260,9 @@ def play_dialogue(
     for t, turn in enumerate(dialogue.turns):
         lp = count(turn.prompt)
         p = 0.5 if scores is None else scores[t]
-        p_fused, dev_s, edge_s = _turn_costs(params, ledger, lp, p, with_context)
+        decided = lengths.decide(turn) if lengths.decide else None
+        charged = lengths.charge(turn) if lengths.charge else None
+        p_fused, dev_s, edge_s = _turn_costs(params, ledger, lp, p, with_context, decided, charged)
         fused.append(p_fused)
         target = forced or cost_model.decide_target(p_fused, threshold)
         if target == "edge":
@@ -222,7 +272,7 @@ def play_dialogue(
         else:
             quality += turn.quality_device
             latency += dev_s
-        ledger.commit(target, lp, _response_tokens(params, target))
+        ledger.commit(target, lp, _response_tokens(params, target, charged))
     return quality, edge_calls, latency, fused
 
 
@@ -234,13 +284,14 @@ def baseline(
     dialogues: Sequence[Dialogue],
     target: cost_model.Target,
     count: Callable[[str], int] = word_count,
+    lengths: LengthPlan = LengthPlan(),
 ) -> Baseline:
     """Everything on one model, no router (T_router = 0)."""
     params = params.with_(tau_r=0.0)
     q = lat = 0.0
     n = 0
     for d in dialogues:
-        dq, _, dl, _ = play_dialogue(params, d, None, True, count, forced=target)
+        dq, _, dl, _ = play_dialogue(params, d, None, True, count, forced=target, lengths=lengths)
         q, lat, n = q + dq, lat + dl, n + len(d.turns)
     return Baseline(quality=q / n, mean_latency_s=lat / n)
 
@@ -267,6 +318,7 @@ def sweep(
     count: Callable[[str], int] = word_count,
     progress: bool = False,
     desc: str = "sweep",
+    lengths: LengthPlan = LengthPlan(),
 ) -> list[CurvePoint]:
     """The curve (θ, quality, edge_share, mean latency) of one router under one policy."""
     n_turns = sum(len(d.turns) for d in dialogues)
@@ -286,7 +338,13 @@ def sweep(
     for k, i in enumerate(single):
         turn: TraceTurn = dialogues[i].turns[0]
         s_fused[k], s_dev[k], s_edge[k] = _turn_costs(
-            params, empty, count(turn.prompt), scores[i][0], with_context
+            params,
+            empty,
+            count(turn.prompt),
+            scores[i][0],
+            with_context,
+            lengths.decide(turn) if lengths.decide else None,
+            lengths.charge(turn) if lengths.charge else None,
         )
         s_qd[k], s_qe[k] = turn.quality_device, turn.quality_edge
 
@@ -295,7 +353,9 @@ def sweep(
     pooled = list(s_fused)
     for i in multi:
         for forced in cost_model.TARGETS:
-            pooled += play_dialogue(params, dialogues[i], scores[i], with_context, count, forced=forced)[3]
+            pooled += play_dialogue(
+                params, dialogues[i], scores[i], with_context, count, forced=forced, lengths=lengths
+            )[3]
     thresholds = sweep_thresholds(pooled, points)
 
     curve: list[CurvePoint] = []
@@ -305,7 +365,9 @@ def sweep(
         latency = float(np.where(to_edge, s_edge, s_dev).sum())
         edge_calls = int(to_edge.sum())
         for i in multi:
-            dq, de, dl, _ = play_dialogue(params, dialogues[i], scores[i], with_context, count, threshold=theta)
+            dq, de, dl, _ = play_dialogue(
+                params, dialogues[i], scores[i], with_context, count, threshold=theta, lengths=lengths
+            )
             quality, edge_calls, latency = quality + dq, edge_calls + de, latency + dl
         curve.append(CurvePoint(theta, quality / n_turns, edge_calls / n_turns, latency / n_turns))
     curve.sort(key=lambda c: (c.edge_share, -c.threshold))
@@ -369,8 +431,8 @@ def simulate(
     if not routers:
         raise SimulationError("no routers to simulate")
     params = config.params
-    dev = baseline(params, dialogues, "device", config.count_tokens)
-    edge = baseline(params, dialogues, "edge", config.count_tokens)
+    dev = baseline(params, dialogues, "device", config.count_tokens, config.lengths)
+    edge = baseline(params, dialogues, "edge", config.count_tokens, config.lengths)
     multi_turn = any(len(d.turns) > 1 for d in dialogues)
     policies = [(True, "")] + ([(False, NO_CONTEXT_SUFFIX)] if multi_turn else [])
     results: dict[str, PolicyResult] = {}
@@ -391,6 +453,7 @@ def simulate(
                 count=config.count_tokens,
                 progress=progress,
                 desc=f"{label}: sweeping θ",
+                lengths=config.lengths,
             )
             results[label] = PolicyResult(
                 label, tuple(curve), router_metrics(curve, dev.quality, edge.quality)

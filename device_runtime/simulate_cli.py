@@ -104,6 +104,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--bundle", default=None, help="router bundle directory for --routers bert")
     p.add_argument(
+        "--response-lengths",
+        default="average",
+        choices=["average", "train-mean", "predicted", "true"],
+        help="L̄_r the decision (eq. 11) uses: average = the preset's (paper); train-mean = this "
+        "trace's train-split mean; predicted = per-query regression (device_runtime.response_length); "
+        "true = the recorded lengths (oracle). Non-average needs GSM8K's recorded responses",
+    )
+    p.add_argument(
+        "--charge-lengths",
+        default=None,
+        choices=["average", "true", "scaled"],
+        help="L_r each turn is charged: the preset's average, the recorded length, or the recorded "
+        "length rescaled to the preset's mean (non-average decisions are rescaled alike); "
+        "default: average with --response-lengths average, true otherwise",
+    )
+    p.add_argument(
+        "--length-model",
+        default=None,
+        metavar="JSON",
+        help="fitted length model for --response-lengths predicted; default: fit on the train split",
+    )
+    p.add_argument(
         "--split",
         default="all",
         choices=["all", "train", "val"],
@@ -138,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         dialogues = load_trace(args.benchmark, args.data_dir, decontaminate=not args.no_decontaminate)
     except TraceError as exc:
         return _fail(str(exc))
+    full_trace = dialogues
     if args.split != "all":
         dialogues = [
             d for d in dialogues if split_of(d.turns[0].prompt, args.val_fraction) == args.split
@@ -161,6 +184,26 @@ def run(args: argparse.Namespace) -> int:
     if args.tau_r is not None:
         params = params.with_(tau_r=args.tau_r)
 
+    charge_lengths = args.charge_lengths or ("average" if args.response_lengths == "average" else "true")
+    length_kw = {}
+    if (args.response_lengths, charge_lengths) != ("average", "average"):
+        from device_runtime.response_length import LengthModel, LengthModelError, length_plan
+
+        try:
+            model = LengthModel.load(args.length_model) if args.length_model else None
+            # The whole trace, before --split: a fitted model sees only train rows.
+            length_kw["lengths"] = length_plan(
+                args.response_lengths,
+                charge_lengths,
+                full_trace,
+                benchmark=args.benchmark,
+                model=model,
+                val_fraction=args.val_fraction,
+                average=params.response,
+            )
+        except LengthModelError as exc:
+            return _fail(str(exc))
+
     try:
         # Build every router before the long sweep, so a missing bundle fails fast.
         factories = {}
@@ -172,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 factories[name] = lambda router=router: router
         result = simulate(
-            SimConfig(benchmark=args.benchmark, params=params, points=args.points),
+            SimConfig(benchmark=args.benchmark, params=params, points=args.points, **length_kw),
             dialogues,
             factories,
             progress=not args.no_progress,
@@ -185,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
     summary["split"] = args.split
     summary["seed"] = args.seed
     summary["data_dir"] = str(args.data_dir)
+    if length_kw:  # absent by default, so the paper-mode summary is unchanged
+        summary["response_lengths"] = {"decision": args.response_lengths, "charge": charge_lengths}
 
     if args.out:
         from device_runtime.plots import plot_summary
