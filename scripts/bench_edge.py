@@ -1,6 +1,6 @@
 """Edge service benchmarks; prints markdown tables (the numbers in docs/live.md come from here).
 
-    python scripts/bench_edge.py [--model GGUF] [--trials 15] [--threads 1] [--json]
+    python scripts/bench_edge.py [--model GGUF] [--trials 15] [--history-trials 5] [--threads 1] [--json]
 
 1. gRPC on loopback against in-process: the same GGUF, prompt and settings
    through ``LlamaConversation`` directly and through ``EdgeClient`` ->
@@ -8,7 +8,10 @@
    throughput, trials interleaved so that machine load hits both alike.
 2. A follow-up turn with ~1,500 tokens of history on a warm session, against
    the same turn with no history and against re-prefilling the whole history.
-3. Edge session reuse: a session returning after two device turns.
+
+The same follow-up on the device SLM, and edge session reuse after device turns
+(driven by the orchestrator), are in ``scripts/bench_live.py``; shared helpers
+are in ``scripts/bench_common.py``.
 
 Nothing here is asserted: run it, read the table.  Progress goes to stderr;
 with ``--json`` stdout carries one JSON object instead of the tables.
@@ -23,45 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "proto")]  # run from a checkout without installing
+from bench_common import add_checkout_to_path, assistant, history_messages, iqr, log, median_ci, user
 
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def _assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
-
-
-TOPICS = ["rivers", "mountains", "bridges", "clocks", "gardens", "trains", "bees", "lighthouses",
-          "maps", "violins", "glaciers", "markets", "kites", "deserts", "libraries", "harbours",
-          "comets", "orchards", "windmills", "caves"]
-
-
-def _history(target_tokens: int, count_tokens) -> list[dict]:
-    """A made-up dialogue of about ``target_tokens`` prompt tokens (team-written filler)."""
-    history: list[dict] = []
-    i = 0
-    while True:
-        topic = TOPICS[i % len(TOPICS)]
-        turn = [
-            _user(f"Question {i + 1}: tell me one plain fact about {topic} and why it matters."),
-            _assistant(
-                f"Fact {i + 1}: {topic} have been studied for a long time. People care about {topic} "
-                f"because they shape daily life, trade and travel in many places, and because "
-                f"learning how {topic} work helps us plan better for the years ahead."
-            ),
-        ]
-        if count_tokens([*history, *turn, _user("ok")]) > target_tokens:
-            return history
-        history += turn
-        i += 1
+add_checkout_to_path()  # run from a checkout without installing
 
 
 def bench_grpc_vs_inprocess(model: Path, threads: int, trials: int, max_tokens: int) -> dict:
@@ -78,7 +45,7 @@ def bench_grpc_vs_inprocess(model: Path, threads: int, trials: int, max_tokens: 
     settings = EdgeSettings(model_path=model, n_ctx=n_ctx, n_slots=1, n_threads=threads)
     with EdgeServerThread(settings) as edge, EdgeClient(edge.target) as client:
         for t in range(trials + 1):  # trial 0 warms both up and is dropped
-            prompt = [_user(f"Trial {t}. Count from 1 to 100, separated by commas: 1, 2, 3,")]
+            prompt = [user(f"Trial {t}. Count from 1 to 100, separated by commas: 1, 2, 3,")]
 
             def run_local():
                 # In-process: time to the first chunk and from there to the end.
@@ -105,7 +72,7 @@ def bench_grpc_vs_inprocess(model: Path, threads: int, trials: int, max_tokens: 
             if t > 0:
                 rows["in-process"].append(local_row)
                 rows["grpc"].append(grpc_row)
-            _log(f"trial {t}: in-process ttft {local_row[0]*1e3:.1f} ms, grpc ttft {grpc_row[0]*1e3:.1f} ms")
+            log(f"trial {t}: in-process ttft {local_row[0]*1e3:.1f} ms, grpc ttft {grpc_row[0]*1e3:.1f} ms")
     llama.close()
     out = {}
     for name, rs in rows.items():
@@ -123,15 +90,13 @@ def bench_grpc_vs_inprocess(model: Path, threads: int, trials: int, max_tokens: 
         "median": statistics.median(diffs),
         "grpc_first": statistics.median(diffs[0::2]),  # trials 1, 3, ...: gRPC ran first
         "in_process_first": statistics.median(diffs[1::2]),
-        "iqr": _iqr(diffs),
+        "iqr": iqr(diffs),
+        "ci95": median_ci(diffs),
+        "min": min(diffs),
+        "max": max(diffs),
     }
     out["decode_ratio"] = out["grpc"]["decode_tok_s"] / out["in-process"]["decode_tok_s"]
     return out
-
-
-def _iqr(values: list[float]) -> float:
-    q = statistics.quantiles(values, n=4)
-    return q[2] - q[0]
 
 
 def bench_echo(model: Path, threads: int, repeats: int = 50) -> dict:
@@ -163,12 +128,12 @@ def bench_history(model: Path, threads: int, trials: int, history_tokens: int) -
     res = {"warm": [], "no_history": [], "re_prefill": []}
     with EdgeServerThread(settings) as edge, EdgeClient(edge.target) as client:
         conv = edge.servicer.pool.slots[0].conversation
-        history = _history(history_tokens, conv.count_tokens)
+        history = history_messages(history_tokens, conv.count_tokens)
         for t in range(trials):
-            follow_up = _user(f"Follow-up {t}: which of those facts was the most surprising?")
+            follow_up = user(f"Follow-up {t}: which of those facts was the most surprising?")
             # Warm: the history is already in the session's KV.
             sid = client.open_session()
-            r0 = client.generate(sid, [_user(f"Session {t}."), *history, _user("Summarise.")], params).consume()
+            r0 = client.generate(sid, [user(f"Session {t}."), *history, user("Summarise.")], params).consume()
             warm = client.generate(sid, [follow_up], params).consume()
             # No history: the same turn alone.
             sid2 = client.open_session()
@@ -176,14 +141,14 @@ def bench_history(model: Path, threads: int, trials: int, history_tokens: int) -
             # Re-prefill: the same conversation as new messages on a fresh session
             # (a different opening, so no slot holds its prefix).
             sid3 = client.open_session()
-            convo = [_user(f"Replay {t}."), *history, _user("Summarise."), _assistant(r0.text), follow_up]
+            convo = [user(f"Replay {t}."), *history, user("Summarise."), assistant(r0.text), follow_up]
             cold = client.generate(sid3, convo, params).consume()
             for s in (sid, sid2, sid3):
                 client.close_session(s)
             res["warm"].append(warm)
             res["no_history"].append(alone)
             res["re_prefill"].append(cold)
-            _log(f"trial {t}: warm {warm.ttft_s*1e3:.0f} ms ({warm.prefill_tokens} prefilled of "
+            log(f"trial {t}: warm {warm.ttft_s*1e3:.0f} ms ({warm.prefill_tokens} prefilled of "
                  f"{warm.prompt_tokens}), alone {alone.ttft_s*1e3:.0f} ms, re-prefill {cold.ttft_s*1e3:.0f} ms "
                  f"({cold.prefill_tokens} prefilled)")
     out = {}
@@ -198,25 +163,6 @@ def bench_history(model: Path, threads: int, trials: int, history_tokens: int) -
     return out
 
 
-def bench_session_reuse(model: Path, threads: int) -> dict:
-    from device_runtime.edge_client import EdgeClient, GenerationParams
-    from edge_service.server import EdgeServerThread
-    from edge_service.settings import EdgeSettings
-
-    settings = EdgeSettings(model_path=model, n_ctx=2048, n_slots=1, n_threads=threads)
-    params = GenerationParams(max_tokens=16)
-    with EdgeServerThread(settings) as edge, EdgeClient(edge.target) as client:
-        sid = client.open_session()
-        r1 = client.generate(sid, [_user("What is a lighthouse for?")], params).consume()
-        device_turns = [_user("Who keeps one?"), _assistant("A lighthouse keeper looks after it."),
-                        _user("Do they still exist?"), _assistant("A few do; most lights are automatic now.")]
-        r = client.generate(sid, [*device_turns, _user("How far can the light be seen?")], params).consume()
-    seen = r1.prompt_tokens + r1.output_tokens  # what the edge computed in turn 1
-    return {"first_turn_prompt_tokens": r1.prompt_tokens, "first_turn_output_tokens": r1.output_tokens,
-            "return_prompt_tokens": r.prompt_tokens, "return_prefill_tokens": r.prefill_tokens,
-            "return_cached_tokens": r.cached_tokens, "tokens_the_edge_had_not_seen": r.prompt_tokens - seen}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF (default: Gemma 3 270M Q4_K_M)")
@@ -224,21 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--history-tokens", type=int, default=1500)
+    parser.add_argument("--history-trials", type=int, default=None,
+                        help="follow-up trials (default: max(3, trials // 3)); each re-prefills the history")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
 
     from edge_service.models import default_edge_model_path
 
     model = Path(args.model) if args.model else default_edge_model_path()
-    _log(f"model {model.name}, {args.threads} thread(s), {args.trials} trials")
+    log(f"model {model.name}, {args.threads} thread(s), {args.trials} trials")
+    history_trials = args.history_trials or max(3, args.trials // 3)
     results = {
         "model": model.name,
         "threads": args.threads,
         "trials": args.trials,
+        "history_trials": history_trials,
         "grpc_vs_inprocess": bench_grpc_vs_inprocess(model, args.threads, args.trials, args.max_tokens),
         "echo_p50_ms": bench_echo(model, args.threads),
-        "history": bench_history(model, args.threads, max(3, args.trials // 3), args.history_tokens),
-        "session_reuse": bench_session_reuse(model, args.threads),
+        "history": bench_history(model, args.threads, history_trials, args.history_tokens),
     }
     if args.json:
         print(json.dumps(results))
@@ -251,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {g[name]['p50_ttft_ms']:.1f} | {g[name]['decode_tok_s']:.1f} |")
     p = g["paired_ttft_diff_ms"]
     print(f"\nTTFT difference (gRPC - in-process): {g['ttft_diff_ms']:+.1f} ms between the medians; "
-          f"per trial: median {p['median']:+.1f} ms (IQR {p['iqr']:.1f} ms; {p['grpc_first']:+.1f} ms when gRPC "
+          f"per trial (paired): median {p['median']:+.1f} ms, 95% CI of that median "
+          f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] ms, IQR {p['iqr']:.1f} ms, range "
+          f"[{p['min']:+.1f}, {p['max']:+.1f}] ms ({p['grpc_first']:+.1f} ms when gRPC "
           f"ran first, {p['in_process_first']:+.1f} ms when it ran second). "
           f"Decode throughput ratio: {g['decode_ratio']*100:.1f}%\n")
     print("### Echo round trip on loopback (p50 of 50)\n")
@@ -261,19 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {up} | {down} | {ms:.2f} |")
     print()
     h = results["history"]
-    print(f"### Follow-up turn with ~{args.history_tokens} tokens of history (edge, via gRPC)\n")
+    print(f"### Follow-up turn with ~{args.history_tokens} tokens of history (edge, via gRPC, "
+          f"{history_trials} trials)\n")
     print("| turn | p50 TTFT (ms) | prompt tokens | prefill tokens |\n|---|---:|---:|---:|")
     for name, label in (("warm", "follow-up, warm session"), ("no_history", "same turn, no history"),
                         ("re_prefill", "follow-up, whole history re-prefilled")):
         print(f"| {label} | {h[name]['p50_ttft_ms']:.1f} | {h[name]['prompt_tokens']} | {h[name]['prefill_tokens']} |")
     print(f"\nwarm / no history: {h['warm_over_no_history']:.2f}x; "
-          f"re-prefill / warm: {h['re_prefill_over_warm']:.1f}x\n")
-    s = results["session_reuse"]
-    print("### Edge session returning after two device turns\n")
-    print("| turn 1 prompt + answer | return prompt tokens | not seen by the edge | prefilled | cached |")
-    print("|---:|---:|---:|---:|---:|")
-    print(f"| {s['first_turn_prompt_tokens']} + {s['first_turn_output_tokens']} | {s['return_prompt_tokens']} | "
-          f"{s['tokens_the_edge_had_not_seen']} | {s['return_prefill_tokens']} | {s['return_cached_tokens']} |")
+          f"re-prefill / warm: {h['re_prefill_over_warm']:.1f}x")
     return 0
 
 

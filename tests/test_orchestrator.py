@@ -85,14 +85,20 @@ def test_fixed_and_random_policies():
     assert FixedPolicy("edge").choose(params, turn, "q", []).target == "edge"
     d = FixedPolicy("device").choose(params, turn, "q", [])
     assert d.p is None and d.p_fused is None and set(d.predicted_s) == {"device", "edge"}
-    a = [RandomPolicy(0.5, seed=3).choose(params, turn, "q", []) for _ in range(1)]
-    r1, r2 = RandomPolicy(0.5, seed=3), RandomPolicy(0.5, seed=3)
+    # The paper's random baseline still goes through eq. (11), with no router time.
+    t_s = cost_model.latency(params.with_(tau_r=0.0), turn, "device").total_s
+    t_e = cost_model.latency(params.with_(tau_r=0.0), turn, "edge").total_s
+    theta = 0.5 - params.alpha * (t_e - t_s)  # so that p̃ > θ iff p > 0.5
+    r1, r2 = RandomPolicy(theta, seed=3), RandomPolicy(theta, seed=3)
     picks1 = [r1.choose(params, turn, "q", []) for _ in range(20)]
     picks2 = [r2.choose(params, turn, "q", []) for _ in range(20)]
-    assert [d.target for d in picks1] == [d.target for d in picks2]
+    assert [d.p for d in picks1] == [d.p for d in picks2]
     assert {d.target for d in picks1} == {"device", "edge"}
-    assert all(0 <= d.p <= 1 and d.p_fused is None for d in picks1 + a)
-    assert all(d.target == ("edge" if d.p > 0.5 else "device") for d in picks1)
+    for d in picks1:
+        assert 0 <= d.p <= 1
+        assert d.p_fused == pytest.approx(d.p - params.alpha * (t_e - t_s))
+        assert d.target == ("edge" if d.p_fused > theta else "device")
+        assert d.predicted_s == pytest.approx({"device": t_s, "edge": t_e})
 
 
 def test_bad_settings_policies_and_profiles(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from device_runtime.response_length import (
 from device_runtime.simulate import LengthPlan, SimulationError, play_dialogue, recorded_lengths
 from device_runtime.traces import Dialogue, TraceTurn, load_trace, split_of, word_count
 
-from test_simulate import FIXTURES
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "routellm_tiny"
 
 WEAK, STRONG = "mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt-4-1106-preview"
 
@@ -151,7 +152,7 @@ def write_gsm8k(root, n: int = 60, seed: int = 0):
             k = int(rng.integers(5, 80))
             prompt = f"q{i} " + synthetic_prompt(rng, k)
             w.writerow(
-                [prompt, bool(rng.random() < 0.5), bool(rng.random() < 0.8),
+                [prompt, i % 4 == 0, True,
                  " ".join(["x"] * int(true_device(k))), " ".join(["y"] * int(true_edge(k)))]
             )
     (sub / "contaminated_prompts.jsonl").write_text("")
