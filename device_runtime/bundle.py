@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from device_runtime.messages import DIALOGUE_ROLES, check_message
+
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 MODEL_FP32_FILE = "model_fp32.onnx"
@@ -29,7 +31,7 @@ TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
 #: Bundle kinds: a trained eq. (10) head, or an exported sequence classifier.
 KINDS = ("head", "classifier")
-ROLES = ("user", "assistant")
+ROLES = DIALOGUE_ROLES
 
 
 class BundleError(ValueError):
@@ -201,17 +203,7 @@ def validate_messages(context: Any, where: str = "context") -> list[dict[str, st
         return []
     if not isinstance(context, (list, tuple)):
         raise ValueError(f"{where} must be a list of messages, got {type(context).__name__}")
-    out = []
-    for i, m in enumerate(context):
-        if not isinstance(m, Mapping):
-            raise ValueError(f"{where}[{i}] must be an object with 'role' and 'content'")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise ValueError(f"{where}[{i}].role must be one of {ROLES}, got {role!r}")
-        if not isinstance(content, str):
-            raise ValueError(f"{where}[{i}].content must be a string")
-        out.append({"role": role, "content": content})
-    return out
+    return [check_message(m, f"{where}[{i}]", roles=ROLES) for i, m in enumerate(context)]
 
 
 def history_text(context: Sequence[Mapping[str, str]]) -> str:

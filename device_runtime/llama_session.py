@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
+from device_runtime.messages import CHAT_ROLES, check_message
+
 if TYPE_CHECKING:  # pragma: no cover
     import llama_cpp
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
+ROLES = CHAT_ROLES
 
 
 class ContextOverflowError(ValueError):
@@ -77,16 +79,10 @@ def validate_messages(messages: Sequence[dict]) -> list[dict]:
     """Check a chat message list; the last message must be the user's."""
     if not messages:
         raise InvalidMessagesError("messages must not be empty")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise InvalidMessagesError(f"message {i} is not an object")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise InvalidMessagesError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
-        if not isinstance(content, str):
-            raise InvalidMessagesError(f"message {i}: content must be a string")
-        out.append({"role": role, "content": content})
+    out = [
+        check_message(m, f"message {i}", roles=ROLES, error=InvalidMessagesError)
+        for i, m in enumerate(messages)
+    ]
     if out[-1]["role"] != "user":
         raise InvalidMessagesError("the last message must have role 'user'")
     return out

@@ -1,0 +1,28 @@
+"""Chat messages as plain dicts: the one check shared by the router and the SLM."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+#: Roles a chat message may have.  The router's history takes only the dialogue
+#: roles; a system message is not part of what it scores.
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+DIALOGUE_ROLES: tuple[str, ...] = ("user", "assistant")
+
+
+def check_message(
+    message: Any,
+    where: str,
+    *,
+    roles: tuple[str, ...] = CHAT_ROLES,
+    error: type[ValueError] = ValueError,
+) -> dict[str, str]:
+    """``{"role", "content"}`` of ``message``, or ``error`` naming ``where`` and the fault."""
+    if not isinstance(message, Mapping):
+        raise error(f"{where} is not an object with 'role' and 'content'")
+    role, content = message.get("role"), message.get("content")
+    if role not in roles:
+        raise error(f"{where}: unknown role {role!r}; expected one of {roles}")
+    if not isinstance(content, str):
+        raise error(f"{where}: content must be a string")
+    return {"role": role, "content": content}
