@@ -249,17 +249,26 @@ def _load_mmlu(sub: Path, contaminated: frozenset[str], weak, strong) -> list[Di
         header, rows = _read_csv(path)
         w, s = _model_columns(header, path, weak, strong)
         for i, row in enumerate(rows):
-            prompt = row["prompt"]
-            if prompt is None or prompt in contaminated:
-                continue
-            turn = TraceTurn(
-                prompt=prompt,
-                context=(),
-                quality_device=_as_correct(row.get(w), path, i, w),
-                quality_edge=_as_correct(row.get(s), path, i, s),
-            )
-            dialogues.append(Dialogue(f"mmlu/{domain}/{i}", domain, (turn,)))
+            turn = _correctness_turn(row, path, i, w, s, contaminated)
+            if turn is not None:
+                dialogues.append(Dialogue(f"mmlu/{domain}/{i}", domain, (turn,)))
     return dialogues
+
+
+def _correctness_turn(
+    row: dict, path: Path, i: int, w: str, s: str, contaminated: frozenset[str], **lengths
+) -> TraceTurn | None:
+    """The single turn of one correctness-CSV row (MMLU, GSM8K); None if it is dropped."""
+    prompt = row["prompt"]
+    if prompt is None or prompt in contaminated:
+        return None
+    return TraceTurn(
+        prompt=prompt,
+        context=(),
+        quality_device=_as_correct(row.get(w), path, i, w),
+        quality_edge=_as_correct(row.get(s), path, i, s),
+        **lengths,
+    )
 
 
 def _load_gsm8k(sub: Path, contaminated: frozenset[str], weak, strong) -> list[Dialogue]:
@@ -272,18 +281,13 @@ def _load_gsm8k(sub: Path, contaminated: frozenset[str], weak, strong) -> list[D
         log.warning("%s: no %r/%r columns; per-query response lengths unavailable", path, w_resp, s_resp)
     dialogues: list[Dialogue] = []
     for i, row in enumerate(rows):
-        prompt = row["prompt"]
-        if prompt is None or prompt in contaminated:
-            continue
-        turn = TraceTurn(
-            prompt=prompt,
-            context=(),
-            quality_device=_as_correct(row.get(w), path, i, w),
-            quality_edge=_as_correct(row.get(s), path, i, s),
+        turn = _correctness_turn(
+            row, path, i, w, s, contaminated,
             response_words_device=word_count(row.get(w_resp) or "") if has_resp else None,
             response_words_edge=word_count(row.get(s_resp) or "") if has_resp else None,
         )
-        dialogues.append(Dialogue(f"gsm8k/{i}", "gsm8k", (turn,)))
+        if turn is not None:
+            dialogues.append(Dialogue(f"gsm8k/{i}", "gsm8k", (turn,)))
     return dialogues
 
 

@@ -128,7 +128,7 @@ class GenerationSummary:
     ``cached_tokens`` those it reused from the session's KV cache, so
     ``prefill_tokens + cached_tokens == prompt_tokens``.  ``prefill_s`` and
     ``decode_s`` are the two phases of the edge's compute time (γ_e times the
-    token counts in the paper's eq. 4).
+    token counts in the paper's eqs. 1 and 5).
     """
 
     prompt_tokens: int
