@@ -15,7 +15,10 @@ tokenizer keeps the ledger consistent.  Template glue is not counted.  The
 telemetry's ``prefill_tokens``/``cached_tokens`` are the serving model's own.
 
 Response lengths for the live prediction (eqs. 3, 5) are the cost parameters'
-averages L̄_r capped at ``max_tokens``, since no answer can be longer.
+averages L̄_r capped at ``max_tokens``, since no answer can be longer.  After the
+answer, the served target's latency is predicted again by the same equations
+with the same parameters and the answer's actual length (``predicted_posthoc_s``
+in telemetry): it checks γ, B and δ apart from the length guess.
 
 If the edge cannot be reached, or fails mid-answer, the turn is answered on the
 device (``fallback`` in telemetry) and the transcript stays complete: the edge
@@ -30,7 +33,7 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -82,12 +85,30 @@ def live_cost_params(
 
 @dataclass(frozen=True)
 class PolicyDecision:
-    """Where a turn goes, with the scores and both predicted latencies (eqs. 6-7)."""
+    """Where a turn goes, with the scores and both predicted latencies (eqs. 6-7).
+
+    ``params`` and ``inputs`` are the cost parameters and turn inputs the
+    prediction used (None from a policy that predicts nothing).
+    """
 
     target: Target
     p: float | None
     p_fused: float | None
     predicted_s: dict[str, float]
+    params: CostParams | None = None
+    inputs: TurnInputs | None = None
+
+    def posthoc_s(self, target: Target, response_tokens: int) -> float | None:
+        """T_total of ``target`` (eq. 6 or 7) with the answer's actual length
+        ``response_tokens`` in place of L̄_r, all else as predicted; None
+        without ``params`` and ``inputs``."""
+        if self.params is None or self.inputs is None:
+            return None
+        if isinstance(response_tokens, bool) or not isinstance(response_tokens, int) or response_tokens < 0:
+            raise ValueError(f"response_tokens must be a non-negative integer, got {response_tokens!r}")
+        field_name = "response_device" if target == "device" else "response_edge"
+        inputs = replace(self.inputs, **{field_name: response_tokens})
+        return cost_model.latency(self.params, inputs, target).total_s
 
 
 def _predictions(params: CostParams, turn: TurnInputs) -> dict[str, float]:
@@ -118,7 +139,8 @@ class AutoPolicy(Policy):
     def choose(self, params, turn, prompt, context):
         d = self.router.decide(params, turn, self.threshold, prompt, context)
         return PolicyDecision(
-            d.target, d.p, d.p_fused, {"device": d.device.total_s, "edge": d.edge.total_s}
+            d.target, d.p, d.p_fused, {"device": d.device.total_s, "edge": d.edge.total_s},
+            params=self.router.cost_params(params), inputs=turn,
         )
 
 
@@ -130,8 +152,10 @@ class FixedPolicy(Policy):
         self.target = target
 
     def choose(self, params, turn, prompt, context):
-        no_router = TurnInputs(**{**turn.__dict__, "router_tokens": 0})
-        return PolicyDecision(self.target, None, None, _predictions(params, no_router))
+        no_router = replace(turn, router_tokens=0)
+        return PolicyDecision(
+            self.target, None, None, _predictions(params, no_router), params=params, inputs=no_router
+        )
 
 
 class RandomPolicy(AutoPolicy):
@@ -333,8 +357,10 @@ class Orchestrator:
         self.transcript += [user_msg, {"role": "assistant", "content": text}]
         if target == "edge" and result.edge_kept:
             self._edge_seen = len(self.transcript)
-        self.ledger.commit(target, prompt_tokens, self.slm.count_tokens(text))
+        answer_tokens = self.slm.count_tokens(text)
+        self.ledger.commit(target, prompt_tokens, answer_tokens)
         self.turn_index += 1
+        posthoc_s = None if fallback_reason is not None else decision.posthoc_s(target, answer_tokens)
         record = TurnTelemetry(
             turn=self.turn_index,
             target=target,
@@ -350,6 +376,7 @@ class Orchestrator:
             cached_tokens=cached,
             output_tokens=output,
             fallback=fallback_reason is not None,
+            predicted_posthoc_s=posthoc_s,
         )
         self.telemetry.append(record)
         return TurnResult(text, record, fallback_reason)

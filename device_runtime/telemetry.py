@@ -15,6 +15,15 @@
   comparable with the paper's T_total, eq. 8) to the last token; ``ttft_s``
   from the start of the turn to the first token of the answer.
 - ``target`` is where the answer was produced; a fallback says "device".
+
+Optional keys beyond the contract (absent when they do not apply):
+
+- ``estimates``: the online estimates of γ, B and δ after the turn (``--online``).
+- ``predicted_posthoc_s``: the served target's T_total (eq. 6 or 7) predicted
+  with the same parameters and turn inputs as ``predicted_s``, but with the
+  answer's actual length (device-SLM tokens of its text) in place of L̄_r, so
+  that γ, B and δ can be checked apart from the length guess.  Absent on a
+  fallback turn and for a policy that makes no prediction.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ FIELDS: dict[str, tuple[type, ...]] = {
 
 
 #: Keys a record may carry beyond the contract.
-OPTIONAL_FIELDS = ("estimates",)
+OPTIONAL_FIELDS = ("estimates", "predicted_posthoc_s")
 
 
 class TelemetryError(ValueError):
@@ -72,11 +81,17 @@ class TurnTelemetry:
     #: Online estimates of γ, B and δ after this turn (only with ``--online``);
     #: an optional key beyond the contract's fields.
     estimates: dict[str, float] | None = None
+    #: The served target's latency predicted with the answer's actual length
+    #: (eqs. 6-7); None on a fallback turn.  Optional, like ``estimates``.
+    predicted_posthoc_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["estimates"] is None:
-            del d["estimates"]
+        for key in OPTIONAL_FIELDS:
+            if d[key] is None:
+                del d[key]
+        if self.predicted_posthoc_s is not None:
+            d["predicted_posthoc_s"] = float(self.predicted_posthoc_s)
         d["predicted_s"] = {k: float(v) for k, v in self.predicted_s.items()}
         for k in ("p", "p_fused"):
             if d[k] is not None:
@@ -114,6 +129,10 @@ def validate_record(record: Mapping[str, Any]) -> None:
             raise TelemetryError(f"{key} must be a finite non-negative number")
     if record["fallback"] and record["target"] != "device":
         raise TelemetryError("a fallback turn is answered on the device")
+    if "predicted_posthoc_s" in record:
+        posthoc = record["predicted_posthoc_s"]
+        if not isinstance(posthoc, float) or not math.isfinite(posthoc) or posthoc < 0:
+            raise TelemetryError(f"predicted_posthoc_s must be a finite non-negative float, got {posthoc!r}")
 
 
 @dataclass

@@ -49,9 +49,12 @@ def _run(args: argparse.Namespace) -> int:
                 benchmarks=benchmarks,
                 max_length=args.max_length or 256,
                 pooling=args.pooling,
+                normalize=args.normalize,
+                encoder_layers=args.encoder_layers or None,
                 train_layers=args.train_layers,
                 epochs=args.epochs,
                 neighbor_smoothing=args.neighbor_smoothing,
+                neighbor_feature=args.neighbor_feature,
                 seed=args.seed,
                 threads=args.threads,
                 progress=not args.no_progress,
@@ -85,10 +88,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--benchmarks", default=",".join(DEFAULT_BENCHMARKS), help="comma-separated subsets to train on")
     p.add_argument("--max-length", type=int, default=None, help="tokens per turn (default 256; 512 for --from-classifier)")
     p.add_argument("--pooling", choices=("cls", "mean"), default=defaults["pooling"].default)
+    p.add_argument("--normalize", action="store_true", help="scale the pooled h to unit length before the head")
+    p.add_argument("--encoder-layers", type=int, default=defaults["encoder_layers"].default,
+                   help="bottom encoder layers kept, h = their pooled output (0: all)")
     p.add_argument("--train-layers", type=int, default=defaults["train_layers"].default,
                    help="top encoder layers to fine-tune (the rest are frozen and cached)")
     p.add_argument("--neighbor-smoothing", type=float, default=defaults["neighbor_smoothing"].default,
                    help="weight of the neighbour-averaged label in the target (0 disables)")
+    p.add_argument("--neighbor-feature", type=int, default=defaults["neighbor_feature"].default, metavar="K",
+                   help="add k(h), the mean label of the K nearest training turns, to the head's inputs "
+                        "(0: the plain eq. (10) head)")
     p.add_argument("--epochs", type=int, default=defaults["epochs"].default)
     p.add_argument("--seed", type=int, default=defaults["seed"].default)
     p.add_argument("--threads", type=int, default=defaults["threads"].default, help="torch / onnxruntime threads")

@@ -1,4 +1,8 @@
-"""The eq. (10) router as a torch module: encoder -> pooled h -> σ(Wᵀ[h; L_p] + b)."""
+"""The eq. (10) router as a torch module: encoder -> pooled h -> σ(Wᵀ[h; L_p] + b).
+
+With a :class:`NeighborGain` the head reads one more input, k(h), the mean
+training label of the turn's nearest training turns: σ(Wᵀ[h; L_p; k(h)] + b).
+"""
 
 from __future__ import annotations
 
@@ -14,34 +18,93 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+def unit(h: torch.Tensor) -> torch.Tensor:
+    """h / ‖h‖ (what all-MiniLM-L6-v2's sentence pipeline ends with)."""
+    return h / h.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
 class RouterHead(nn.Module):
-    """σ(Wᵀ[h; L_p] + b): one linear layer over the pooled vector and the length feature."""
+    """σ(Wᵀ[h; L_p] + b): one linear layer over the pooled vector and the length feature
+    (and, with ``extra`` = 1, the neighbour feature k(h))."""
 
-    def __init__(self, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, extra: int = 0) -> None:
         super().__init__()
-        self.linear = nn.Linear(hidden_size + 1, 1)
+        self.linear = nn.Linear(hidden_size + 1 + extra, 1)
 
-    def forward(self, h: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
-        """Logit (before σ); ``lp`` is [batch, 1]."""
-        return self.linear(torch.cat([h, lp.to(h.dtype)], dim=-1)).squeeze(-1)
+    def forward(self, h: torch.Tensor, lp: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Logit (before σ); ``lp`` and ``extra`` are [batch, 1]."""
+        parts = [h, lp.to(h.dtype)] + ([extra.to(h.dtype)] if extra is not None else [])
+        return self.linear(torch.cat(parts, dim=-1)).squeeze(-1)
+
+
+class NeighborGain(nn.Module):
+    """k(h): the mean label of the ``k`` training turns nearest to h (cosine).
+
+    The training turns' unit-length pooled vectors and labels are buffers, so
+    they travel inside the ONNX graph (MatMul, TopK, Gather) and the device
+    needs nothing else; INT8 quantization stores the bank as int8.
+    """
+
+    def __init__(self, bank: torch.Tensor, labels: torch.Tensor, k: int, center: float = 0.0, scale: float = 1.0) -> None:
+        super().__init__()
+        if bank.ndim != 2 or labels.shape != (bank.shape[0],):
+            raise ValueError(f"bank [N, H] and labels [N] expected, got {tuple(bank.shape)} and {tuple(labels.shape)}")
+        if not 1 <= k <= bank.shape[0]:
+            raise ValueError(f"k must be in [1, {bank.shape[0]}], got {k}")
+        self.k = int(k)
+        self.register_buffer("bank_t", unit(bank.float()).T.contiguous())
+        self.register_buffer("labels", labels.float())
+        # Standardized on the training turns, so the head's weight on k(h) is
+        # of the same order as its other weights (a raw neighbour mean moves
+        # by a few hundredths and would barely be learned).
+        self.register_buffer("center", torch.tensor(float(center)))
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def mean_label(self, h: torch.Tensor) -> torch.Tensor:
+        """The raw neighbour mean, [batch, 1]."""
+        sim = unit(h) @ self.bank_t
+        idx = torch.topk(sim, self.k, dim=-1).indices
+        return self.labels[idx].mean(dim=-1, keepdim=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return (self.mean_label(h) - self.center) / self.scale
 
 
 class RouterModel(nn.Module):
     """Encoder + pooling + head; ``forward`` returns p in [0, 1] (the ONNX graph's output)."""
 
-    def __init__(self, encoder: nn.Module, pooling: str, uses_token_types: bool) -> None:
+    def __init__(self, encoder: nn.Module, pooling: str, uses_token_types: bool, normalize: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
         self.uses_token_types = uses_token_types
+        #: h of eq. (10) scaled to unit length before the head.
+        self.normalize = normalize
+        self.neighbors: NeighborGain | None = None
         self.head = RouterHead(encoder.config.hidden_size)
+
+    def set_neighbors(self, neighbors: NeighborGain) -> None:
+        """Add k(h) to the head's inputs (a fresh head with one more weight)."""
+        self.neighbors = neighbors
+        self.head = RouterHead(self.encoder.config.hidden_size, extra=1)
+
+    def head_logit(self, h: torch.Tensor, lp: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The head on pooled h; k(h) is computed unless ``extra`` gives it."""
+        if self.neighbors is not None and extra is None:
+            extra = self.neighbors(h)
+        return self.head(h, lp, extra)
+
+    def features(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """h of eq. (10) from the encoder's last hidden states."""
+        h = pool(hidden, attention_mask, self.pooling)
+        return unit(h) if self.normalize else h
 
     def logit(self, input_ids, attention_mask, token_type_ids=None, lp=None) -> torch.Tensor:
         kw = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.uses_token_types and token_type_ids is not None:
             kw["token_type_ids"] = token_type_ids
         hidden = self.encoder(**kw).last_hidden_state
-        return self.head(pool(hidden, attention_mask, self.pooling), lp)
+        return self.head_logit(self.features(hidden, attention_mask), lp)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, lp=None) -> torch.Tensor:
         return torch.sigmoid(self.logit(input_ids, attention_mask, token_type_ids, lp))
@@ -82,8 +145,12 @@ def save_checkpoint(model: RouterModel, directory, *, pooling: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.encoder.save_pretrained(str(directory / "encoder"))
     torch.save(model.head.state_dict(), directory / "head.pt")
+    if model.neighbors is not None:
+        torch.save(model.neighbors.state_dict(), directory / "neighbors.pt")
     (directory / "router.json").write_text(
-        json.dumps({"pooling": pooling, "uses_token_types": model.uses_token_types}) + "\n"
+        json.dumps({"pooling": pooling, "uses_token_types": model.uses_token_types,
+                    "normalize": model.normalize,
+                    "neighbors": model.neighbors.k if model.neighbors is not None else 0}) + "\n"
     )
 
 
@@ -97,6 +164,10 @@ def load_checkpoint(directory) -> RouterModel:
     directory = Path(directory)
     meta = json.loads((directory / "router.json").read_text())
     encoder = AutoModel.from_pretrained(str(directory / "encoder"), local_files_only=True)
-    model = RouterModel(encoder, meta["pooling"], meta["uses_token_types"])
+    model = RouterModel(encoder, meta["pooling"], meta["uses_token_types"], meta.get("normalize", False))
+    if meta.get("neighbors"):
+        state = torch.load(directory / "neighbors.pt", weights_only=True)
+        model.set_neighbors(NeighborGain(state["bank_t"].T, state["labels"], meta["neighbors"],
+                                         float(state["center"]), float(state["scale"])))
     model.head.load_state_dict(torch.load(directory / "head.pt", weights_only=True))
     return model.eval()

@@ -115,7 +115,9 @@ def export_trained(
 
     manifest = BundleManifest(
         kind="head",
-        base_model=_base_name(train_config.base),
+        base_model=_base_name(train_config.base) + (
+            f", bottom {train_config.encoder_layers} layers" if train_config.encoder_layers else ""
+        ),
         max_length=train_config.max_length,
         inputs=tuple(names),
         label=LABEL_GAIN,

@@ -86,6 +86,18 @@ def load_encoder(base: Path):
         raise TrainError(f"cannot load an encoder from {str(base)!r}: {exc}") from exc
 
 
+def truncate_encoder(encoder, layers: int | None):
+    """Keep the bottom ``layers`` transformer layers (in place); None keeps all."""
+    stack = encoder.encoder.layer
+    if layers is None or layers == len(stack):
+        return encoder
+    if layers > len(stack):
+        raise TrainError(f"encoder_layers={layers} but the encoder has {len(stack)} layers")
+    encoder.encoder.layer = stack[:layers]
+    encoder.config.num_hidden_layers = layers
+    return encoder
+
+
 def _pad(batch_ids: Sequence[Sequence[int]], pad_id: int, types: Sequence[Sequence[int]]):
     import torch
 
@@ -175,7 +187,7 @@ def train(config: TrainConfig) -> TrainResult:
     """Cache the frozen layers, train the top layers + head, score the validation split."""
     import torch
 
-    from export.model import RouterModel, pool, uses_token_types
+    from export.model import NeighborGain, RouterModel, pool, unit, uses_token_types
 
     t0 = time.time()
     seed_everything(config.seed)
@@ -192,9 +204,9 @@ def train(config: TrainConfig) -> TrainResult:
 
     tokenizer = base_tokenizer(config.base)
     pad_id = pad_id_of(tokenizer)
-    encoder = load_encoder(config.base)
+    encoder = truncate_encoder(load_encoder(config.base), config.encoder_layers)
     types = uses_token_types(encoder.config)
-    model = RouterModel(encoder, config.pooling, types)
+    model = RouterModel(encoder, config.pooling, types, normalize=config.normalize)
     lp_feature = LpFeature(scale=config.lp_scale)
     stack = _Stack(encoder, config.train_layers, types)
     for p in encoder.parameters():
@@ -246,10 +258,11 @@ def train(config: TrainConfig) -> TrainResult:
                 n = cache[i].shape[0]
                 hidden[j, :n] = cache[i].float()
                 mask[j, :n] = 1
-            h = pool(stack.run_top(hidden, mask), mask, config.pooling)
-        else:
-            h = torch.stack([cache[i] for i in idx])
-        return model.head(h, lp_all[list(idx)])
+            return model.head(model.features(stack.run_top(hidden, mask), mask), lp_all[list(idx)])
+        h = torch.stack([cache[i] for i in idx])
+        if config.normalize:
+            h = unit(h)
+        return model.head(h, lp_all[list(idx)], knn_all[list(idx)] if knn_all is not None else None)
 
     def score(indices: Sequence[int]) -> list[float]:
         for layer in stack.top:
@@ -267,6 +280,22 @@ def train(config: TrainConfig) -> TrainResult:
 
     def cache_len(i: int) -> int:
         return int(cache[i].shape[0]) if stack.top else 0
+
+    knn_all = None
+    if config.neighbor_feature:
+        # k(h): train turns see their k nearest *other* training turns (leave-one-out),
+        # validation turns the bank itself, exactly as the exported graph computes it.
+        pooled = torch.stack([cache[i] for i in range(len(everything))]).float()
+        raw = np.asarray([e.label for e in train_ex], dtype=np.float32)
+        k = min(config.neighbor_feature, n_train - 1)
+        loo = neighbor_labels(pooled[:n_train].numpy(), raw, ["all"] * n_train, k)
+        model.set_neighbors(NeighborGain(
+            pooled[:n_train], torch.from_numpy(raw), k, float(loo.mean()), max(float(loo.std()), 1e-6)
+        ))
+        with torch.no_grad():
+            knn_val = model.neighbors(pooled[n_train:])
+        loo_z = (torch.tensor(loo, dtype=torch.float32).unsqueeze(-1) - model.neighbors.center) / model.neighbors.scale
+        knn_all = torch.cat([loo_z, knn_val])
 
     # Start the head at the base rate, so early steps do not just learn the bias.
     mean_y = float((y_all[:n_train] * w_all[:n_train]).sum() / w_all[:n_train].sum())

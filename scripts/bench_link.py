@@ -11,7 +11,9 @@ For each link setting (a good 5G-like link and a poor one, :mod:`netlab.namespac
    namespace, the edge service in the edge namespace;
 3. report per policy: mean and p95 turn latency, edge share, and the cost
    model's prediction error median |predicted − measured| / measured for the
-   turns each target served.
+   turns each target served, both for the live prediction (``predicted_s``,
+   with the average answer length L̄_r) and the post-hoc one
+   (``predicted_posthoc_s``, the same equations with the answer's actual length).
 
 Prints a markdown table on stdout, writes ``bench_link.json`` and plots into
 ``--out``.  Needs root (network namespaces).  Sized for a 2-core machine: a
@@ -79,13 +81,19 @@ def summarize(records: list[dict]) -> dict:
         "fallbacks": sum(r["fallback"] for r in records),
     }
     for target in ("device", "edge"):
-        errs = [
-            abs(r["predicted_s"][target] - r["measured_s"]) / r["measured_s"]
-            for r in records
-            if r["target"] == target and not r["fallback"] and r["measured_s"] > 0
-        ]
+        served = [r for r in records if r["target"] == target and not r["fallback"] and r["measured_s"] > 0]
+        errs = [abs(r["predicted_s"][target] - r["measured_s"]) / r["measured_s"] for r in served]
         out[f"pred_err_{target}"] = statistics.median(errs) if errs else None
         out[f"n_{target}"] = len(errs)
+        # The same turns, predicted with the answer's actual length (records
+        # from before the key existed have none).
+        posthoc = [
+            abs(r["predicted_posthoc_s"] - r["measured_s"]) / r["measured_s"]
+            for r in served
+            if r.get("predicted_posthoc_s") is not None
+        ]
+        out[f"pred_err_posthoc_{target}"] = statistics.median(posthoc) if posthoc else None
+        out[f"n_posthoc_{target}"] = len(posthoc)
     return out
 
 
@@ -131,13 +139,21 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(links), figsize=(5 * len(links), 4), squeeze=False)
     for ax, link in zip(axes[0], links):
         recs = [r for p in policies for r in results["links"][link]["records"][p] if not r["fallback"]]
-        for target, marker in (("device", "o"), ("edge", "^")):
-            pts = [(r["predicted_s"][target], r["measured_s"]) for r in recs if r["target"] == target]
+        for target, marker, color in (("device", "o", "C0"), ("edge", "^", "C1")):
+            served = [r for r in recs if r["target"] == target]
+            pts = [(r["predicted_s"][target], r["measured_s"]) for r in served]
             if pts:
-                ax.scatter(*zip(*pts), marker=marker, s=14, label=target, alpha=0.7)
-        hi = max([r["measured_s"] for r in recs] + [r["predicted_s"][r["target"]] for r in recs] + [0.1])
+                ax.scatter(*zip(*pts), marker=marker, s=14, color=color, label=target, alpha=0.7)
+            # Hollow: the same turns predicted with the answer's actual length.
+            post = [(r["predicted_posthoc_s"], r["measured_s"]) for r in served
+                    if r.get("predicted_posthoc_s") is not None]
+            if post:
+                ax.scatter(*zip(*post), marker=marker, s=18, facecolors="none", edgecolors=color,
+                           linewidths=0.8, label=f"{target} (post-hoc)", alpha=0.8)
+        hi = max([r["measured_s"] for r in recs] + [r["predicted_s"][r["target"]] for r in recs]
+                 + [r.get("predicted_posthoc_s") or 0.0 for r in recs] + [0.1])
         ax.plot([0, hi], [0, hi], "k--", lw=0.8)
-        ax.set_xlabel("predicted (s, eqs. 6-7)")
+        ax.set_xlabel("predicted (s, eqs. 6-7; hollow: actual answer length)")
         ax.set_ylabel("measured (s)")
         ax.set_title(link)
         ax.legend()
@@ -149,17 +165,27 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
 
 
 def table(results: dict) -> str:
+    """The markdown table: latency, edge share, and per target the live and post-hoc prediction errors."""
     lines = [
-        "| link | policy | turns | mean s | p95 s | edge share | fallbacks | pred. err device (n) | pred. err edge (n) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| link | policy | turns | mean s | p95 s | edge share | fallbacks | pred. err device (n) | "
+        "pred. err device (post-hoc) (n) | pred. err edge (n) | pred. err edge (post-hoc) (n) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    fmt = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+
+    def err(s: dict, key: str, n_key: str) -> str:
+        v = s.get(key)
+        return f"{'-' if v is None else f'{v:.0%}'} ({s.get(n_key, 0)})"
+
     for link, data in results["links"].items():
         for policy, s in data["summary"].items():
             lines.append(
                 f"| {link} | {policy} | {s['turns']} | {s['mean_s']:.2f} | {s['p95_s']:.2f} | "
-                f"{s['edge_share']:.0%} | {s['fallbacks']} | {fmt(s['pred_err_device'])} ({s['n_device']}) | "
-                f"{fmt(s['pred_err_edge'])} ({s['n_edge']}) |"
+                f"{s['edge_share']:.0%} | {s['fallbacks']} | "
+                + " | ".join(
+                    err(s, f"pred_err{kind}_{target}", f"n{kind}_{target}")
+                    for target in ("device", "edge") for kind in ("", "_posthoc")
+                )
+                + " |"
             )
     return "\n".join(lines)
 
@@ -199,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--bundle", help="router bundle for the BERT policies (default: the shipped one)")
     ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--alpha", type=float, default=None,
+                    help="α of eq. (11) for every run (default: the mt-bench preset's)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "figures" / "link")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
@@ -209,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-only", action="store_true",
                     help="only profile each link: configured vs measured RTT and rate")
     args = ap.parse_args(argv)
+    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):
+        ap.error(f"--alpha must be a finite number >= 0, got {args.alpha}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     reason = unavailable_reason()
     if reason:
@@ -231,10 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from netlab.live import EDGE_PORT, DeviceWorker, start_edge
 
+    from device_runtime.cost_model import paper_params
+
     t_start = time.perf_counter()
     results: dict = {
         "threads": args.threads,
         "online": args.online,
+        # The α of every run; alpha_from says whether --alpha set it.
+        "alpha": args.alpha if args.alpha is not None else paper_params("mt-bench").alpha,
+        "alpha_from": "--alpha" if args.alpha is not None else "mt-bench preset",
         "sizes": {
             "dialogues": len(dialogues), "turns_per_policy": sum(len(d["prompts"]) for d in dialogues),
             "max_tokens": args.max_tokens, "dialogue_ids": [d["id"] for d in dialogues],
@@ -276,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                          "--threshold", str(args.threshold), "--seed", str(args.seed),
                          "--threads", str(args.threads),
                          *(["--online"] if args.online else []),
+                         *(["--alpha", repr(args.alpha)] if args.alpha is not None else []),
                          "--system", f"Conversation run {name}/{policy}."]
                 if args.bundle:
                     extra += ["--bundle", args.bundle]
@@ -291,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_s"] = time.perf_counter() - t_start
     (args.out / "bench_link.json").write_text(json.dumps(results, indent=2))
     figs = plot(results, args.out)
-    print(f"online estimation: {'on' if args.online else 'off'}; threads per model: {args.threads}")
+    print(f"online estimation: {'on' if args.online else 'off'}; threads per model: {args.threads}; "
+          f"α = {results['alpha']:g} ({results['alpha_from']}), θ = {args.threshold:g}")
     print(f"dialogues: {len(dialogues)} (ids {results['sizes']['dialogue_ids']}), "
           f"{results['sizes']['turns_per_policy']} turns per policy and link, max_tokens {args.max_tokens}, "
           f"wall {results['wall_s']:.0f} s")

@@ -43,11 +43,58 @@ TURNS = [
         ({"lr_head": 0.0}, "lr_head"),
         ({"neighbor_smoothing": 1.5}, "neighbor_smoothing"),
         ({"train_layers": -1}, "train_layers"),
+        ({"encoder_layers": 0}, "encoder_layers"),
+        ({"neighbor_feature": -1}, "neighbor_feature"),
+        ({"neighbor_feature": 10, "train_layers": 1}, "frozen encoder"),
+        ({"encoder_layers": 2, "train_layers": 3, "neighbor_feature": 0}, "cannot exceed"),
     ],
 )
 def test_train_config_validates(tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(base=tmp_path, data_dirs=(tmp_path,), **kw)
+
+
+def test_truncate_encoder_keeps_the_bottom_layers(tmp_path):
+    from export.train import TrainError, load_encoder, truncate_encoder
+
+    base = build_bert(tmp_path / "base")  # 2 layers
+    full = load_encoder(base)
+    bottom = full.encoder.layer[0]
+    cut = truncate_encoder(load_encoder(base), 1)
+    assert len(cut.encoder.layer) == 1 and cut.config.num_hidden_layers == 1
+    assert all(
+        (a == b).all() for a, b in zip(cut.encoder.layer[0].parameters(), bottom.parameters())
+    )
+    assert len(truncate_encoder(load_encoder(base), None).encoder.layer) == 2
+    with pytest.raises(TrainError, match="has 2 layers"):
+        truncate_encoder(load_encoder(base), 3)
+
+
+def test_neighbor_gain_is_the_mean_label_of_the_k_nearest():
+    import torch
+
+    from export.model import NeighborGain
+
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(40, 8)).astype(np.float32)
+    labels = rng.random(40).astype(np.float32)
+    module = NeighborGain(torch.from_numpy(bank * 3.0), torch.from_numpy(labels), k=5)  # scale-free
+    q = rng.normal(size=(6, 8)).astype(np.float32)
+    got = module.mean_label(torch.from_numpy(q)).squeeze(-1).numpy()
+    b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    sim = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ b.T
+    want = np.array([labels[np.argsort(-row)[:5]].mean() for row in sim])
+    assert got == pytest.approx(want, abs=1e-6)
+    scaled = NeighborGain(torch.from_numpy(bank), torch.from_numpy(labels), k=5, center=0.5, scale=0.1)
+    assert scaled(torch.from_numpy(q)).squeeze(-1).numpy() == pytest.approx((want - 0.5) / 0.1, abs=1e-5)
+    # A bank turn queried with itself is its own nearest neighbour; training uses
+    # neighbor_labels (itself left out) for the bank's own turns instead.
+    loo = neighbor_labels(bank, labels, ["all"] * 40, 5)
+    self_sim = b @ b.T
+    np.fill_diagonal(self_sim, -np.inf)
+    assert loo == pytest.approx([labels[np.argsort(-row)[:5]].mean() for row in self_sim], abs=1e-6)
+    with pytest.raises(ValueError, match="k must be"):
+        NeighborGain(torch.from_numpy(bank), torch.from_numpy(labels), k=41)
 
 
 def test_export_and_quantization_configs_validate():
@@ -157,7 +204,7 @@ def test_trained_export_tiny(tmp_path):
     base = build_bert(tmp_path / "base")
     data = build_data_dir(tmp_path / "data")
     config = TrainConfig(base=base, data_dirs=(data,), epochs=1, batch_size=8, threads=1, max_length=64,
-                         neighbors=5)
+                         neighbors=5, encoder_layers=2, train_layers=1, neighbor_feature=0)
     out = export_trained(tmp_path / "bundle", config)
     bundle = load_bundle(out)
     m = bundle.manifest
@@ -206,16 +253,21 @@ def test_trained_export_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_trained_export_frozen_encoder_cls_pooling(tmp_path):
-    """train_layers=0 (head only, cached pooled features) with the literal h_CLS of eq. (10)."""
+    """train_layers=0 (head only, cached pooled features) with the literal h_CLS of eq. (10),
+    scaled to unit length, on an encoder cut to its bottom layer."""
     from export.pipeline import export_trained
 
     base = build_bert(tmp_path / "base", seed=1)
     data = build_data_dir(tmp_path / "data")
     config = TrainConfig(base=base, data_dirs=(data,), epochs=1, batch_size=8, threads=1, max_length=64,
-                         train_layers=0, pooling="cls", neighbor_smoothing=0.0, progress=False)
+                         encoder_layers=1, train_layers=0, pooling="cls", normalize=True,
+                         neighbor_smoothing=0.0, neighbor_feature=3, progress=False)
     out = export_trained(tmp_path / "bundle", config)
     m = load_bundle(out).manifest
     assert m.pooling == "cls" and m.training["train_layers"] == 0
+    assert m.training["encoder_layers"] == 1 and m.base_model.endswith("bottom 1 layers")
+    assert m.training["neighbor_feature"] == 3 and (out / "pytorch" / "neighbors.pt").is_file()
+    assert json.loads((out / "pytorch" / "encoder" / "config.json").read_text())["num_hidden_layers"] == 1
     assert m.validation["onnx_vs_pytorch_max_abs_diff"] <= 1e-4
     p = create_router("bert", bundle=out).score(*TURNS[2])
     assert 0.0 <= p <= 1.0

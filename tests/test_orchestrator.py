@@ -7,6 +7,8 @@ after its first chunk.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import socket
 from typing import Sequence
 
@@ -26,7 +28,7 @@ from device_runtime.orchestrator import (
     live_cost_params,
 )
 from device_runtime.routers.base import Router
-from device_runtime.telemetry import validate_record
+from device_runtime.telemetry import TelemetryError, TurnTelemetry, validate_record
 
 MAX_TOKENS = 10
 
@@ -99,6 +101,58 @@ def test_fixed_and_random_policies():
         assert d.p_fused == pytest.approx(d.p - params.alpha * (t_e - t_s))
         assert d.target == ("edge" if d.p_fused > theta else "device")
         assert d.predicted_s == pytest.approx({"device": t_s, "edge": t_e})
+
+
+def test_decisions_carry_their_inputs_and_predict_post_hoc():
+    params = live_cost_params()
+    turn = cost_model.ContextLedger().turn_inputs(20, response_device=10, response_edge=10)
+
+    def latency(p, inputs, target, n):
+        field = "response_device" if target == "device" else "response_edge"
+        return cost_model.latency(p, dataclasses.replace(inputs, **{field: n}), target).total_s
+
+    router = FixedScoreRouter(0.7)
+    router.tau_r = 1e-3  # the router's own τ_r, not the params'
+    auto = AutoPolicy(router, threshold=0.5).choose(params, turn, "q", [])
+    assert auto.params == params.with_(tau_r=1e-3) and auto.inputs == turn
+    fixed = FixedPolicy("edge").choose(params, turn, "q", [])
+    assert fixed.params == params and fixed.inputs == dataclasses.replace(turn, router_tokens=0)
+    rand = RandomPolicy(0.5, seed=1).choose(params, turn, "q", [])
+    assert rand.params.tau_r == 0.0 and rand.inputs == turn
+    for d in (auto, fixed, rand):
+        for target in ("device", "edge"):
+            # With L̄_r itself it is the live prediction; otherwise eqs. 6-7 with n.
+            assert d.posthoc_s(target, 10) == pytest.approx(d.predicted_s[target])
+            assert d.posthoc_s(target, 3) == pytest.approx(latency(d.params, d.inputs, target, 3))
+            assert d.posthoc_s(target, 3) < d.predicted_s[target]
+    with pytest.raises(ValueError, match="response_tokens"):
+        fixed.posthoc_s("edge", -1)
+    # A policy that predicts nothing has no post-hoc prediction either.
+    assert PolicyDecision("edge", None, None, {"device": 0.0, "edge": 0.0}).posthoc_s("edge", 3) is None
+
+
+def _telemetry(**changes) -> TurnTelemetry:
+    rec = TurnTelemetry(
+        turn=1, target="edge", policy="edge", p=None, p_fused=None,
+        predicted_s={"device": 0.5, "edge": 0.4}, measured_s=0.3, ttft_s=0.1, prompt_tokens=5,
+        context_tokens=0, prefill_tokens=6, cached_tokens=0, output_tokens=4, fallback=False,
+    )
+    return dataclasses.replace(rec, **changes)
+
+
+def test_telemetry_post_hoc_prediction_is_optional_and_checked():
+    absent = _telemetry().to_dict()
+    assert "predicted_posthoc_s" not in absent
+    validate_record(absent)
+    present = _telemetry(predicted_posthoc_s=0.25).to_dict()
+    assert present["predicted_posthoc_s"] == 0.25
+    validate_record(present)
+    validate_record({**absent, "predicted_posthoc_s": 0.0})
+    for bad in (-0.1, math.inf, math.nan, 1, True, None, "0.2"):
+        with pytest.raises(TelemetryError, match="predicted_posthoc_s"):
+            validate_record({**absent, "predicted_posthoc_s": bad})
+    with pytest.raises(TelemetryError, match="keys differ"):
+        validate_record({**absent, "predicted_posthoc": 0.2})
 
 
 def test_bad_settings_policies_and_profiles(tmp_path):
@@ -195,6 +249,37 @@ def test_fixed_policies_answer_where_told_and_telemetry_follows_the_contract(slm
 
 
 @pytest.mark.slow
+def test_post_hoc_prediction_uses_the_actual_answer_length(slm, edge_client):
+    # L̄_r = 1 token on both sides, so any longer answer changes the prediction.
+    params = live_cost_params().with_(response=cost_model.ResponseLengths(1.0, 1.0))
+    for policy in (FixedPolicy("device"), FixedPolicy("edge"), AutoPolicy(FixedScoreRouter(1.0), -1.0)):
+        orch = Orchestrator(slm, policy, params, edge=edge_client,
+                            settings=OrchestratorSettings(max_tokens=MAX_TOKENS))
+        for prompt in ("Hello there.", "Name three colours."):
+            ledger = orch.ledger.copy()
+            r = orch.turn(prompt)
+            rec = r.telemetry
+            validate_record(rec.to_dict())
+            assert not rec.fallback
+            assert rec.target == (policy.target if isinstance(policy, FixedPolicy) else "edge")
+            n = slm.count_tokens(r.text)
+            assert n > 1
+            field = "response_device" if rec.target == "device" else "response_edge"
+            inputs = ledger.turn_inputs(rec.prompt_tokens, response_device=1.0, response_edge=1.0)
+            if isinstance(policy, FixedPolicy):
+                inputs = dataclasses.replace(inputs, router_tokens=0)
+            used = policy.router.cost_params(params) if isinstance(policy, AutoPolicy) else params
+            expected = cost_model.latency(used, dataclasses.replace(inputs, **{field: n}), rec.target).total_s
+            assert rec.predicted_posthoc_s == pytest.approx(expected)
+            assert rec.to_dict()["predicted_posthoc_s"] == pytest.approx(expected)
+            # The live prediction charged 1 token; the answer was longer.
+            assert rec.predicted_s[rec.target] == pytest.approx(
+                cost_model.latency(used, inputs, rec.target).total_s)
+            assert rec.predicted_posthoc_s > rec.predicted_s[rec.target]
+        orch.close()
+
+
+@pytest.mark.slow
 def test_back_on_the_device_after_edge_turns_prefills_only_the_missed_turns(slm, edge_client):
     orch = make(slm, SequencePolicy(["device", "edge", "edge", "device"]), edge_client)
     slm.reset()
@@ -248,6 +333,9 @@ def test_edge_down_falls_back_to_the_device_and_keeps_the_conversation(slm):
     for r in results:
         assert r.telemetry.target == "device" and r.telemetry.fallback
         assert "EdgeUnavailable" in r.fallback_reason
+        # No post-hoc prediction for a target that did not serve as decided.
+        assert r.telemetry.predicted_posthoc_s is None
+        assert "predicted_posthoc_s" not in r.telemetry.to_dict()
         validate_record(r.telemetry.to_dict())
     assert events == ["fallback", "fallback"]
     assert [m["role"] for m in orch.transcript] == ["user", "assistant"] * 2
