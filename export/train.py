@@ -1,11 +1,14 @@
 """Train the eq. (10) router on the RouteLLM labels.
 
-Why the caching: a full fine-tune of even MiniLM-L6 costs ~0.3 s per turn
-per epoch on a shared 2-core CPU (an hour for the public sets).  The lower
-``L - train_layers`` layers are frozen, so their output is computed once
-(one forward pass over the data) and cached; each epoch then runs only the
-top ``train_layers`` layers and the head.  The exported model is the whole
-encoder with the trained top layers, so the device runs one ordinary graph.
+The encoder is cut to its bottom ``encoder_layers`` layers.  Why the caching:
+a full fine-tune of even MiniLM-L6 costs ~0.3 s per turn per epoch on a shared
+2-core CPU (an hour for the public sets).  The kept layers below the top
+``train_layers`` are frozen, so their output is computed once (one forward
+pass over the data) and cached; each epoch then runs only the top
+``train_layers`` layers (none by default) and the head.  With a neighbour
+feature, the frozen pooled outputs of the training turns become the bank of
+k(h).  The exported model is the cut encoder with its head (and bank), so the
+device runs one ordinary graph.
 """
 
 from __future__ import annotations

@@ -204,11 +204,12 @@ def test_trained_export_tiny(tmp_path):
     base = build_bert(tmp_path / "base")
     data = build_data_dir(tmp_path / "data")
     config = TrainConfig(base=base, data_dirs=(data,), epochs=1, batch_size=8, threads=1, max_length=64,
-                         neighbors=5, encoder_layers=2, train_layers=1, neighbor_feature=0)
+                         neighbors=5, encoder_layers=2, train_layers=1, neighbor_feature=0, pooling="cls")
     out = export_trained(tmp_path / "bundle", config)
     bundle = load_bundle(out)
     m = bundle.manifest
     assert m.kind == "head" and m.inputs == ("input_ids", "attention_mask", "token_type_ids", "lp")
+    assert m.pooling == "cls"  # the literal h_CLS of eq. (10), top layer fine-tuned
     assert m.lp_feature.unit == "words"
     assert "split_of" in m.split_rule
     assert any(k.endswith("mmlu/mmlu_algebra.csv") for k in m.data_sha256)
@@ -252,19 +253,19 @@ def test_trained_export_tiny(tmp_path):
 
 
 @pytest.mark.slow
-def test_trained_export_frozen_encoder_cls_pooling(tmp_path):
-    """train_layers=0 (head only, cached pooled features) with the literal h_CLS of eq. (10),
-    scaled to unit length, on an encoder cut to its bottom layer."""
+def test_trained_export_frozen_encoder_neighbor_feature(tmp_path):
+    """train_layers=0 (head only, cached pooled features) with the neighbour feature k(h),
+    h scaled to unit length, on an encoder cut to its bottom layer."""
     from export.pipeline import export_trained
 
     base = build_bert(tmp_path / "base", seed=1)
     data = build_data_dir(tmp_path / "data")
     config = TrainConfig(base=base, data_dirs=(data,), epochs=1, batch_size=8, threads=1, max_length=64,
-                         encoder_layers=1, train_layers=0, pooling="cls", normalize=True,
+                         encoder_layers=1, train_layers=0, pooling="mean", normalize=True,
                          neighbor_smoothing=0.0, neighbor_feature=3, progress=False)
     out = export_trained(tmp_path / "bundle", config)
     m = load_bundle(out).manifest
-    assert m.pooling == "cls" and m.training["train_layers"] == 0
+    assert m.pooling == "mean" and m.training["train_layers"] == 0
     assert m.training["encoder_layers"] == 1 and m.base_model.endswith("bottom 1 layers")
     assert m.training["neighbor_feature"] == 3 and (out / "pytorch" / "neighbors.pt").is_file()
     assert json.loads((out / "pytorch" / "encoder" / "config.json").read_text())["num_hidden_layers"] == 1
