@@ -58,15 +58,16 @@ class TrainConfig:
     #: Scale h to unit length before the head (as the sentence encoder's own
     #: pipeline does); the head then sees directions, not norms.
     normalize: bool = False
-    #: Bottom transformer layers of the base kept (None: all).  Measured on
-    #: our validation split and in 5-fold cross-validation (docs/router.md):
-    #: all-MiniLM-L6-v2's middle layer (3 of 6) separates easy from hard
+    #: Bottom transformer layers of the base kept (None: all).  Chosen for
+    #: all-MiniLM-L6-v2 by 5-fold cross-validation over the public MMLU rows
+    #: (docs/router.md): its middle layer (3 of 6) separates easy from hard
     #: questions better than its last, sentence-similarity-tuned layer, and
-    #: the router runs in half the time.
+    #: the router runs in half the time.  Other bases need their own value.
     encoder_layers: int | None = 3
     #: Top transformer layers (of the kept ones) trained (0: encoder frozen, head only).
     train_layers: int = 0
-    #: Head-only epochs are cheap (the pooled h is cached): 30 take ~10 s here.
+    #: Head-only epochs are cheap: the pooled h is cached, so an epoch is a few
+    #: hundred steps of one linear layer.
     epochs: int = 30
     batch_size: int = 32
     lr_encoder: float = 2e-5

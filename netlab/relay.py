@@ -39,7 +39,7 @@ CHUNK_BYTES = 64 * 1024
 #: The last stretch of each wait is a blocking ``time.sleep`` instead of an
 #: asyncio timer: epoll's timeout is in whole milliseconds (rounded up), which
 #: made every chunk late by ~0.5 ms on average, +1 ms on a round trip.
-SPIN_S = 0.002
+FINE_SLEEP_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -123,11 +123,11 @@ class _DelayLine:
             while True:
                 release, data = await self._queue.get()
                 wait = release - loop.time()
-                if wait > SPIN_S:
-                    await asyncio.sleep(wait - SPIN_S)
+                if wait > FINE_SLEEP_S:
+                    await asyncio.sleep(wait - FINE_SLEEP_S)
                     wait = release - loop.time()
                 if wait > 0:
-                    # Blocks the loop for at most SPIN_S (+ the timer's own
+                    # Blocks the loop for at most FINE_SLEEP_S (+ the timer's own
                     # overshoot): other chunks are late by no more than that.
                     time.sleep(wait)
                 if data is None:

@@ -15,6 +15,13 @@ For each link setting (a good 5G-like link and a poor one, :mod:`netlab.namespac
    with the average answer length L̄_r) and the post-hoc one
    (``predicted_posthoc_s``, the same equations with the answer's actual length).
 
+With ``--phases good-5g:6,poor:6,good-5g:6`` it instead runs one policy
+(``--phase-policy``, default ``bert-ctx``) through link phases that change
+between turns, as when a device walks out of coverage and back.  Each phase
+replays the same turns (new conversations), so only the link differs: which
+target each turn took, and how many turns the switch took after each change
+(``bench_link_phases.json``).
+
 Prints a markdown table on stdout, writes ``bench_link.json`` and plots into
 ``--out``.  Needs root (network namespaces).  Sized for a 2-core machine: a
 few dialogues, a few turns each, short answers; the sizes are printed with
@@ -190,6 +197,109 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_phases(text: str) -> list[tuple[str, int]]:
+    """``"good-5g:6,poor:6,good-5g:6"`` -> [(link, turns), ...]; ValueError names what is wrong."""
+    phases = []
+    for part in text.split(","):
+        name, sep, n = part.strip().partition(":")
+        if name not in LINKS:
+            raise ValueError(f"unknown link {name!r} in --phases; expected one of {', '.join(LINKS)}")
+        if not sep or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--phases entries are LINK:TURNS with TURNS >= 1, got {part!r}")
+        phases.append((name, int(n)))
+    if len(phases) < 2:
+        raise ValueError("--phases needs at least two phases")
+    return phases
+
+
+def phase_summary(records: list[dict]) -> list[dict]:
+    """Per phase: turns, edge share, mean latency, and a comparison with the first
+    phase, which replayed the same turns: how many of the turns it sent to the
+    edge (the "hard" turns on that link) went to the edge again, and the first
+    turn of the phase that went to the edge at all."""
+    phases = list(dict.fromkeys(r["phase"] for r in records))
+    by_phase = {ph: [r for r in records if r["phase"] == ph] for ph in phases}
+    first = by_phase[phases[0]]
+    out = []
+    for ph in phases:
+        recs = by_phase[ph]
+        hard = [k for k, r in enumerate(first[: len(recs)]) if r["target"] == "edge"]
+        out.append({
+            "phase": ph, "link": recs[0]["link"], "turns": len(recs),
+            "edge_share": sum(r["target"] == "edge" for r in recs) / len(recs),
+            "mean_s": statistics.fmean(r["measured_s"] for r in recs),
+            "same_as_first": sum(r["target"] == f["target"] for r, f in zip(recs, first)) / len(recs),
+            "hard_turns": len(hard),
+            "hard_on_edge": sum(recs[k]["target"] == "edge" for k in hard),
+            "first_edge_turn": next((k + 1 for k, r in enumerate(recs) if r["target"] == "edge"), None),
+        })
+    return out
+
+
+def run_phases(args, dialogues: list[dict]) -> int:
+    from netlab.live import EDGE_PORT, DeviceWorker, start_edge
+
+    phases = parse_phases(args.phases)
+    # Every phase replays the same turns, so that only the link differs between them.
+    prompts = [(di, p) for di, d in enumerate(dialogues) for p in d["prompts"]]
+    longest = max(n for _, n in phases)
+    if len(prompts) < longest:
+        raise SystemExit(f"bench_link: a {longest}-turn phase needs more prompts than the {len(prompts)} "
+                         f"of --dialogues {args.dialogues} x --max-turns {args.max_turns}")
+    records: list[dict] = []
+    t_start = time.perf_counter()
+    with NetLab(settings=LINKS[phases[0][0]]) as lab:
+        start_edge(lab, extra=["--n-slots", "1", "--threads", str(args.threads)])
+        relay = lab.start_relay(EDGE_PORT, seed=args.seed)
+        target = f"127.0.0.1:{relay}"
+        # Profiled once, on the first phase's link, as a deployed device would be.
+        profile_path = args.out / "profile_phases.json"
+        parts = "link,edge,slm" + (",router" if args.phase_policy.startswith("bert") else "")
+        run_profile(lab, target, profile_path, parts, args)
+        extra = ["--profile", str(profile_path), "--max-tokens", str(args.max_tokens),
+                 "--threshold", str(args.threshold), "--seed", str(args.seed), "--threads", str(args.threads),
+                 *(["--online"] if args.online else []),
+                 *(["--alpha", repr(args.alpha)] if args.alpha is not None else []),
+                 "--system", "Conversation run phases."]
+        if args.bundle:
+            extra += ["--bundle", args.bundle]
+        with DeviceWorker(lab, target, args.phase_policy, extra=extra) as dev:
+            for k, (name, n) in enumerate(phases):
+                lab.apply(LINKS[name])
+                log.info("phase %d: %s for %d turns", k + 1, name, n)
+                last_dialogue = None
+                for di, prompt in prompts[:n]:
+                    if di != last_dialogue:
+                        dev.new_conversation()
+                        last_dialogue = di
+                    reply = dev.turn(prompt)
+                    records.append({**reply["telemetry"], "phase": f"{k + 1}:{name}", "link": name,
+                                    "estimates_after": reply.get("estimates")})
+    summary = phase_summary(records)
+    result = {"policy": args.phase_policy, "online": args.online, "threshold": args.threshold,
+              "alpha": args.alpha, "phases": phases, "summary": summary, "records": records,
+              "wall_s": time.perf_counter() - t_start}
+    (args.out / "bench_link_phases.json").write_text(json.dumps(result, indent=2))
+    print(f"policy {args.phase_policy}; online estimation: {'on' if args.online else 'off'}; "
+          f"α = {args.alpha if args.alpha is not None else 'preset'}, θ = {args.threshold:g}; "
+          f"wall {result['wall_s']:.0f} s")
+    print()
+    print("| # | phase | p | p̃ | target | measured s | predicted device / edge s |")
+    print("|---|---|---|---|---|---|---|")
+    for i, r in enumerate(records, 1):
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"| {i} | {r['phase']} | {fmt(r.get('p'))} | {fmt(r.get('p_fused'))} | {r['target']} | "
+              f"{r['measured_s']:.2f} | {r['predicted_s']['device']:.2f} / {r['predicted_s']['edge']:.2f} |")
+    print()
+    print("| phase | turns | edge share | mean s | same target as phase 1 | phase-1 edge turns on the edge | first edge turn |")
+    print("|---|---|---|---|---|---|---|")
+    for row in summary:
+        fe = "-" if row["first_edge_turn"] is None else f"turn {row['first_edge_turn']}"
+        print(f"| {row['phase']} | {row['turns']} | {row['edge_share']:.0%} | {row['mean_s']:.2f} | "
+              f"{row['same_as_first']:.0%} | {row['hard_on_edge']} of {row['hard_turns']} | {fe} |")
+    return 0
+
+
 def profile_links(links: dict[str, LinkSettings], args) -> int:
     """The profiler's accuracy: configured RTT (2 × relay delay) and tbf rate vs the Echo fit."""
     from netlab.live import EDGE_PORT, start_edge
@@ -234,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                          "fight over the 2 cores of the test machine)")
     ap.add_argument("--online", action="store_true",
                     help="online estimation in every run (γ, B, δ and L̄_r updated after each turn)")
+    ap.add_argument("--phases", help="LINK:TURNS,... run --phase-policy through link phases instead "
+                    "(e.g. good-5g:6,poor:6,good-5g:6)")
+    ap.add_argument("--phase-policy", default="bert-ctx", choices=POLICIES)
     ap.add_argument("--profile-only", action="store_true",
                     help="only profile each link: configured vs measured RTT and rate")
     args = ap.parse_args(argv)
@@ -244,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"bench_link: {reason}", file=sys.stderr)
         return 2
+    if args.phases:
+        try:
+            parse_phases(args.phases)
+        except ValueError as exc:
+            ap.error(str(exc))
     links = {name: LINKS[name] for name in args.links.split(",")}
     policies = [p for p in args.policies.split(",") if p]
     if bad := set(policies) - set(POLICIES):
@@ -259,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             policies = [p for p in policies if not p.startswith("bert")]
     dialogues = pick_dialogues(args.data_dir / "mtbench101" / "mtbench101.jsonl", args.dialogues, args.max_turns)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.phases:
+        return run_phases(args, dialogues)
     from netlab.live import EDGE_PORT, DeviceWorker, start_edge
 
     from device_runtime.cost_model import paper_params

@@ -83,3 +83,32 @@ def test_help_lists_alpha_and_bad_alpha_is_refused():
     assert "--alpha" in out.stdout
     bad = subprocess.run([sys.executable, str(SCRIPT), "--alpha", "-1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--alpha" in bad.stderr
+
+
+def test_phases_parse_and_reject_bad_specs(bench):
+    assert bench.parse_phases("good-5g:6, poor:2,good-5g:1") == [("good-5g", 6), ("poor", 2), ("good-5g", 1)]
+    for bad, msg in (("good-5g:3", "two phases"), ("lte:3,poor:2", "unknown link"),
+                     ("good-5g,poor:2", "LINK:TURNS"), ("good-5g:0,poor:2", "LINK:TURNS")):
+        with pytest.raises(ValueError, match=msg):
+            bench.parse_phases(bad)
+
+
+def test_phase_summary_compares_each_phase_with_the_first(bench):
+    def turn(phase, target, measured=0.5):
+        return {"phase": phase, "link": phase.split(":")[1], "target": target, "measured_s": measured}
+
+    records = (
+        [turn("1:good-5g", "edge"), turn("1:good-5g", "edge"), turn("1:good-5g", "device")]
+        # Degraded: the first hard turn still goes to the edge, the second moves.
+        + [turn("2:poor", "edge", 1.5), turn("2:poor", "device"), turn("2:poor", "device")]
+        # Recovered: back on the edge from the second turn.
+        + [turn("3:good-5g", "device"), turn("3:good-5g", "edge"), turn("3:good-5g", "device")]
+    )
+    first, degraded, recovered = bench.phase_summary(records)
+    assert first["same_as_first"] == 1.0 and first["hard_on_edge"] == first["hard_turns"] == 2
+    assert first["edge_share"] == pytest.approx(2 / 3) and first["first_edge_turn"] == 1
+    assert degraded["hard_on_edge"] == 1 and degraded["same_as_first"] == pytest.approx(2 / 3)
+    assert degraded["mean_s"] == pytest.approx((1.5 + 0.5 + 0.5) / 3)
+    assert recovered["hard_on_edge"] == 1 and recovered["first_edge_turn"] == 2
+    never = bench.phase_summary(records[:3] + [turn("2:poor", "device")])[1]
+    assert never["first_edge_turn"] is None and never["hard_on_edge"] == 0 and never["hard_turns"] == 1
