@@ -308,8 +308,15 @@ class LinkEstimator:
         self.overhead = RobustEwma(overhead_settings, value=self.link.overhead_s)
         self._samples = deque(maxlen=self.settings.window)
 
-    def update(self, transfer_tokens: float, comm_s: float) -> bool:
-        """Feed one sample; returns whether δ accepted it."""
+    def update(self, transfer_tokens: float, comm_s: float, *, probe: bool = False) -> bool:
+        """Feed one sample; returns whether δ accepted it.
+
+        A ``probe`` (an Echo round trip) updates δ but not B: one small message
+        each way is not comparable with a turn's streamed answer, which on a
+        jittery link waits for the latest of its chunks, so probes next to
+        turns would line up into a slope that is not the bandwidth (measured:
+        B read 4-15x low on the emulated poor link).
+        """
         if transfer_tokens < 0 or not math.isfinite(comm_s):
             raise ValueError("transfer_tokens must be >= 0 and comm_s finite")
         # Clock noise can make comm_s slightly negative on a fast link.
@@ -320,10 +327,10 @@ class LinkEstimator:
         if self.overhead.n_regime_changes != regimes:
             # A new regime: only the samples that announced it still count.
             n = self.settings.regime_after
-            keep = [(px, py, True) for px, py, _ in list(self._samples)[-(n - 1):]] if n > 1 else []
+            keep = [(px, py, True, pp) for px, py, _, pp in list(self._samples)[-(n - 1):]] if n > 1 else []
             self._samples.clear()
             self._samples.extend(keep)
-        self._samples.append((x, comm_s, accepted))
+        self._samples.append((x, comm_s, accepted, probe))
         self._refit_bandwidth()
         self.link = Link(self.link.bandwidth_tokens_per_s, max(0.0, self.overhead.value))
         return accepted
@@ -333,12 +340,12 @@ class LinkEstimator:
             return
         # The sizes must differ among *accepted* samples: a size-0 ping that
         # first shows a new δ, next to old turns of one size, has no slope to tell.
-        xs = [x for x, _, ok in self._samples if ok]
+        xs = [x for x, _, ok, probe in self._samples if ok and not probe]
         if not xs or max(xs) / max(min(xs), 1.0) < self.min_size_ratio:
             return
         # Theil-Sen over the accepted samples of this regime: the median of
         # pairwise slopes shrugs off the odd bad sample.
-        pts = [(x, y) for x, y, ok in self._samples if ok]
+        pts = [(x, y) for x, y, ok, probe in self._samples if ok and not probe]
         slopes = [
             (y2 - y1) / (x2 - x1)
             for i, (x1, y1) in enumerate(pts)
@@ -351,7 +358,11 @@ class LinkEstimator:
         lo, hi = min(x for x, _ in pts), max(x for x, _ in pts)
         # Only a slope that the sizes make visible above timing noise says
         # anything about B; otherwise transfers are negligible and B stays.
-        if slope > 0 and slope * (hi - lo) >= 2 * LINK_ABS_FLOOR_S:
+        # The noise is the spread of the turns about the fitted line: with
+        # jitter, a few turns can line up into a slope that says nothing about B.
+        intercept = statistics.median(y - slope * x for x, y in pts)
+        noise = _MAD_TO_SIGMA * _mad([y - intercept - slope * x for x, y in pts])
+        if slope > 0 and slope * (hi - lo) >= max(2 * LINK_ABS_FLOOR_S, 4 * noise):
             self.link = Link(1.0 / slope, self.link.overhead_s)
 
 
@@ -419,7 +430,7 @@ class OnlineEstimator:
     def observe_ping(self, rtt_s: float, transfer_tokens: float = 0.0) -> None:
         """A link probe (an Echo round trip), e.g. while turns run on the device,
         so that a recovered link is noticed without sending it real turns."""
-        self.link.update(transfer_tokens, rtt_s)
+        self.link.update(transfer_tokens, rtt_s, probe=True)
 
     def params(self) -> CostParams:
         g = {k: v.value for k, v in self.gamma.items()}

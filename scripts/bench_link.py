@@ -274,7 +274,7 @@ def run_phases(args, dialogues: list[dict]) -> int:
                         last_dialogue = di
                     reply = dev.turn(prompt)
                     records.append({**reply["telemetry"], "phase": f"{k + 1}:{name}", "link": name,
-                                    "estimates_after": reply.get("estimates")})
+                                    "estimates_after": reply.get("estimates"), "comm_s": reply.get("comm_s")})
     summary = phase_summary(records)
     result = {"policy": args.phase_policy, "online": args.online, "threshold": args.threshold,
               "alpha": args.alpha, "phases": phases, "summary": summary, "records": records,

@@ -121,6 +121,33 @@ def test_link_estimator_refits_bandwidth_when_sizes_vary():
     assert est.link.overhead_s == pytest.approx(0.05, abs=0.03)
 
 
+def test_link_estimator_does_not_read_bandwidth_from_probes_next_to_turns():
+    # A poor link's δ (0.24 s).  Probes (0 tokens) see δ; a streamed turn on a
+    # jittery link waits for the latest of its chunks, ~30 ms more whatever its
+    # size.  Its transfers (<= 200 tokens at 58k tokens/s: <= 3.4 ms) are
+    # invisible, so B must keep its profiled value; counting the probes as
+    # 0-token turns would fit B ≈ 5k tokens/s.
+    est = LinkEstimator(Link(bandwidth_tokens_per_s=58_000.0, overhead_s=0.24))
+    rng = random.Random(3)
+    for _ in range(12):
+        est.update(0, 0.24 + rng.uniform(-0.002, 0.002), probe=True)
+        tokens = rng.choice([60, 120, 200])
+        est.update(tokens, 0.24 + 0.03 + tokens / 58_000.0 + rng.uniform(-0.002, 0.002))
+    assert est.link.bandwidth_tokens_per_s == 58_000.0
+    assert est.link.overhead_s == pytest.approx(0.255, abs=0.025)
+
+
+def test_link_estimator_keeps_bandwidth_under_jitter_that_hides_any_slope():
+    # Turns alone, sizes 20-300 tokens, ±20 ms of jitter a way: a slope of a
+    # few ms under 40 ms of noise is not evidence about B.
+    est = LinkEstimator(Link(bandwidth_tokens_per_s=58_000.0, overhead_s=0.24))
+    rng = random.Random(4)
+    for _ in range(16):
+        tokens = rng.choice([20, 300])
+        est.update(tokens, 0.24 + tokens / 58_000.0 + rng.uniform(-0.02, 0.02) + rng.uniform(-0.02, 0.02))
+    assert est.link.bandwidth_tokens_per_s == 58_000.0
+
+
 def test_link_estimator_keeps_bandwidth_when_transfers_are_negligible():
     est = LinkEstimator(Link(bandwidth_tokens_per_s=1e6, overhead_s=0.02))
     rng = random.Random(2)
