@@ -197,6 +197,20 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def worker_args(args, profile_path: Path, system: str) -> list[str]:
+    """The device worker's flags for one run.  ``system`` is a system line unique
+    to the run: the edge's slots reuse KV by prompt prefix across sessions, and a
+    run must not inherit another run's cache of the same dialogues."""
+    extra = ["--profile", str(profile_path), "--max-tokens", str(args.max_tokens),
+             "--threshold", str(args.threshold), "--seed", str(args.seed), "--threads", str(args.threads),
+             *(["--online"] if args.online else []),
+             *(["--alpha", repr(args.alpha)] if args.alpha is not None else []),
+             "--system", system]
+    if args.bundle:
+        extra += ["--bundle", args.bundle]
+    return extra
+
+
 def parse_phases(text: str) -> list[tuple[str, int]]:
     """``"good-5g:6,poor:6,good-5g:6"`` -> [(link, turns), ...]; ValueError names what is wrong."""
     phases = []
@@ -256,13 +270,7 @@ def run_phases(args, dialogues: list[dict]) -> int:
         profile_path = args.out / "profile_phases.json"
         parts = "link,edge,slm" + (",router" if args.phase_policy.startswith("bert") else "")
         run_profile(lab, target, profile_path, parts, args)
-        extra = ["--profile", str(profile_path), "--max-tokens", str(args.max_tokens),
-                 "--threshold", str(args.threshold), "--seed", str(args.seed), "--threads", str(args.threads),
-                 *(["--online"] if args.online else []),
-                 *(["--alpha", repr(args.alpha)] if args.alpha is not None else []),
-                 "--system", "Conversation run phases."]
-        if args.bundle:
-            extra += ["--bundle", args.bundle]
+        extra = worker_args(args, profile_path, "Conversation run phases.")
         with DeviceWorker(lab, target, args.phase_policy, extra=extra) as dev:
             for k, (name, n) in enumerate(phases):
                 lab.apply(LINKS[name])
@@ -424,17 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                      "records": {}, "summary": {}}
             for policy in policies:
                 log.info("%s / %s", name, policy)
-                # A system line unique to the run: the edge's slots reuse KV by
-                # prompt prefix across sessions, and a run must not inherit the
-                # previous policy's cache of the same dialogues.
-                extra = ["--profile", str(profile_path), "--max-tokens", str(args.max_tokens),
-                         "--threshold", str(args.threshold), "--seed", str(args.seed),
-                         "--threads", str(args.threads),
-                         *(["--online"] if args.online else []),
-                         *(["--alpha", repr(args.alpha)] if args.alpha is not None else []),
-                         "--system", f"Conversation run {name}/{policy}."]
-                if args.bundle:
-                    extra += ["--bundle", args.bundle]
+                extra = worker_args(args, profile_path, f"Conversation run {name}/{policy}.")
                 recs = []
                 with DeviceWorker(lab, target, policy, extra=extra) as dev:
                     for d in dialogues:
