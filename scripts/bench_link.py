@@ -19,8 +19,8 @@ With ``--phases good-5g:6,poor:6,good-5g:6`` it instead runs one policy
 (``--phase-policy``, default ``bert-ctx``) through link phases that change
 between turns, as when a device walks out of coverage and back.  Each phase
 replays the same turns (new conversations), so only the link differs: which
-target each turn took, and how many turns the switch took after each change
-(``bench_link_phases.json``).
+target each turn took, and per phase how many of the turns the first phase
+sent to the edge went to the edge again (``bench_link_phases.json``).
 
 Prints a markdown table on stdout, writes ``bench_link.json`` and plots into
 ``--out``.  Needs root (network namespaces).  Sized for a 2-core machine: a
@@ -294,8 +294,8 @@ def run_phases(args, dialogues: list[dict]) -> int:
     print()
     print("| # | phase | p | p̃ | target | measured s | predicted device / edge s |")
     print("|---|---|---|---|---|---|---|")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for i, r in enumerate(records, 1):
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         print(f"| {i} | {r['phase']} | {fmt(r.get('p'))} | {fmt(r.get('p_fused'))} | {r['target']} | "
               f"{r['measured_s']:.2f} | {r['predicted_s']['device']:.2f} / {r['predicted_s']['edge']:.2f} |")
     print()
