@@ -37,14 +37,22 @@ def _check_nonneg(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class ModelTiming:
-    """Per-token compute time of one model (γ in the paper), split by phase."""
+    """Per-token compute time of one model (γ in the paper), split by phase.
+
+    ``call_s`` is a fixed time per call that γ·tokens does not explain (request
+    handling, sampler set-up, the first token): an extension, charged once in
+    eq. (1); 0, the default, is the paper's model.  Measured for the edge by
+    ``edgeroute profile`` (``call_s_edge``) and kept current online.
+    """
 
     prefill_s_per_token: float
     decode_s_per_token: float
+    call_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_nonneg("prefill_s_per_token", self.prefill_s_per_token)
         _check_nonneg("decode_s_per_token", self.decode_s_per_token)
+        _check_nonneg("call_s", self.call_s)
 
     @classmethod
     def uniform(cls, gamma: float) -> "ModelTiming":
@@ -177,8 +185,9 @@ class Decision:
 
 
 def comp_latency(timing: ModelTiming, delta_c: float, prompt_tokens: float) -> float:
-    """Eq. (1): T_comp^k = γ_k (ΔC_t + L_p), with γ_k the prefill time."""
-    return timing.prefill_s_per_token * (delta_c + prompt_tokens)
+    """Eq. (1): T_comp^k = γ_k (ΔC_t + L_p), with γ_k the prefill time
+    (plus the model's fixed ``call_s``, 0 in the paper)."""
+    return timing.call_s + timing.prefill_s_per_token * (delta_c + prompt_tokens)
 
 
 def upload_latency(link: Link, upload_tokens: float) -> float:
@@ -265,6 +274,23 @@ def fused_score(p: float, alpha: float, t_total_e: float, t_total_s: float) -> f
 def decide_target(p_fused: float, threshold: float) -> Target:
     """Eq. (12): the edge when p̃ > θ (d_t = 0), otherwise the device (d_t = 1)."""
     return "edge" if p_fused > threshold else "device"
+
+
+def settled_target(params: CostParams, turn: TurnInputs, threshold: float) -> Target | None:
+    """The target eq. (12) picks for every router score p in [0, 1], or None.
+
+    With g = α(T^e − T^s), eq. (11) puts p̃ in [−g, 1 − g]: the device whatever
+    p is when 1 − g ≤ θ, the edge when −g > θ.  T_router (eq. 4) is in both
+    T^e and T^s and cancels.  A runtime can then skip the router: same
+    decision, without the router's time.
+    """
+    no_router = replace(turn, router_tokens=0)
+    gap = params.alpha * (latency(params, no_router, "edge").total_s - latency(params, no_router, "device").total_s)
+    if 1.0 - gap <= threshold:
+        return "device"
+    if -gap > threshold:
+        return "edge"
+    return None
 
 
 def decide(params: CostParams, turn: TurnInputs, p: float, threshold: float) -> Decision:

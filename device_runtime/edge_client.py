@@ -17,6 +17,7 @@ Every call has a deadline (``timeout_s``).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -36,6 +37,8 @@ __all__ = [
     "EdgeUnavailable",
     "GenerationParams",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -177,7 +180,11 @@ class EdgeClient:
         timeout_s: float = 120.0,
         connect_timeout_s: float = 2.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        connect_now: bool = True,
     ) -> None:
+        """``connect_now``: start connecting in the background at once, so the
+        first turn does not pay for the TCP and HTTP/2 handshakes (2-3 round
+        trips over the link); False connects on the first call."""
         if not target:
             raise ValueError("target must be HOST:PORT")
         if not timeout_s > 0 or not connect_timeout_s > 0:
@@ -202,7 +209,7 @@ class EdgeClient:
         self._stub = edge_pb2_grpc.EdgeLLMStub(self._channel)
         self._state = grpc.ChannelConnectivity.IDLE
         self._state_lock = threading.Lock()
-        self._channel.subscribe(self._on_state, try_to_connect=False)
+        self._channel.subscribe(self._on_state, try_to_connect=connect_now)
         self._closed = False
 
     def _on_state(self, state: grpc.ChannelConnectivity) -> None:
@@ -252,15 +259,22 @@ class EdgeClient:
         params: GenerationParams | None = None,
         *,
         timeout_s: float | None = None,
+        open_session: bool = False,
     ) -> EdgeStream:
         """Append ``new_messages`` (the turns the edge has not seen) and stream the answer.
 
         The call starts at once; iterate the returned stream for the chunks.
+        ``open_session``: the edge opens ``session_id`` first if it holds no such
+        session (one round trip fewer than :meth:`open_session`); only for a call
+        whose ``new_messages`` are the whole conversation.
         """
+        if open_session and not session_id:
+            raise ValueError("open_session needs a session_id (see edge_client.new_session_id)")
         request = edge_pb2.GenerateRequest(
             session_id=session_id,
             messages=messages_to_pb(new_messages),
             params=(params or GenerationParams()).to_pb(),
+            open_session=open_session,
         )
         self._ensure_connected()
         t_start = time.perf_counter()
@@ -269,6 +283,18 @@ class EdgeClient:
         except grpc.RpcError as exc:
             raise _map_rpc_error(exc) from None
         return EdgeStream(call, t_start)
+
+    def warm_up(self, timeout_s: float | None = None) -> float | None:
+        """Connect and send one empty Echo; its round-trip seconds, or None when
+        the edge cannot be reached (logged, not raised: turns fall back then).
+
+        For a runtime about to serve turns: the channel and the server's
+        handler path are warm before the first turn is timed."""
+        try:
+            return self.ping(0, 0, timeout_s=timeout_s)
+        except (EdgeUnavailable, EdgeError) as exc:
+            log.warning("edge at %s not reachable yet: %s", self.target, exc)
+            return None
 
     def ping(self, payload_bytes: int, response_bytes: int = 0, *, timeout_s: float | None = None) -> float:
         """Round-trip seconds of an Echo carrying ``payload_bytes`` up and ``response_bytes`` down."""
@@ -310,5 +336,5 @@ class EdgeClient:
 
 
 def new_session_id() -> str:
-    """A fresh client-side session id (the server accepts it in OpenSession)."""
+    """A fresh client-side session id (for OpenSession, or Generate with ``open_session``)."""
     return uuid.uuid4().hex

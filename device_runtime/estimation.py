@@ -7,10 +7,11 @@ Pure: numbers in, numbers out; no clocks, no I/O.  Two uses:
   least squares over per-size medians, and reports the fit's quality.
   :func:`bytes_per_token` converts the link's bytes/s into the paper's
   tokens/s.
-- **Online estimation**: :class:`OnlineEstimator` keeps robust EWMAs of γ_s,
-  γ_e (eqs. 1, 5) and of the link (eq. 3), updated from every turn's
-  telemetry, and turns them into :class:`~device_runtime.cost_model.CostParams`
-  for the next decision (eqs. 6-12).  Outliers (a GC pause, one lost packet)
+- **Online estimation**: :class:`OnlineEstimator` keeps robust EWMAs of γ_s
+  and of the link (eq. 3), and robust lines (:class:`LineFit`) for the edge's
+  γ_e and per-call time (eqs. 1, 5), updated from every turn's telemetry, and
+  turns them into :class:`~device_runtime.cost_model.CostParams` for the next
+  decision (eqs. 6-12).  Outliers (a GC pause, one lost packet)
   are rejected by a k·MAD rule; a run of consecutive outliers is taken as a
   change of regime (the link degraded or recovered) and adopted at once, so
   the router follows the link within a few turns.
@@ -23,6 +24,8 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Sequence
+
+import numpy as np
 
 from device_runtime.cost_model import CostParams, Link, ModelTiming
 
@@ -243,6 +246,11 @@ class RobustEwma:
         if self.value is not None and not self._recent:
             self._recent.extend([self.value] * self.settings.min_samples)
 
+    @property
+    def pending_outliers(self) -> int:
+        """Outliers held back that a further one on the same side would confirm."""
+        return len(self._pending)
+
     def is_outlier(self, x: float) -> bool:
         s = self.settings
         if self.value is None or len(self._recent) < s.min_samples:
@@ -278,6 +286,90 @@ class RobustEwma:
         self.value = x if self.value is None else (1 - s.weight) * self.value + s.weight * x
         self._recent.append(x)
         self.n_accepted += 1
+        return True
+
+
+@dataclass
+class LineFit:
+    """``y ≈ intercept + slope · x`` over the recent samples, pulled towards a prior.
+
+    For the edge's compute per call: the time to the first token against the
+    tokens prefilled (eq. 1 plus a fixed cost), and the decode time against the
+    tokens generated (eq. 5).  A ratio y/x, as for γ_s, would charge the fixed
+    cost of a short turn to γ; a least-squares line over a few turns of similar
+    size cannot tell slope from intercept.  So the fit is the posterior mean
+    under a Gaussian prior centred on the profiled values (ridge regression):
+    the slope stays near the profile's unless the turns show otherwise, and the
+    intercept takes up the rest.  Outliers and changes of regime as in
+    :class:`RobustEwma`, on the residuals; a new regime shifts the prior's
+    intercept by the outliers' median residual and restarts the window.
+    """
+
+    intercept: float
+    slope: float
+    settings: EwmaSettings = field(default_factory=EwmaSettings)
+    intercept_sd_s: float = 0.05
+    """Prior standard deviation of the intercept, seconds."""
+    slope_rel_sd: float = 0.1
+    """Prior standard deviation of the slope, as a fraction of the prior slope."""
+    noise_sd_s: float = 0.02
+    """Assumed spread of one sample about the line, seconds."""
+    n_regime_changes: int = 0
+    _prior: tuple = field(init=False, repr=False)
+    _samples: deque = field(init=False, repr=False)
+    _pending: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not (self.intercept_sd_s > 0 and self.slope_rel_sd > 0 and self.noise_sd_s > 0):
+            raise ValueError("intercept_sd_s, slope_rel_sd and noise_sd_s must be > 0")
+        self._prior = (float(self.intercept), float(self.slope))
+        self._samples = deque(maxlen=self.settings.window)
+
+    def predict(self, x: float) -> float:
+        return self.intercept + self.slope * x
+
+    def _fit(self) -> None:
+        a0, b0 = self._prior
+        prior_prec = np.diag([self.intercept_sd_s ** -2, max(self.slope_rel_sd * abs(b0), 1e-6) ** -2])
+        lhs, rhs = prior_prec.copy(), prior_prec @ np.array([a0, b0])
+        if self._samples:
+            xs = np.array([[1.0, x] for x, _ in self._samples])
+            ys = np.array([y for _, y in self._samples])
+            lhs += xs.T @ xs / self.noise_sd_s ** 2
+            rhs += xs.T @ ys / self.noise_sd_s ** 2
+        a, b = np.linalg.solve(lhs, rhs)
+        self.intercept, self.slope = float(a), max(0.0, float(b))
+
+    def _is_outlier(self, x: float, y: float) -> bool:
+        s = self.settings
+        if len(self._samples) < s.min_samples:
+            return False
+        residuals = [yy - self.predict(xx) for xx, yy in self._samples]
+        sigma = max(_MAD_TO_SIGMA * _mad(residuals), s.rel_floor * abs(self.predict(x)), s.abs_floor, 1e-12)
+        return abs(y - self.predict(x)) > s.k_mad * sigma
+
+    def update(self, x: float, y: float) -> bool:
+        """Feed one sample; returns whether it entered the fit."""
+        if not (math.isfinite(x) and math.isfinite(y)) or x < 0:
+            raise ValueError(f"samples must be finite with x >= 0, got ({x!r}, {y!r})")
+        if self._is_outlier(x, y):
+            residual = y - self.predict(x)
+            if self._pending and (self._pending[-1][2] > 0) != (residual > 0):
+                self._pending.clear()
+            self._pending.append((x, y, residual))
+            if len(self._pending) < self.settings.regime_after:
+                return False
+            # A new regime (e.g. the edge got busier): the same line, shifted.
+            self._prior = (self.intercept + statistics.median(r for _, _, r in self._pending), self._prior[1])
+            self._samples.clear()
+            self._samples.extend((px, py) for px, py, _ in self._pending)
+            self._pending.clear()
+            self.n_regime_changes += 1
+            self._fit()
+            return True
+        self._pending.clear()
+        self._samples.append((float(x), float(y)))
+        self._fit()
         return True
 
 
@@ -335,6 +427,11 @@ class LinkEstimator:
         self.link = Link(self.link.bandwidth_tokens_per_s, max(0.0, self.overhead.value))
         return accepted
 
+    @property
+    def pending_outliers(self) -> int:
+        """Samples held back as outliers that a further one on the same side would confirm."""
+        return self.overhead.pending_outliers
+
     def _refit_bandwidth(self) -> None:
         if len(self._samples) < self.settings.min_samples:
             return
@@ -378,10 +475,16 @@ class OnlineEstimator:
     base: CostParams
     settings: EwmaSettings = field(default_factory=EwmaSettings)
     min_prefill_tokens: int = 16
-    """Prefill samples shorter than this are skipped: eq. (1) has no fixed
-    per-call term, so a 4-token prefill would charge its overhead to γ."""
+    """Device prefill samples shorter than this are skipped: γ_s is a ratio, so
+    a 4-token prefill would charge its fixed cost to γ_s."""
     min_decode_tokens: int = 4
     gamma: dict[str, RobustEwma] = field(init=False)
+    """γ_s (prefill, decode): robust EWMAs of the device's time per token."""
+    edge_prefill: LineFit = field(init=False)
+    """The edge's time to the first token against the tokens prefilled: slope
+    γ_e (prefill), intercept the prefill's share of ``call_s``."""
+    edge_decode: LineFit = field(init=False)
+    """The edge's decode time against the tokens generated: slope γ_e (decode)."""
     link: LinkEstimator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -389,20 +492,19 @@ class OnlineEstimator:
         self.gamma = {
             "gamma_s_prefill": RobustEwma(self.settings, value=b.gamma_s.prefill_s_per_token),
             "gamma_s_decode": RobustEwma(self.settings, value=b.gamma_s.decode_s_per_token),
-            "gamma_e_prefill": RobustEwma(self.settings, value=b.gamma_e.prefill_s_per_token),
-            "gamma_e_decode": RobustEwma(self.settings, value=b.gamma_e.decode_s_per_token),
         }
+        # A few ms of scheduling noise on a 50 ms call is not an outlier.
+        fit_settings = replace(self.settings, abs_floor=max(self.settings.abs_floor, LINK_ABS_FLOOR_S))
+        self.edge_prefill = LineFit(b.gamma_e.call_s, b.gamma_e.prefill_s_per_token, fit_settings)
+        self.edge_decode = LineFit(0.0, b.gamma_e.decode_s_per_token, fit_settings)
         self.link = LinkEstimator(b.link, self.settings)
-
-    def _gamma(self, side: str, prefill_tokens: int, prefill_s: float, output_tokens: int, decode_s: float) -> None:
-        if prefill_tokens >= self.min_prefill_tokens and prefill_s > 0:
-            self.gamma[f"gamma_{side}_prefill"].update(prefill_s / prefill_tokens)
-        if output_tokens >= self.min_decode_tokens and decode_s > 0:
-            self.gamma[f"gamma_{side}_decode"].update(decode_s / output_tokens)
 
     def observe_device_turn(self, prefill_tokens: int, prefill_s: float, output_tokens: int, decode_s: float) -> None:
         """A turn the device SLM answered: updates γ_s (eqs. 1, 5)."""
-        self._gamma("s", prefill_tokens, prefill_s, output_tokens, decode_s)
+        if prefill_tokens >= self.min_prefill_tokens and prefill_s > 0:
+            self.gamma["gamma_s_prefill"].update(prefill_s / prefill_tokens)
+        if output_tokens >= self.min_decode_tokens and decode_s > 0:
+            self.gamma["gamma_s_decode"].update(decode_s / output_tokens)
 
     def observe_edge_turn(
         self,
@@ -412,19 +514,25 @@ class OnlineEstimator:
         router_s: float,
         upload_tokens: int,
         output_tokens: int,
-        prefill_tokens: int = 0,
-        prefill_s: float = 0.0,
-        decode_s: float = 0.0,
+        first_token_s: float | None = None,
+        decode_s: float | None = None,
     ) -> float:
         """A turn the edge answered: γ_e from the server's timings, the link from the rest.
 
         ``server_s`` is the server's own time for the call (queue + prefill +
         decode); ``measured_s − server_s − router_s`` is what the link cost
         (eq. 3's upload + δ + download).  Returns that communication time.
+        With the server's split of ``server_s`` into ``first_token_s`` (request
+        to first token) and ``decode_s``, the edge's timing lines are updated:
+        the first token against ``upload_tokens`` (the ΔC + L_p that eq. 1
+        charges) and decode against ``output_tokens`` (eq. 5's L_r).
         """
-        self._gamma("e", prefill_tokens, prefill_s, output_tokens, decode_s)
         comm_s = measured_s - server_s - router_s
         self.link.update(upload_tokens + output_tokens, comm_s)
+        if first_token_s is not None and decode_s is not None and first_token_s > 0 and decode_s >= 0:
+            self.edge_prefill.update(upload_tokens, first_token_s)
+            if output_tokens > 0:
+                self.edge_decode.update(output_tokens, decode_s)
         return comm_s
 
     def observe_ping(self, rtt_s: float, transfer_tokens: float = 0.0) -> None:
@@ -432,17 +540,29 @@ class OnlineEstimator:
         so that a recovered link is noticed without sending it real turns."""
         self.link.update(transfer_tokens, rtt_s, probe=True)
 
+    def edge_timing(self) -> ModelTiming:
+        """γ_e and the edge's per-call time (the two lines' intercepts) for eqs. (1), (5)."""
+        return ModelTiming(
+            self.edge_prefill.slope,
+            self.edge_decode.slope,
+            max(0.0, self.edge_prefill.intercept + self.edge_decode.intercept),
+        )
+
     def params(self) -> CostParams:
         g = {k: v.value for k, v in self.gamma.items()}
         return self.base.with_(
-            gamma_s=ModelTiming(g["gamma_s_prefill"], g["gamma_s_decode"]),
-            gamma_e=ModelTiming(g["gamma_e_prefill"], g["gamma_e_decode"]),
+            gamma_s=ModelTiming(g["gamma_s_prefill"], g["gamma_s_decode"], self.base.gamma_s.call_s),
+            gamma_e=self.edge_timing(),
             link=self.link.link,
         )
 
     def snapshot(self) -> dict[str, float]:
         """Current estimates, in the PROFILE.json key names (for telemetry)."""
         out = {k: float(v.value) for k, v in self.gamma.items()}
+        edge = self.edge_timing()
+        out["gamma_e_prefill"] = float(edge.prefill_s_per_token)
+        out["gamma_e_decode"] = float(edge.decode_s_per_token)
+        out["call_s_edge"] = float(edge.call_s)
         out["bandwidth_tokens_per_s"] = float(self.link.link.bandwidth_tokens_per_s)
         out["overhead_s"] = float(self.link.link.overhead_s)
         return out

@@ -64,7 +64,8 @@ def live_cost_params(
     ``session`` upload mode, since the edge keeps the session and only unseen
     turns travel.  A profile (a PROFILE.json path from ``edgeroute profile``,
     or a mapping with its keys, see :mod:`device_runtime.profile`) replaces
-    the measured γ_s, γ_e, τ_r, B and δ; missing keys keep the preset's.
+    the measured γ_s, γ_e, τ_r, B, δ, per-call times and answer lengths L̄_r;
+    missing keys keep the preset's.
     """
     from device_runtime.profile import apply_profile, load_profile
 
@@ -73,7 +74,7 @@ def live_cost_params(
         return params
     data = dict(profile) if isinstance(profile, Mapping) else load_profile(profile, require_all=False)
     try:
-        return apply_profile(data, params)
+        return apply_profile(data, params, response_lengths=True)
     except ProfileError:
         raise
     except ValueError as exc:  # e.g. a zero bandwidth rejected by cost_model.Link
@@ -128,15 +129,28 @@ class Policy(ABC):
 
 
 class AutoPolicy(Policy):
-    """The paper's rule: p̃ = p − α(T^e − T^s) (eq. 11), edge iff p̃ > θ (eq. 12)."""
+    """The paper's rule: p̃ = p − α(T^e − T^s) (eq. 11), edge iff p̃ > θ (eq. 12).
+
+    ``skip_settled``: when the latency term alone decides (the same target for
+    every p in [0, 1], :func:`cost_model.settled_target`), the router is not
+    run: the same decision without T_router (e.g. every turn on a badly
+    degraded link).  The telemetry's ``p`` and ``p_fused`` are then null.
+    """
 
     name = "auto"
 
-    def __init__(self, router: "Router", threshold: float) -> None:
+    def __init__(self, router: "Router", threshold: float, *, skip_settled: bool = True) -> None:
         self.router = router
         self.threshold = threshold
+        self.skip_settled = skip_settled
 
     def choose(self, params, turn, prompt, context):
+        if self.skip_settled:
+            rp = self.router.cost_params(params)
+            settled = cost_model.settled_target(rp, turn, self.threshold)
+            if settled is not None:
+                no_router = replace(turn, router_tokens=0)
+                return PolicyDecision(settled, None, None, _predictions(rp, no_router), params=rp, inputs=no_router)
         d = self.router.decide(params, turn, self.threshold, prompt, context)
         return PolicyDecision(
             d.target, d.p, d.p_fused, {"device": d.device.total_s, "edge": d.edge.total_s},
@@ -168,7 +182,8 @@ class RandomPolicy(AutoPolicy):
     def __init__(self, threshold: float, seed: int | None = 0) -> None:
         from device_runtime.routers.base import create_router
 
-        super().__init__(create_router("random", seed=seed), threshold)
+        # A draw every turn, as in the paper, so a seed gives the same sequence.
+        super().__init__(create_router("random", seed=seed), threshold, skip_settled=False)
 
 
 def create_policy(
@@ -252,7 +267,8 @@ class Orchestrator:
 
     ``edge`` may be None: turns routed to the edge then fall back to the device.
     ``on_event(kind, detail)`` hears ``"fallback"`` (the edge failed; the answer
-    restarts on the device) and ``"edge_session"`` (a new edge session).
+    restarts on the device) and ``"edge_session"`` (a new edge session, once the
+    edge has answered on it: the first Generate opens it, see ``open_session``).
     """
 
     def __init__(
@@ -277,6 +293,7 @@ class Orchestrator:
         self._edge_session: str | None = None
         # transcript[:_edge_seen] is what the edge session holds.
         self._edge_seen = 0
+        self._edge_announced = True
         self._start_transcript()
 
     def _start_transcript(self) -> None:
@@ -424,7 +441,7 @@ class Orchestrator:
 
     def _answer_on_edge(self, user_msg, on_text, on_event, cancel, t0):
         """Answer on the edge, or raise :class:`_EdgeFailed` (the caller falls back)."""
-        from device_runtime.edge_client import EdgeError, EdgeUnavailable, GenerationParams
+        from device_runtime.edge_client import EdgeError, EdgeUnavailable, GenerationParams, new_session_id
 
         if self.edge is None:
             raise _EdgeFailed("no edge configured")
@@ -437,17 +454,25 @@ class Orchestrator:
             ttft = None
             try:
                 if self._edge_session is None:
-                    self._edge_session = self.edge.open_session()
+                    # The first Generate opens the session itself (one round
+                    # trip, not two); on the retry, after an edge that did not
+                    # (an older server), the session is opened explicitly.
+                    self._edge_session = (
+                        new_session_id() if attempt == 1 else self.edge.open_session()
+                    )
                     self._edge_seen = 0
                     # A new session holds nothing: the cost model must know.
                     self.ledger.seen["edge"] = 0
-                    on_event("edge_session", self._edge_session)
+                    self._edge_announced = False
                 stream = self.edge.generate(
-                    self._edge_session, self.transcript[self._edge_seen:] + [user_msg], params
+                    self._edge_session, self.transcript[self._edge_seen:] + [user_msg], params,
+                    # Only a call that sends the whole conversation may open it.
+                    open_session=self._edge_seen == 0,
                 )
                 for chunk in stream:
                     if ttft is None:
                         ttft = time.perf_counter() - t0
+                        self._announce_edge_session(on_event)
                     chunks.append(chunk)
                     on_text(chunk)
                     if cancel is not None and cancel.is_set():
@@ -457,6 +482,7 @@ class Orchestrator:
                         # with the next edge turn.  The edge's counts are lost.
                         return _Answer("".join(chunks), ttft, 0, 0, len(chunks), edge_kept=False)
                 res = stream.result
+                self._announce_edge_session(on_event)
                 return _Answer(
                     "".join(chunks), ttft, res.prefill_tokens, res.cached_tokens, res.output_tokens
                 )
@@ -471,6 +497,12 @@ class Orchestrator:
                     on_event("edge_lost", str(exc))
                 raise _EdgeFailed(f"{type(exc).__name__}: {exc}") from exc
         raise _EdgeFailed("unreachable")  # pragma: no cover
+
+    def _announce_edge_session(self, on_event: EventCallback) -> None:
+        """``edge_session`` once the edge has answered on a new session (it exists now)."""
+        if not self._edge_announced:
+            self._edge_announced = True
+            on_event("edge_session", self._edge_session)
 
 
 class _EdgeFailed(Exception):

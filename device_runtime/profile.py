@@ -15,6 +15,25 @@ it through :func:`cost_params_from_profile`.  Units are seconds and tokens
 ``bytes_per_token``         UTF-8 bytes per device-SLM token, measured on real text
 ==========================  =====================================================
 
+Optional (an extension of eq. (1), absent = 0 as in the paper):
+
+==========================  =====================================================
+``call_s_edge``             s per edge call not explained by γ_e · tokens (request
+                            handling, sampler set-up, the first token): the median
+                            residual of the edge's own timings
+``call_s_device``           the same for the device SLM (not measured by
+                            ``edgeroute profile``: in-process, it is within noise)
+``response_tokens_device``  L̄_r^s: mean answer length of the device SLM on real
+                            user prompts, device-SLM tokens, at the profile's
+                            ``meta.max_tokens`` (the paper's per-benchmark
+                            averages describe other models)
+``response_tokens_edge``    L̄_r^e: the same for the edge LLM
+==========================  =====================================================
+
+The answer lengths are applied by the live runtime (:func:`live_cost_params`
+in :mod:`device_runtime.orchestrator`, chat, demo) but not by ``simulate``,
+whose traces come with their own benchmark's lengths.
+
 Other keys (``fit``, ``sources``, ``meta``) describe how the numbers were made
 and are ignored by the cost model.
 """
@@ -26,7 +45,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from device_runtime.cost_model import CostParams, Link, ModelTiming
+from device_runtime.cost_model import CostParams, Link, ModelTiming, ResponseLengths
 
 #: The contract's keys (issue 5), all required in a written profile.
 PARAM_KEYS: tuple[str, ...] = (
@@ -41,6 +60,12 @@ PARAM_KEYS: tuple[str, ...] = (
 )
 
 
+#: Optional parameters: a fixed time per call of each model (``ModelTiming.call_s``).
+CALL_KEYS: tuple[str, ...] = ("call_s_device", "call_s_edge")
+#: Optional measured answer lengths L̄_r^s, L̄_r^e (tokens).
+LENGTH_KEYS: tuple[str, ...] = ("response_tokens_device", "response_tokens_edge")
+
+
 class ProfileError(ValueError):
     """A profile is unreadable, incomplete, or holds a bad value."""
 
@@ -52,7 +77,7 @@ def validate_profile(data: Any, *, require_all: bool = True) -> dict[str, Any]:
     missing = [k for k in PARAM_KEYS if k not in data]
     if require_all and missing:
         raise ProfileError(f"profile lacks {missing}")
-    for k in PARAM_KEYS:
+    for k in PARAM_KEYS + CALL_KEYS + LENGTH_KEYS:
         if k not in data:
             continue
         v = data[k]
@@ -83,18 +108,28 @@ def write_profile(path: str | Path, profile: Mapping[str, Any]) -> Path:
     return path
 
 
-def apply_profile(profile: Mapping[str, Any], base: CostParams) -> CostParams:
-    """``base`` with every measured parameter in ``profile`` replaced (missing keys keep base's)."""
+def apply_profile(profile: Mapping[str, Any], base: CostParams, *, response_lengths: bool = False) -> CostParams:
+    """``base`` with every measured parameter in ``profile`` replaced (missing keys keep base's).
+
+    ``response_lengths``: also take the measured L̄_r (``response_tokens_*``),
+    for live routing with the profiled models.
+    """
     data = validate_profile(dict(profile), require_all=False)
     g = lambda k, default: float(data.get(k, default))  # noqa: E731
+    if response_lengths:
+        base = base.with_(response=ResponseLengths(
+            g("response_tokens_device", base.response.device), g("response_tokens_edge", base.response.edge),
+        ))
     return base.with_(
         gamma_s=ModelTiming(
             g("gamma_s_prefill", base.gamma_s.prefill_s_per_token),
             g("gamma_s_decode", base.gamma_s.decode_s_per_token),
+            g("call_s_device", base.gamma_s.call_s),
         ),
         gamma_e=ModelTiming(
             g("gamma_e_prefill", base.gamma_e.prefill_s_per_token),
             g("gamma_e_decode", base.gamma_e.decode_s_per_token),
+            g("call_s_edge", base.gamma_e.call_s),
         ),
         link=Link(
             g("bandwidth_tokens_per_s", base.link.bandwidth_tokens_per_s),
@@ -104,7 +139,8 @@ def apply_profile(profile: Mapping[str, Any], base: CostParams) -> CostParams:
     )
 
 
-def cost_params_from_profile(path: str | Path, base: CostParams) -> CostParams:
+def cost_params_from_profile(path: str | Path, base: CostParams, *, response_lengths: bool = False) -> CostParams:
     """The cost parameters of ``base`` (α, L̄_r, upload mode) with the measured
-    γ_s, γ_e, τ_r, B and δ of the profile at ``path`` (eqs. 1-7)."""
-    return apply_profile(load_profile(path, require_all=False), base)
+    γ_s, γ_e, τ_r, B, δ (and per-call times, if present) of the profile at
+    ``path`` (eqs. 1-7); with ``response_lengths``, its measured L̄_r too."""
+    return apply_profile(load_profile(path, require_all=False), base, response_lengths=response_lengths)

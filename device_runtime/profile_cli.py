@@ -57,6 +57,9 @@ class ProfileSettings:
     max_tokens: int = 32
     """Tokens generated per γ run (decode γ)."""
     reps: int = 2
+    answer_prompts: int = 6
+    """Real user prompts each model answers (up to ``max_tokens``) to measure its
+    mean answer length L̄_r; 0 skips it."""
     data_dir: Path | None = None
     slm_path: str | None = None
     bundle: str | None = None
@@ -73,6 +76,8 @@ class ProfileSettings:
             raise ValueError("need at least two distinct non-negative payload sizes")
         if self.link_reps < 1 or self.reps < 1:
             raise ValueError("reps must be >= 1")
+        if self.answer_prompts < 0:
+            raise ValueError("answer_prompts must be >= 0")
         if len(set(self.prompt_tokens)) < 2 or min(self.prompt_tokens) < 1:
             raise ValueError("need at least two distinct positive prompt lengths")
         if self.max_tokens < 2:
@@ -104,6 +109,46 @@ def sample_texts(data_dir: Path | None, limit: int = 400) -> list[str]:
     for item in load_dialogues():
         texts += list(item.prompts)
     return texts
+
+
+def sample_prompts(data_dir: Path | None, n: int) -> list[str]:
+    """``n`` real user prompts for answer lengths: the first user turn of ``n``
+    MT-Bench-101 dialogues spread over the file, at a quarter-step offset (so
+    not the evenly spread dialogues that ``scripts/bench_link.py`` replays),
+    else the demo dialogues' prompts."""
+    if n <= 0:
+        return []
+    path = data_dir / "mtbench101" / "mtbench101.jsonl" if data_dir else None
+    if path is not None and path.is_file():
+        with path.open(encoding="utf-8") as f:
+            firsts = [next((t["user"] for t in json.loads(line).get("history", []) if t.get("user")), None)
+                      for line in f if line.strip()]
+        firsts = [t for t in firsts if t]
+        if firsts:
+            step = len(firsts) / n
+            return [firsts[min(len(firsts) - 1, int((k + 0.25) * step))] for k in range(n)]
+    from device_runtime.dialogues import load_dialogues
+
+    prompts = [p for item in load_dialogues() for p in item.prompts]
+    return prompts[:n]
+
+
+def mean_answer_tokens(answer: Callable[[str], dict], prompts: Sequence[str], count_tokens, desc: str) -> dict:
+    """L̄_r: the mean length (device-SLM tokens) of one model's answers to ``prompts``.
+
+    ``answer(prompt)`` returns a run record with the answer's ``text``; the
+    records, with ``prompt_tokens`` and ``output_tokens`` filled in, are
+    returned as ``runs``."""
+    runs = []
+    with _progress(len(prompts), desc) as bar:
+        for prompt in prompts:
+            run = answer(prompt)
+            text = run.pop("text")
+            runs.append({**run, "prompt_tokens": count_tokens(prompt),
+                         "output_tokens": count_tokens(text) if text else 0})
+            bar.update()
+    lengths = [r["output_tokens"] for r in runs]
+    return {"mean": statistics.fmean(lengths), "lengths": lengths, "runs": runs}
 
 
 def text_of_tokens(texts: Sequence[str], n_tokens: int, count_tokens: Callable[[str], int]) -> str:
@@ -212,6 +257,22 @@ def _gamma_runs(run_one, texts, settings: ProfileSettings, count_tokens, desc: s
     }
 
 
+def call_time(runs: Sequence[dict], gamma_prefill: float, gamma_decode: float) -> float:
+    """The per-call time the cost model leaves out (``ModelTiming.call_s``).
+
+    The median over runs of what the server spent from the request to the last
+    token (``server_ttft_s + decode_s``) minus what eqs. (1) and (5) charge for
+    it, γ_p · L_p + γ_d · L_r, in the cost model's tokens; at least 0.
+    """
+    if not runs:
+        raise ValueError("no runs to time")
+    residuals = [
+        r["server_ttft_s"] + r["decode_s"] - gamma_prefill * r["prompt_tokens"] - gamma_decode * r["output_tokens"]
+        for r in runs
+    ]
+    return max(0.0, statistics.median(residuals))
+
+
 def profile_slm(slm, texts, settings: ProfileSettings) -> dict:
     def run_one(prompt: str) -> dict:
         slm.reset()  # a cold cache: the whole prompt is prefilled
@@ -224,6 +285,36 @@ def profile_slm(slm, texts, settings: ProfileSettings) -> dict:
         }
 
     return _gamma_runs(run_one, texts, settings, slm.count_tokens, "γ_s")
+
+
+def slm_answer(slm, settings: ProfileSettings) -> Callable[[str], dict]:
+    def answer(prompt: str) -> dict:
+        slm.reset()
+        return {"text": "".join(slm.stream(
+            [{"role": "user", "content": prompt}], max_tokens=settings.max_tokens, temperature=0.0,
+        ))}
+
+    return answer
+
+
+def edge_answer(client, settings: ProfileSettings) -> Callable[[str], dict]:
+    """Answers with the edge's timings: short real prompts, the turns whose
+    fixed per-call time matters most (see :func:`call_time`)."""
+    from device_runtime.edge_client import GenerationParams, new_session_id
+
+    def answer(prompt: str) -> dict:
+        sid = new_session_id()
+        try:
+            res = client.generate(
+                sid, [{"role": "user", "content": prompt}],
+                GenerationParams(max_tokens=settings.max_tokens, temperature=0.0), open_session=True,
+            ).consume()
+        finally:
+            client.close_session(sid)
+        return {"text": res.text, "prefill_s": res.prefill_s, "decode_s": res.decode_s,
+                "server_ttft_s": res.server_ttft_s or res.prefill_s}
+
+    return answer
 
 
 def profile_edge(client, texts, settings: ProfileSettings, count_tokens) -> dict:
@@ -242,6 +333,7 @@ def profile_edge(client, texts, settings: ProfileSettings, count_tokens) -> dict
         return {
             "prompt_tokens": count_tokens(prompt), "edge_prefill_tokens": res.prefill_tokens,
             "prefill_s": res.prefill_s, "decode_s": res.decode_s,
+            "server_ttft_s": res.server_ttft_s or res.prefill_s,
             "output_tokens": count_tokens(res.text) if res.text else 0,
             "edge_output_tokens": res.output_tokens,
         }
@@ -287,6 +379,7 @@ def run_profile(settings: ProfileSettings) -> dict:
     sources = {k: "paper Table I" for k in profile}
     fit: dict = {}
     texts = sample_texts(settings.data_dir)
+    prompts = sample_prompts(settings.data_dir, settings.answer_prompts)
     slm = create_slm("llama-cpp", SLMSettings(model_path=settings.slm_path, n_threads=settings.threads))
     client = None
     try:
@@ -299,6 +392,11 @@ def run_profile(settings: ProfileSettings) -> dict:
             sources["gamma_s_prefill"] = sources["gamma_s_decode"] = "measured"
             fit["slm_runs"] = g["runs"]
             fit["slm_prefill_fixed_s"] = g["prefill_fixed_s"]
+            if prompts:
+                a = mean_answer_tokens(slm_answer(slm, settings), prompts, count, "L̄_r^s")
+                profile["response_tokens_device"] = a["mean"]
+                sources["response_tokens_device"] = f"measured ({len(prompts)} real prompts)"
+                fit["slm_answer_tokens"] = a["lengths"]
         if "router" in settings.parts:
             from device_runtime.routers.base import RouterError, create_router
 
@@ -322,6 +420,18 @@ def run_profile(settings: ProfileSettings) -> dict:
             sources["gamma_e_prefill"] = sources["gamma_e_decode"] = "measured (edge-reported timings)"
             fit["edge_runs"] = g["runs"]
             fit["edge_prefill_fixed_s"] = g["prefill_fixed_s"]
+            timed = list(g["runs"])
+            if prompts:
+                a = mean_answer_tokens(edge_answer(client, settings), prompts, count, "L̄_r^e")
+                profile["response_tokens_edge"] = a["mean"]
+                sources["response_tokens_edge"] = f"measured ({len(prompts)} real prompts)"
+                fit["edge_answer_tokens"] = a["lengths"]
+                fit["edge_answer_runs"] = a["runs"]
+                timed += a["runs"]
+            # Over the γ runs and the answers: the long prompts pin the slope,
+            # the short real ones the fixed part.
+            profile["call_s_edge"] = call_time(timed, g["prefill"], g["decode"])
+            sources["call_s_edge"] = f"measured (edge-reported timings, {len(timed)} calls)"
         if "link" in settings.parts:
             link = profile_link(client, settings)
             up, down = link["up"]["bandwidth_bytes_per_s"], link["down"]["bandwidth_bytes_per_s"]
@@ -345,6 +455,7 @@ def run_profile(settings: ProfileSettings) -> dict:
         "prompt_tokens": list(settings.prompt_tokens),
         "max_tokens": settings.max_tokens,
         "reps": settings.reps,
+        "answer_prompts": len(prompts),
         "link_reps": settings.link_reps,
     }
     return profile
@@ -376,6 +487,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=_ints, default=(32, 128, 384), help="prompt lengths for γ and τ_r")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per γ run")
     p.add_argument("--reps", type=int, default=2, help="runs per prompt length")
+    p.add_argument("--answer-prompts", type=int, default=6,
+                   help="real user prompts each model answers, up to --max-tokens, for its mean answer "
+                        "length L̄_r (0: skip; give the --max-tokens the runtime uses)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="shared data dir with mtbench101/ (real text for bytes-per-token); default: the demo dialogues")
     p.add_argument("--slm", metavar="GGUF", help="device SLM (default: SmolLM2-135M-Instruct)")
@@ -395,6 +509,7 @@ def run(args: argparse.Namespace) -> int:
             edge=args.edge, parts=tuple(x.strip() for x in args.parts.split(",") if x.strip()),
             sizes_bytes=tuple(args.sizes), link_reps=args.link_reps, max_rtt_s=args.max_rtt,
             prompt_tokens=tuple(args.prompt_tokens), max_tokens=args.max_tokens, reps=args.reps,
+            answer_prompts=args.answer_prompts,
             data_dir=args.data_dir, slm_path=args.slm, bundle=args.bundle, threads=args.threads,
             timeout_s=args.timeout,
         )

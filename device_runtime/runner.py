@@ -94,7 +94,8 @@ def build_orchestrator(args: argparse.Namespace, edge_target: str | None) -> "Or
 
 
 def connect_edge(orch: "Orchestrator", target: str, args: argparse.Namespace) -> None:
-    """Give ``orch`` an edge client for ``target`` (nothing connects until the first edge turn)."""
+    """Give ``orch`` an edge client for ``target``; it starts connecting in the
+    background, so the first edge turn finds the channel ready."""
     from device_runtime.edge_client import EdgeClient
 
     orch.edge = EdgeClient(target, timeout_s=args.edge_timeout)

@@ -136,6 +136,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         if messages[-1].role != "user":
             raise InvalidArgument("the last message must have role user")
 
+        if request.open_session:
+            self.pool.ensure(request.session_id)
         lease = await self._acquire(request.session_id)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()

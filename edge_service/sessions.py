@@ -117,6 +117,23 @@ class SessionPool(Generic[SlotT]):
             self._sessions[sid] = Session(sid, last_used=next(self._clock))
             return sid
 
+    def ensure(self, session_id: str) -> bool:
+        """Open ``session_id`` unless it is open already; True if it was opened.
+
+        For ``Generate`` with ``open_session``: the client chose the id and sends
+        the whole conversation, so a session it already holds is used as it is.
+        """
+        if not session_id:
+            raise InvalidArgument("open_session needs the session_id to open")
+        with self._lock:
+            if session_id in self._sessions:
+                return False
+        try:
+            self.open(session_id)
+        except AlreadyExists:  # opened by a concurrent call in between
+            return False
+        return True
+
     def close(self, session_id: str) -> None:
         """Forget a session.  A Generate still running on it is cancelled."""
         with self._lock:

@@ -60,15 +60,13 @@ def _no_context_policy(router: Router, threshold: float):
 
 
 def build(args: argparse.Namespace):
-    from device_runtime.cost_model import paper_params
     from device_runtime.edge_client import EdgeClient
-    from device_runtime.orchestrator import AutoPolicy, Orchestrator, OrchestratorSettings, create_policy
-    from device_runtime.profile import cost_params_from_profile
+    from device_runtime.orchestrator import (
+        AutoPolicy, Orchestrator, OrchestratorSettings, create_policy, live_cost_params,
+    )
     from device_runtime.slm import SLMSettings, create_slm
 
-    params = paper_params("mt-bench", upload_mode="session")
-    if args.profile:
-        params = cost_params_from_profile(args.profile, params)
+    params = live_cost_params(args.profile, benchmark="mt-bench")
     if args.alpha is not None:
         params = params.with_(alpha=args.alpha)
     if args.policy.startswith("constant:"):
@@ -82,6 +80,8 @@ def build(args: argparse.Namespace):
         policy = create_policy(args.policy, threshold=args.threshold, seed=args.seed)
     slm = create_slm("llama-cpp", SLMSettings(model_path=args.slm, n_threads=args.threads, seed=args.seed))
     edge = EdgeClient(args.edge, timeout_s=args.edge_timeout)
+    # A device has its link up long before a turn: do not time the handshakes.
+    edge.warm_up(timeout_s=args.edge_timeout)
     orch = Orchestrator(slm, policy, params, edge=edge, settings=OrchestratorSettings(
         max_tokens=args.max_tokens, temperature=0.0, seed=args.seed, system_prompt=args.system))
     if args.online:

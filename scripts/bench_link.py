@@ -438,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
                     for d in dialogues:
                         dev.new_conversation()
                         for prompt in d["prompts"]:
-                            recs.append(dev.turn(prompt)["telemetry"])
+                            reply = dev.turn(prompt)
+                            recs.append({**reply["telemetry"], "estimates_after": reply.get("estimates"),
+                                         "comm_s": reply.get("comm_s")})
                 entry["records"][policy] = recs
                 entry["summary"][policy] = summarize(recs)
             results["links"][name] = entry

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from _scripts import load_script
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_link.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_link", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_link")
 
 
 def rec(target: str, measured: float, dev: float, edge: float, posthoc: float | None = None,

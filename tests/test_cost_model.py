@@ -99,3 +99,34 @@ def test_bad_params_and_scores():
         cm.decide(cm.paper_params("mmlu"), cm.TurnInputs(prompt_tokens=1), p=1.5, threshold=0)
     with pytest.raises(ValueError):
         cm.total_latency(2, 1.0, 2.0)
+
+
+def test_per_call_time_is_charged_once_per_call_and_zero_is_the_paper():
+    base = cm.paper_params("mmlu")
+    turn = cm.ContextLedger().turn_inputs(prompt_tokens=100)
+    paper = cm.latency(base, turn, "edge")
+    with_call = cm.latency(base.with_(gamma_e=cm.ModelTiming(
+        base.gamma_e.prefill_s_per_token, base.gamma_e.decode_s_per_token, call_s=0.07)), turn, "edge")
+    assert with_call.comp_s == pytest.approx(paper.comp_s + 0.07)
+    assert with_call.total_s == pytest.approx(paper.total_s + 0.07)
+    assert cm.latency(base, turn, "device") == cm.latency(base.with_(gamma_e=cm.ModelTiming(0.1, 0.1, 1.0)), turn, "device")
+    assert cm.ModelTiming(0.1, 0.2) == cm.ModelTiming(0.1, 0.2, 0.0)
+    with pytest.raises(ValueError, match="call_s"):
+        cm.ModelTiming(0.1, 0.2, call_s=-0.01)
+
+
+@pytest.mark.parametrize("case, expect", [("slow link", "device"), ("table I", None), ("slow device", "edge")])
+def test_settled_target_is_the_decision_for_every_router_score(case, expect):
+    params = cm.paper_params("gsm8k")  # α = 0.05: α(T^e − T^s) ≈ 0.19 s⁻¹ · s
+    if case == "slow link":  # δ = 20 s
+        params = params.with_(link=cm.Link(params.link.bandwidth_tokens_per_s, 20.0))
+    elif case == "slow device":  # 1 s per device token
+        params = params.with_(gamma_s=cm.ModelTiming(1.0, 1.0))
+    turn = cm.ContextLedger().turn_inputs(prompt_tokens=50)
+    settled = cm.settled_target(params, turn, 0.5)
+    assert settled == expect
+    targets = {cm.decide(params, turn, p, 0.5).target for p in (0.0, 0.25, 0.5, 0.75, 1.0)}
+    if expect is None:
+        assert targets == {"device", "edge"}  # the router's score matters
+    else:
+        assert targets == {expect}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -43,6 +44,24 @@ def test_unreachable_edge_raises_edge_unavailable():
             c.ping(10)
 
 
+def test_client_connects_in_the_background_and_warms_up(fault_edge):
+    import grpc
+
+    server, _ = fault_edge
+    with EdgeClient(server.target) as c:
+        # No call made: the channel connects on its own (connect_now).
+        deadline = time.monotonic() + 10
+        while c._state != grpc.ChannelConnectivity.READY and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert c._state == grpc.ChannelConnectivity.READY
+        assert c.warm_up() > 0
+    with EdgeClient(server.target, connect_now=False) as lazy:
+        time.sleep(0.2)
+        assert lazy._state == grpc.ChannelConnectivity.IDLE
+    with EdgeClient(f"127.0.0.1:{_free_port()}", connect_timeout_s=0.3) as dead:
+        assert dead.warm_up() is None  # logged, not raised
+
+
 def test_deadline_exceeded_is_edge_unavailable(fault_edge):
     server, backend = fault_edge  # the fake slot blocks until its gate opens
     with EdgeClient(server.target) as c:
@@ -73,6 +92,43 @@ def test_server_errors_carry_the_code_name(fault_edge):
         with pytest.raises(EdgeError) as err:
             c.ping(0, response_bytes=c.server_info().max_message_bytes)
         assert err.value.code == "INVALID_ARGUMENT"
+
+
+def test_generate_with_open_session_opens_the_session_in_the_same_call():
+    import grpc
+
+    from edgeroute.v1 import edge_pb2, edge_pb2_grpc
+
+    settings = EdgeSettings(n_slots=1, max_sessions=2)
+    with EdgeServerThread(settings, backend=FaultBackend(gate_open=True)) as server, EdgeClient(server.target) as c:
+        sid = new_session_id()
+        assert c.generate(sid, HI, open_session=True).consume().text == "chunk"
+        assert len(server.servicer.pool.transcript(sid)) == 2
+        # A session the edge holds is used as it is: the transcript grows.
+        assert c.generate(sid, HI, open_session=True).consume().text == "chunk"
+        assert len(server.servicer.pool.transcript(sid)) == 4
+        # Without the flag an unknown id is still NOT_FOUND.
+        with pytest.raises(EdgeError) as err:
+            c.generate(new_session_id(), HI).consume()
+        assert err.value.code == "NOT_FOUND"
+        with pytest.raises(ValueError, match="session_id"):
+            c.generate("", HI, open_session=True)
+        # Bad ids and a full server are refused by the server, not crashed on.
+        with grpc.insecure_channel(server.target) as channel:
+            stub = edge_pb2_grpc.EdgeLLMStub(channel)
+            for bad in ("", "no spaces allowed"):
+                request = edge_pb2.GenerateRequest(
+                    session_id=bad, messages=[edge_pb2.Message(role=edge_pb2.ROLE_USER, content="Hi")],
+                    open_session=True,
+                )
+                with pytest.raises(grpc.RpcError) as rpc_err:
+                    list(stub.Generate(request, timeout=10))
+                assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        c.open_session()  # the second of max_sessions = 2
+        with pytest.raises(EdgeError) as err:
+            c.generate(new_session_id(), HI, open_session=True).consume()
+        assert err.value.code == "RESOURCE_EXHAUSTED"
+        assert c.generate(sid, HI).consume().text == "chunk"  # the server is fine
 
 
 def test_bad_input_is_rejected_before_sending(fault_edge):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from device_runtime.cost_model import ContextLedger, Link, decide, paper_params
+from device_runtime.cost_model import ContextLedger, Link, ModelTiming, decide, paper_params
 from device_runtime.estimation import (
     EwmaSettings,
     FitError,
@@ -157,6 +157,19 @@ def test_link_estimator_keeps_bandwidth_when_transfers_are_negligible():
     assert est.link.overhead_s == pytest.approx(0.0215, abs=0.002)
 
 
+def test_link_estimator_reports_an_outlier_waiting_for_confirmation():
+    est = LinkEstimator(Link(bandwidth_tokens_per_s=1e5, overhead_s=0.02))
+    assert est.pending_outliers == 0
+    assert not est.update(10, 0.25)  # one slow turn: held back
+    assert est.pending_outliers == 1 and est.link.overhead_s == pytest.approx(0.02)
+    est.update(0, 0.24, probe=True)  # the confirming probe: a new regime
+    assert est.pending_outliers == 0 and est.link.overhead_s == pytest.approx(0.245, abs=0.002)
+    assert not est.update(10, 0.02)  # one fast sample after it: held back again
+    assert est.pending_outliers == 1
+    est.update(10, 0.25)  # ... and dropped by an ordinary one
+    assert est.pending_outliers == 0 and est.link.overhead_s > 0.2
+
+
 def test_online_estimator_moves_turns_to_device_when_link_degrades_and_back():
     """Eqs. (6)-(12) with live estimates: a hard turn goes to the edge on a good
     link, to the device within a few turns of degradation, back after recovery."""
@@ -171,7 +184,7 @@ def test_online_estimator_moves_turns_to_device_when_link_degrades_and_back():
     def edge_turn(rtt_s: float) -> None:
         server_s = 0.02 * 879
         est.observe_edge_turn(measured_s=server_s + rtt_s, server_s=server_s, router_s=0.0,
-                              upload_tokens=50, output_tokens=879, prefill_tokens=50, prefill_s=1.0,
+                              upload_tokens=50, output_tokens=879, first_token_s=1.0,
                               decode_s=server_s - 1.0)
 
     for _ in range(5):
@@ -190,8 +203,57 @@ def test_online_estimator_moves_turns_to_device_when_link_degrades_and_back():
     assert back[-1] == "edge" and "edge" in back[:3]
     assert set(est.snapshot()) == {
         "gamma_s_prefill", "gamma_s_decode", "gamma_e_prefill", "gamma_e_decode",
-        "bandwidth_tokens_per_s", "overhead_s",
+        "bandwidth_tokens_per_s", "overhead_s", "call_s_edge",
     }
+
+
+def test_online_estimator_learns_the_edge_per_call_time():
+    """First token = 50 ms + γ_p·P, decode = 10 ms + γ_d·D: the lines' intercepts
+    take up the fixed 60 ms per call that γ·tokens leaves, γ_e stays the
+    profile's, and the predicted server time matches."""
+    base = paper_params("mt-bench").with_(gamma_e=ModelTiming(0.002, 0.02))
+    est = OnlineEstimator(base)
+    assert est.params().gamma_e.call_s == 0.0
+    rng = random.Random(3)
+    for _ in range(12):
+        p_tok, r_tok = rng.randint(5, 40), rng.randint(6, 24)
+        first = 0.05 + 0.002 * p_tok + rng.uniform(-0.002, 0.002)
+        decode = 0.01 + 0.02 * r_tok + rng.uniform(-0.002, 0.002)
+        est.observe_edge_turn(measured_s=first + decode + 0.03, server_s=first + decode, router_s=0.0,
+                              upload_tokens=p_tok, output_tokens=r_tok, first_token_s=first, decode_s=decode)
+    edge = est.params().gamma_e
+    assert edge.call_s == pytest.approx(0.06, abs=0.006)
+    assert edge.prefill_s_per_token == pytest.approx(0.002, rel=0.1)
+    assert edge.decode_s_per_token == pytest.approx(0.02, rel=0.05)
+    assert est.snapshot()["call_s_edge"] == edge.call_s
+    assert est.params().link.overhead_s == pytest.approx(0.03, abs=0.002)
+    # A ratio would have read γ_d 10-25% high on these short answers.
+    assert edge.decode_s_per_token < 0.02 * 1.05
+    # Without the server's split (link-only tracking) the profiled timing stays.
+    fixed = OnlineEstimator(base.with_(gamma_e=ModelTiming(0.002, 0.02, call_s=0.01)))
+    fixed.observe_edge_turn(measured_s=1.0, server_s=0.9, router_s=0.0, upload_tokens=10, output_tokens=10)
+    assert fixed.params().gamma_e == ModelTiming(0.002, 0.02, call_s=0.01)
+
+
+def test_line_fit_follows_a_shift_and_rejects_a_lone_outlier():
+    from device_runtime.estimation import LineFit
+
+    fit = LineFit(0.05, 0.002)
+    for x in (10, 30, 20, 40, 15, 25):
+        fit.update(x, 0.05 + 0.002 * x)
+    assert fit.predict(20) == pytest.approx(0.09, abs=0.002)
+    assert not fit.update(20, 0.6)  # one slow turn (a GC pause): held back
+    assert fit.predict(20) == pytest.approx(0.09, abs=0.002)
+    fit.update(10, 0.07)
+    fit.update(30, 0.59)  # the edge got 0.5 s slower per call, twice in a row
+    fit.update(20, 0.58)
+    assert fit.n_regime_changes == 1
+    assert fit.predict(20) == pytest.approx(0.59, abs=0.02)
+    assert fit.slope == pytest.approx(0.002, rel=0.2)
+    with pytest.raises(ValueError):
+        fit.update(float("nan"), 1.0)
+    with pytest.raises(ValueError):
+        LineFit(0.0, 0.002, noise_sd_s=0)
 
 
 def test_online_estimator_updates_gamma_and_skips_tiny_samples():

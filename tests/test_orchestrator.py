@@ -388,10 +388,10 @@ class DyingEdge:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def generate(self, session_id, new_messages, params):
+    def generate(self, session_id, new_messages, params, **kwargs):
         from device_runtime.edge_client import EdgeUnavailable
 
-        real_stream = self.real.generate(session_id, new_messages, params)
+        real_stream = self.real.generate(session_id, new_messages, params, **kwargs)
 
         class Stream:
             def __iter__(self_inner):
@@ -440,6 +440,98 @@ def test_unknown_edge_session_is_reopened_with_the_whole_transcript(slm, edge_cl
     rec = server_record(edge_server, orch._edge_session, 1)
     assert rec.prefill_tokens + rec.cached_tokens == rec.prompt_tokens
     assert rec.prompt_tokens > 3 * r.telemetry.prompt_tokens  # the whole conversation was sent
+    orch.close()
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_auto_policy_skips_the_router_when_the_latency_term_decides(skip):
+    params = live_cost_params().with_(alpha=2.0, link=cost_model.Link(1e6, 3.0))  # δ = 3 s
+    turn = cost_model.ContextLedger().turn_inputs(prompt_tokens=20, router_tokens=120)
+    router = FixedScoreRouter(1.0)
+    d = AutoPolicy(router, 0.5, skip_settled=skip).choose(params, turn, "Hi", [])
+    assert d.target == "device"  # even p = 1 cannot beat a 3 s round trip at α = 2
+    if skip:
+        assert router.seen == [] and d.p is None and d.p_fused is None
+        assert d.inputs.router_tokens == 0  # no router time charged
+        assert d.predicted_s["device"] == pytest.approx(cost_model.latency(params, d.inputs, "device").total_s)
+    else:
+        assert len(router.seen) == 1 and d.p == 1.0
+    # A link where p matters: the router runs.
+    near = AutoPolicy(router, 0.5, skip_settled=skip).choose(live_cost_params(), turn, "Hi", [])
+    assert near.p == 1.0
+
+
+class CountingEdge:
+    """Spy on the real client: counts OpenSession calls; ``old_server`` drops
+    Generate's ``open_session`` flag, as a server from before it would ignore it."""
+
+    def __init__(self, real, old_server=False):
+        self.real, self.old_server, self.opened = real, old_server, 0
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def open_session(self, *args, **kwargs):
+        self.opened += 1
+        return self.real.open_session(*args, **kwargs)
+
+    def generate(self, session_id, new_messages, params, **kwargs):
+        if self.old_server:
+            kwargs.pop("open_session", None)
+        return self.real.generate(session_id, new_messages, params, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("old_server", [False, True])
+def test_first_edge_turn_opens_its_session_in_the_generate_call(slm, edge_client, edge_server, old_server):
+    spy = CountingEdge(edge_client, old_server=old_server)
+    events = []
+    orch = make(slm, SequencePolicy(["edge", "edge"]), spy)
+    for prompt in ("Hello.", "Name a colour."):
+        r = orch.turn(prompt, on_event=lambda k, d: events.append((k, d)))
+        assert r.telemetry.target == "edge" and not r.telemetry.fallback
+    sid = orch._edge_session
+    # One round trip for a conversation's first edge turn; an edge that ignores
+    # the flag answers NOT_FOUND and the session is opened explicitly.
+    assert spy.opened == (1 if old_server else 0)
+    assert events == [("edge_session", sid)]
+    assert len(edge_server.servicer.pool.transcript(sid)) == 4
+    assert server_record(edge_server, sid, 2).cached_tokens > 0
+    orch.close()
+
+
+@pytest.mark.slow
+def test_online_answer_length_follows_the_conversation_and_restarts_with_a_new_one(slm, edge_client):
+    from device_runtime.estimation import EwmaSettings
+    from device_runtime.online import OnlineRouting, OnlineSettings
+
+    seen: list[float] = []
+
+    class Spy(SequencePolicy):
+        def choose(self, params, turn, prompt, context):
+            seen.append(turn.response_edge)
+            return super().choose(params, turn, prompt, context)
+
+    orch = make(slm, Spy(["edge"] * 4), edge_client, max_tokens=32)
+    static = min(orch.params.response.edge, 32)
+    online = OnlineRouting(orch, OnlineSettings(ewma=EwmaSettings(weight=0.5), length_prior_answers=1.0))
+    lengths = []
+    for prompt in ("Count from one to ten.", "Say yes.", "Name a colour."):
+        if prompt == "Name a colour.":
+            orch.new_conversation()
+        r = online.turn(prompt)
+        assert r.telemetry.target == "edge"
+        lengths.append(orch.slm.count_tokens(r.text))
+    l0, l1, l2 = lengths
+    overall = 0.5 * l0 + 0.5 * l1
+    assert seen[0] == pytest.approx(static)  # nothing answered yet: the profile's L̄_r
+    assert seen[1] == pytest.approx(min(l0, 32))  # (own l0 + running mean l0) / 2
+    # A new conversation starts from the running mean over all answers.
+    assert seen[2] == pytest.approx(min(overall, 32))
+    assert online.response_length("edge") == pytest.approx((l2 + (0.5 * overall + 0.5 * l2)) / 2)
+    assert online.response_length("device") is None
+    with pytest.raises(ValueError, match="length_prior_answers"):
+        OnlineSettings(length_prior_answers=0)
     orch.close()
 
 

@@ -40,6 +40,44 @@ def test_cost_params_from_profile_replaces_measured_values(tmp_path):
     # A partial profile replaces only what it has.
     partial = apply_profile({"overhead_s": 0.3}, base)
     assert partial.link.overhead_s == 0.3 and partial.gamma_s == base.gamma_s
+    # No per-call time in the profile: the paper's model (0).
+    assert params.gamma_e.call_s == 0.0 and params.gamma_s.call_s == 0.0
+    timed = apply_profile({**GOOD, "call_s_edge": 0.07}, base)
+    assert timed.gamma_e.call_s == 0.07 and timed.gamma_s.call_s == 0.0
+    # Measured answer lengths: for live routing only (simulate keeps its benchmark's).
+    measured = {**GOOD, "response_tokens_device": 21.0, "response_tokens_edge": 12.5}
+    assert apply_profile(measured, base).response == base.response
+    live = apply_profile(measured, base, response_lengths=True)
+    assert (live.response.device, live.response.edge) == (21.0, 12.5)
+    from device_runtime.orchestrator import live_cost_params
+
+    assert live_cost_params(measured).response.edge == 12.5
+    assert live_cost_params(GOOD).response == live_cost_params().response
+
+
+def test_sample_prompts_spread_over_the_data_and_fall_back_to_the_demo(tmp_path):
+    from device_runtime.profile_cli import sample_prompts
+
+    (tmp_path / "mtbench101").mkdir()
+    rows = [{"id": i, "history": [{"user": f"question {i}", "bot": "answer"}]} for i in range(1, 41)]
+    (tmp_path / "mtbench101" / "mtbench101.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    got = sample_prompts(tmp_path, 4)
+    assert got == ["question 3", "question 13", "question 23", "question 33"]
+    assert sample_prompts(tmp_path, 0) == []
+    demo = sample_prompts(tmp_path / "missing", 3)
+    assert len(demo) == 3 and all(isinstance(p, str) and p for p in demo)
+
+
+def test_call_time_is_what_gamma_leaves_of_the_server_time():
+    from device_runtime.profile_cli import call_time
+
+    runs = [{"server_ttft_s": 0.05 + 0.002 * p, "decode_s": 0.02 * (r - 1), "prompt_tokens": p, "output_tokens": r}
+            for p, r in ((16, 8), (64, 12), (128, 24))]
+    # γ_d · L_r charges one decode step more than decode_s holds: 0.05 - 0.02.
+    assert call_time(runs, 0.002, 0.02) == pytest.approx(0.03)
+    assert call_time(runs, 0.01, 0.05) == 0.0  # never negative
+    with pytest.raises(ValueError):
+        call_time([], 0.002, 0.02)
 
 
 @pytest.mark.parametrize(
@@ -50,6 +88,9 @@ def test_cost_params_from_profile_replaces_measured_values(tmp_path):
         {**GOOD, "bandwidth_tokens_per_s": 0},
         {**GOOD, "gamma_s_decode": "fast"},
         {**GOOD, "gamma_e_decode": float("nan")},
+        {**GOOD, "call_s_edge": -0.01},
+        {**GOOD, "call_s_device": "slow"},
+        {**GOOD, "response_tokens_edge": -3},
     ],
 )
 def test_bad_profiles_are_rejected(tmp_path, bad):
@@ -77,7 +118,8 @@ def _profile_cmd(*args: str) -> list[str]:
 
 
 def test_profile_cli_rejects_bad_arguments():
-    for args in (["--json", "--parts", "link"], ["--out", "x.json", "--parts", "nope"], ["--parts", "slm"]):
+    for args in (["--json", "--parts", "link"], ["--out", "x.json", "--parts", "nope"], ["--parts", "slm"],
+                 ["--json", "--parts", "slm", "--answer-prompts", "-1"]):
         proc = subprocess.run(_profile_cmd(*args), capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
         assert proc.returncode == 2, proc.stderr
         assert proc.stdout == ""
@@ -106,7 +148,7 @@ def test_profile_cli_on_loopback_writes_the_contract(tmp_path):
             _profile_cmd(
                 "--edge", edge.target, "--out", str(out), "--json", "--parts", "link,edge,slm",
                 "--sizes", "0,65536,1048576", "--link-reps", "3", "--prompt-tokens", "16,96",
-                "--max-tokens", "8", "--reps", "1",
+                "--max-tokens", "8", "--reps", "1", "--answer-prompts", "2",
             ),
             capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
         )
@@ -119,6 +161,10 @@ def test_profile_cli_on_loopback_writes_the_contract(tmp_path):
         assert printed["sources"][key].startswith("measured") and printed[key] > 0
     assert 2.0 < printed["bytes_per_token"] < 8.0  # English text, a BPE tokenizer
     assert {"up", "down"} <= set(printed["fit"]["link"])
+    assert printed["call_s_edge"] >= 0 and printed["sources"]["call_s_edge"].startswith("measured")
+    for side in ("device", "edge"):  # two answers each, of at most 8 tokens
+        assert 0 < printed[f"response_tokens_{side}"] <= 16
+        assert len(printed["fit"][f"{'slm' if side == 'device' else 'edge'}_answer_tokens"]) == 2
     cost_params_from_profile(out, paper_params())  # usable as --profile
 
 

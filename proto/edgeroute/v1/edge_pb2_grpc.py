@@ -89,12 +89,17 @@ class EdgeLLMServicer:
         An answer that would run past the context window is cut there
         (finish_reason LENGTH).
 
+        With `open_session`, a session id that the server does not hold is opened
+        first (the id is the client's choice), which saves the OpenSession round
+        trip on a conversation's first edge turn.
+
         Errors: NOT_FOUND (unknown session), INVALID_ARGUMENT (no messages,
         unknown role, a conversation that does not end with a user message,
-        bad parameters, a prompt that fills the context window),
-        FAILED_PRECONDITION (a Generate is already running on this session),
-        RESOURCE_EXHAUSTED (every KV slot is busy generating), ABORTED (the
-        session was closed while generating).
+        bad parameters, a prompt that fills the context window, `open_session`
+        without a valid session id), FAILED_PRECONDITION (a Generate is already
+        running on this session), RESOURCE_EXHAUSTED (every KV slot is busy
+        generating; `open_session` when the server holds its maximum of
+        sessions), ABORTED (the session was closed while generating).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
