@@ -15,10 +15,14 @@
   comparable with the paper's T_total, eq. 8) to the last token; ``ttft_s``
   from the start of the turn to the first token of the answer.
 - ``target`` is where the answer was produced; a fallback says "device".
+- ``p`` and ``p_fused`` are null for a policy without a router (device, edge)
+  and for an ``auto`` turn whose target the latency term settled alone, so
+  that the router was not run (``AutoPolicy.skip_settled``).
 
 Optional keys beyond the contract (absent when they do not apply):
 
-- ``estimates``: the online estimates of γ, B and δ after the turn (``--online``).
+- ``estimates``: the online estimates after the turn (``--online``): γ, B, δ
+  in the PROFILE.json key names, and the edge's per-call time ``call_s_edge``.
 - ``predicted_posthoc_s``: the served target's T_total (eq. 6 or 7) predicted
   with the same parameters and turn inputs as ``predicted_s``, but with the
   answer's actual length (device-SLM tokens of its text) in place of L̄_r, so
