@@ -12,6 +12,9 @@ a few turns.
 - A device turn gives γ_s.  It says nothing about the link, so after it the
   device sends one small Echo: a link that recovered is noticed while turns
   still run on the device.  An Echo that fails counts as a very slow link.
+- Between turns, once per pause (``idle_probe_s`` after a turn ends), two
+  Echos measure the link, so a change while the user types is known before
+  the next turn is decided.
 - A turn whose link sample looks like a new regime (held back as an outlier)
   is followed at once by an Echo that confirms or clears it, so the next turn
   is decided on the new link.
@@ -27,6 +30,7 @@ The current estimates are in :attr:`OnlineRouting.estimates` after each turn.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +76,12 @@ class OnlineSettings:
     with the running mean over all conversations counted as this many answers
     (answers within a dialogue are alike in length; measured on the link replay:
     median relative length error 0.41 with the running mean alone, 0.33 with this)."""
+    idle_probe_s: float | None = 0.5
+    """Once per pause between turns, this many seconds after a turn ends, send
+    two Echos (the second confirms the first), so that a link that changed
+    while the user was typing is known before the next turn is decided.  The
+    results are fed to the estimator when the next turn starts; a turn that
+    starts first cancels the probe.  None disables it."""
     confirm_probe: bool = True
     """When a turn's link sample is held back as an outlier, Echo at once: a
     second outlier on the same side is a new regime (see ``EwmaSettings.regime_after``),
@@ -82,6 +92,8 @@ class OnlineSettings:
             raise ValueError("probe_timeout_s must be > 0")
         if not self.length_prior_answers > 0:
             raise ValueError("length_prior_answers must be > 0")
+        if self.idle_probe_s is not None and not self.idle_probe_s > 0:
+            raise ValueError("idle_probe_s must be > 0 or None")
 
 
 class OnlineRouting:
@@ -97,8 +109,63 @@ class OnlineRouting:
             orch.edge = _RecordingEdge(orch.edge)
         self.estimates: dict[str, float] = self.estimator.snapshot()
         self.last_comm_s: float | None = None
+        #: Echo round trips taken while idle and fed to the estimator so far.
+        self.idle_probes = 0
+        self._idle_lock = threading.Lock()
+        self._idle_gap = 0
+        self._idle_rtts: list[float] = []
+        self._idle_timer: threading.Timer | None = None
 
     def turn(self, prompt: str, **kwargs) -> "TurnResult":
+        self._take_idle_probes()
+        try:
+            return self._turn(prompt, **kwargs)
+        finally:
+            self._schedule_idle_probe()
+
+    def close(self) -> None:
+        self._take_idle_probes()
+        self.orch.close()
+
+    # -- probes while idle
+
+    def _schedule_idle_probe(self) -> None:
+        if self.settings.idle_probe_s is None or self.orch.edge is None:
+            return
+        with self._idle_lock:
+            gap = self._idle_gap
+        timer = threading.Timer(self.settings.idle_probe_s, self._idle_probe, args=(gap,))
+        timer.daemon = True
+        self._idle_timer = timer
+        timer.start()
+
+    def _idle_probe(self, gap: int) -> None:
+        """Runs on the timer's thread: two Echos, kept only if no turn started since."""
+        for _ in range(2):
+            rtt = self._echo()
+            with self._idle_lock:
+                if gap != self._idle_gap:
+                    return
+                self._idle_rtts.append(rtt)
+
+    def _take_idle_probes(self) -> None:
+        """Stop the pending probe; feed what it measured (one thread touches the estimator)."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        with self._idle_lock:
+            self._idle_gap += 1
+            rtts, self._idle_rtts = self._idle_rtts, []
+        for rtt in rtts:
+            self.estimator.observe_ping(rtt)
+        if rtts:
+            self.idle_probes += len(rtts)
+            self._apply_response_lengths()
+            self.estimates = self.estimator.snapshot()
+
+    # -- one turn
+
+    def _turn(self, prompt: str, **kwargs) -> "TurnResult":
         orch = self.orch
         ledger = orch.ledger.copy()
         edge = orch.edge if isinstance(orch.edge, _RecordingEdge) else None
@@ -191,7 +258,8 @@ class OnlineRouting:
         self._response[target] = answer_tokens if prev is None else (1 - w) * prev + w * answer_tokens
         self._conversation[target].append(answer_tokens)
 
-    def _probe(self) -> None:
+    def _echo(self) -> float:
+        """One empty Echo's round trip; a failed or slow one counts as ``probe_timeout_s``."""
         from device_runtime.edge_client import EdgeError, EdgeUnavailable
 
         try:
@@ -199,7 +267,11 @@ class OnlineRouting:
         except (EdgeUnavailable, EdgeError) as exc:
             log.debug("link probe failed: %s", exc)
             rtt = self.settings.probe_timeout_s
-        self.estimator.observe_ping(min(rtt, self.settings.probe_timeout_s))
+        return min(rtt, self.settings.probe_timeout_s)
+
+    def _probe(self) -> None:
+        rtt = self._echo()
+        self.estimator.observe_ping(rtt)
         self.last_comm_s = rtt
 
     def __getattr__(self, name: str) -> Any:

@@ -280,12 +280,14 @@ def run_phases(args, dialogues: list[dict]) -> int:
                     if di != last_dialogue:
                         dev.new_conversation()
                         last_dialogue = di
+                    time.sleep(args.think_time)
                     reply = dev.turn(prompt)
                     records.append({**reply["telemetry"], "phase": f"{k + 1}:{name}", "link": name,
                                     "estimates_after": reply.get("estimates"), "comm_s": reply.get("comm_s")})
     summary = phase_summary(records)
     result = {"policy": args.phase_policy, "online": args.online, "threshold": args.threshold,
-              "alpha": args.alpha, "phases": phases, "summary": summary, "records": records,
+              "alpha": args.alpha, "think_time_s": args.think_time, "phases": phases, "summary": summary,
+              "records": records,
               "wall_s": time.perf_counter() - t_start}
     (args.out / "bench_link_phases.json").write_text(json.dumps(result, indent=2))
     print(f"policy {args.phase_policy}; online estimation: {'on' if args.online else 'off'}; "
@@ -355,11 +357,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phases", help="LINK:TURNS,... run --phase-policy through link phases instead "
                     "(e.g. good-5g:6,poor:6,good-5g:6)")
     ap.add_argument("--phase-policy", default="bert-ctx", choices=POLICIES)
+    ap.add_argument("--think-time", type=float, default=0.0, metavar="S",
+                    help="seconds between turns, as a user typing (the runtime probes the link "
+                         "while idle, OnlineSettings.idle_probe_s); default 0: back to back")
     ap.add_argument("--profile-only", action="store_true",
                     help="only profile each link: configured vs measured RTT and rate")
     args = ap.parse_args(argv)
     if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):
         ap.error(f"--alpha must be a finite number >= 0, got {args.alpha}")
+    if not (math.isfinite(args.think_time) and args.think_time >= 0):
+        ap.error(f"--think-time must be a finite number >= 0, got {args.think_time}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     reason = unavailable_reason()
     if reason:
@@ -398,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         # The α of every run; alpha_from says whether --alpha set it.
         "alpha": args.alpha if args.alpha is not None else paper_params("mt-bench").alpha,
         "alpha_from": "--alpha" if args.alpha is not None else "mt-bench preset",
+        "think_time_s": args.think_time,
         "sizes": {
             "dialogues": len(dialogues), "turns_per_policy": sum(len(d["prompts"]) for d in dialogues),
             "max_tokens": args.max_tokens, "dialogue_ids": [d["id"] for d in dialogues],
@@ -438,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                     for d in dialogues:
                         dev.new_conversation()
                         for prompt in d["prompts"]:
+                            time.sleep(args.think_time)
                             reply = dev.turn(prompt)
                             recs.append({**reply["telemetry"], "estimates_after": reply.get("estimates"),
                                          "comm_s": reply.get("comm_s")})

@@ -81,6 +81,9 @@ def test_help_lists_alpha_and_bad_alpha_is_refused():
     assert "--alpha" in out.stdout
     bad = subprocess.run([sys.executable, str(SCRIPT), "--alpha", "-1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--alpha" in bad.stderr
+    assert "--think-time" in out.stdout
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--think-time", "nan"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--think-time" in bad.stderr
 
 
 def test_phases_parse_and_reject_bad_specs(bench):

@@ -8,7 +8,8 @@ here is the link, so T^e − T^s is δ plus transfer time.  Degrading the link (
 10 ms -> 700 ms) must move turns to the device within a few turns, and
 restoring it must bring them back: each within one turn, since a turn whose
 link sample looks like a new regime is followed at once by an Echo that
-confirms it.
+confirms it; with a pause between turns, the Echos sent while idle catch the
+change before the first turn on the new link.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -102,3 +104,13 @@ def test_online_estimation_follows_link_degradation_recovery_and_outage(tmp_path
             assert down["target"] == "device" and down["fallback"] is True
             after = run(4)
             assert "edge" in [r["telemetry"]["target"] for r in after]
+
+            # With a pause between turns (the user typing), the two Echos sent
+            # while idle see a change before the next turn: even its first
+            # turn is decided on the new link.
+            lab.apply(bad)
+            time.sleep(4.5)  # Echos at 0.5 s, ~1.4 s each
+            assert run(1)[0]["telemetry"]["target"] == "device", "\n".join(map(str, log))
+            lab.apply(good)
+            time.sleep(1.5)
+            assert run(1)[0]["telemetry"]["target"] == "edge", "\n".join(map(str, log))

@@ -536,6 +536,28 @@ def test_online_answer_length_follows_the_conversation_and_restarts_with_a_new_o
 
 
 @pytest.mark.slow
+def test_online_routing_probes_the_link_once_per_pause_between_turns(slm, edge_client):
+    import time
+
+    from device_runtime.online import OnlineRouting, OnlineSettings
+
+    orch = make(slm, SequencePolicy(["device"] * 4), edge_client)
+    online = OnlineRouting(orch, OnlineSettings(idle_probe_s=0.05, probe_after_device_turn=False))
+    online.turn("Hello.")
+    assert online.idle_probes == 0
+    time.sleep(0.6)  # the user types: two Echos go out, fed in when the next turn starts
+    online.turn("Name a colour.")
+    assert online.idle_probes == 2
+    online.turn("Name a fruit.")  # no pause: the probe is cancelled before it runs
+    assert online.idle_probes == 2
+    online.close()
+    time.sleep(0.2)  # nothing runs after close
+    assert online.idle_probes == 2 and online._idle_rtts == []
+    with pytest.raises(ValueError, match="idle_probe_s"):
+        OnlineSettings(idle_probe_s=0)
+
+
+@pytest.mark.slow
 def test_auto_policy_with_a_router_end_to_end(slm, edge_client):
     # p = 1 with θ = 0.5: eq. (12) sends the turn to the edge unless the
     # latency term outweighs it; p = 0 always stays on the device.
