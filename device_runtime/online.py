@@ -161,7 +161,7 @@ class OnlineRouting:
             self.estimator.observe_ping(rtt)
         if rtts:
             self.idle_probes += len(rtts)
-            self._apply_response_lengths()
+            self._apply_params()
             self.estimates = self.estimator.snapshot()
 
     # -- one turn
@@ -175,7 +175,7 @@ class OnlineRouting:
         if orch.turn_index == 0:
             # A new conversation: its answers' lengths are not known yet.
             self._conversation = {"device": [], "edge": []}
-            self._apply_response_lengths()
+            self._apply_params()
         result = orch.turn(prompt, **kwargs)
         rec = result.telemetry
         answer_tokens = orch.ledger.context_tokens - ledger.context_tokens - rec.prompt_tokens
@@ -205,7 +205,7 @@ class OnlineRouting:
             and not rec.fallback
         ):
             self._probe()
-        self._apply_response_lengths()
+        self._apply_params()
         self.estimates = self.estimator.snapshot()
         return result
 
@@ -220,7 +220,9 @@ class OnlineRouting:
         k = self.settings.length_prior_answers
         return (sum(own) + k * overall) / (len(own) + k)
 
-    def _apply_response_lengths(self) -> None:
+    def _apply_params(self) -> None:
+        """The orchestrator's parameters for the next turn: the estimates, with
+        this conversation's answer lengths."""
         params = self.estimator.params()
         if self.settings.track_response:
             resp = params.response

@@ -273,33 +273,36 @@ def call_time(runs: Sequence[dict], gamma_prefill: float, gamma_decode: float) -
     return max(0.0, statistics.median(residuals))
 
 
-def profile_slm(slm, texts, settings: ProfileSettings) -> dict:
-    def run_one(prompt: str) -> dict:
-        slm.reset()  # a cold cache: the whole prompt is prefilled
-        text = "".join(slm.stream([{"role": "user", "content": prompt}], max_tokens=settings.max_tokens, temperature=0.0))
-        st = slm.last_stats
-        return {
-            "prompt_tokens": slm.count_tokens(prompt), "prefill_tokens": st.prefill_tokens,
-            "prefill_s": st.prefill_s, "decode_s": st.decode_s,
-            "output_tokens": slm.count_tokens(text) if text else st.output_tokens,
-        }
-
-    return _gamma_runs(run_one, texts, settings, slm.count_tokens, "γ_s")
-
-
 def slm_answer(slm, settings: ProfileSettings) -> Callable[[str], dict]:
+    """One answer from a cold cache (the whole prompt is prefilled): its
+    ``text`` and the SLM's stats."""
+
     def answer(prompt: str) -> dict:
         slm.reset()
-        return {"text": "".join(slm.stream(
-            [{"role": "user", "content": prompt}], max_tokens=settings.max_tokens, temperature=0.0,
-        ))}
+        text = "".join(slm.stream([{"role": "user", "content": prompt}], max_tokens=settings.max_tokens, temperature=0.0))
+        st = slm.last_stats
+        return {"text": text, "prefill_tokens": st.prefill_tokens, "prefill_s": st.prefill_s,
+                "decode_s": st.decode_s, "slm_output_tokens": st.output_tokens}
 
     return answer
 
 
+def profile_slm(slm, texts, settings: ProfileSettings) -> dict:
+    answer = slm_answer(slm, settings)
+
+    def run_one(prompt: str) -> dict:
+        r = answer(prompt)
+        text = r.pop("text")
+        out = r.pop("slm_output_tokens")
+        return {**r, "prompt_tokens": slm.count_tokens(prompt),
+                "output_tokens": slm.count_tokens(text) if text else out}
+
+    return _gamma_runs(run_one, texts, settings, slm.count_tokens, "γ_s")
+
+
 def edge_answer(client, settings: ProfileSettings) -> Callable[[str], dict]:
-    """Answers with the edge's timings: short real prompts, the turns whose
-    fixed per-call time matters most (see :func:`call_time`)."""
+    """One answer in a new session (nothing cached on the edge): its ``text``
+    and the edge's own timings and token counts."""
     from device_runtime.edge_client import GenerationParams, new_session_id
 
     def answer(prompt: str) -> dict:
@@ -311,32 +314,21 @@ def edge_answer(client, settings: ProfileSettings) -> Callable[[str], dict]:
             ).consume()
         finally:
             client.close_session(sid)
-        return {"text": res.text, "prefill_s": res.prefill_s, "decode_s": res.decode_s,
-                "server_ttft_s": res.server_ttft_s or res.prefill_s}
+        return {"text": res.text, "edge_prefill_tokens": res.prefill_tokens, "prefill_s": res.prefill_s,
+                "decode_s": res.decode_s, "server_ttft_s": res.server_ttft_s or res.prefill_s,
+                "edge_output_tokens": res.output_tokens}
 
     return answer
 
 
 def profile_edge(client, texts, settings: ProfileSettings, count_tokens) -> dict:
-    from device_runtime.edge_client import GenerationParams
+    answer = edge_answer(client, settings)
 
     def run_one(prompt: str) -> dict:
-        sid = client.open_session()  # a new session: nothing cached on the edge
-        try:
-            res = client.generate(
-                sid, [{"role": "user", "content": prompt}],
-                GenerationParams(max_tokens=settings.max_tokens, temperature=0.0),
-            ).consume()
-        finally:
-            client.close_session(sid)
+        r = answer(prompt)
+        text = r.pop("text")
         # Edge timings, counted in device-SLM tokens of the same text.
-        return {
-            "prompt_tokens": count_tokens(prompt), "edge_prefill_tokens": res.prefill_tokens,
-            "prefill_s": res.prefill_s, "decode_s": res.decode_s,
-            "server_ttft_s": res.server_ttft_s or res.prefill_s,
-            "output_tokens": count_tokens(res.text) if res.text else 0,
-            "edge_output_tokens": res.output_tokens,
-        }
+        return {**r, "prompt_tokens": count_tokens(prompt), "output_tokens": count_tokens(text) if text else 0}
 
     return _gamma_runs(run_one, texts, settings, count_tokens, "γ_e")
 
