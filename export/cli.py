@@ -17,6 +17,20 @@ import sys
 from pathlib import Path
 
 from export.config import DEFAULT_BENCHMARKS, TrainConfig
+from export.head_fit import DEFAULT_L2_GRID
+
+
+def _grid(text: str) -> tuple[float, ...]:
+    """``--head-l2``: 'none' -> () (AdamW head), else comma-separated penalties."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--head-l2 must be comma-separated numbers or 'none', got {text!r}") from None
+    if not values:
+        raise ValueError("--head-l2 is empty (use 'none' for the AdamW head)")
+    return values
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -53,8 +67,10 @@ def _run(args: argparse.Namespace) -> int:
                 encoder_layers=args.encoder_layers or None,
                 train_layers=args.train_layers,
                 epochs=args.epochs,
+                head_l2_grid=_grid(args.head_l2),
                 neighbor_smoothing=args.neighbor_smoothing,
                 neighbor_feature=args.neighbor_feature,
+                neighbor_groups=not args.no_neighbor_groups,
                 seed=args.seed,
                 threads=args.threads,
                 progress=not args.no_progress,
@@ -99,7 +115,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--neighbor-feature", type=int, default=defaults["neighbor_feature"].default, metavar="K",
                    help="add k(h), the mean label of the K nearest training turns, to the head's inputs "
                         "(0: the plain eq. (10) head)")
-    p.add_argument("--epochs", type=int, default=defaults["epochs"].default)
+    p.add_argument("--no-neighbor-groups", action="store_true",
+                   help="leave out f(h), the benchmark shares among the k(h) neighbours, and f(h)*L_p")
+    p.add_argument("--head-l2", default=",".join(f"{v:g}" for v in DEFAULT_L2_GRID), metavar="GRID",
+                   help="comma-separated L2 penalties on the head's weights on h, chosen by 5-fold CV on the "
+                        "training turns (one value: no CV; 'none': AdamW for --epochs) (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=defaults["epochs"].default,
+                   help="AdamW epochs when encoder layers are trained or --head-l2 none (default: %(default)s)")
     p.add_argument("--seed", type=int, default=defaults["seed"].default)
     p.add_argument("--threads", type=int, default=defaults["threads"].default, help="torch / onnxruntime threads")
     p.add_argument("--atol", type=float, default=1e-4, help="allowed |p_onnx - p_torch| after export")

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from export.head_fit import DEFAULT_L2_GRID
+
 #: Benchmarks the router trains on (names as device_runtime.traces knows them).
 DEFAULT_BENCHMARKS: tuple[str, ...] = ("mmlu", "gsm8k", "mt-bench")
 LABELS = ("gain",)
@@ -66,8 +68,15 @@ class TrainConfig:
     encoder_layers: int | None = 3
     #: Top transformer layers (of the kept ones) trained (0: encoder frozen, head only).
     train_layers: int = 0
-    #: Head-only epochs are cheap: the pooled h is cached, so an epoch is a few
-    #: hundred steps of one linear layer.
+    #: With a frozen encoder (train_layers=0) the head is fitted full-batch
+    #: (L-BFGS) with an L2 penalty on its weights on h, chosen from this grid
+    #: by ``head_cv_folds``-fold cross-validation on the training turns
+    #: (export/head_fit.py).  One value: that penalty, no CV.  Empty: the
+    #: head is trained by AdamW for ``epochs``, as it always is when encoder
+    #: layers are trained (train_layers > 0 ignores the grid).
+    head_l2_grid: tuple[float, ...] = DEFAULT_L2_GRID
+    head_cv_folds: int = 5
+    #: AdamW epochs (when layers are trained, or head_l2_grid is empty).
     epochs: int = 30
     batch_size: int = 32
     lr_encoder: float = 2e-5
@@ -84,6 +93,11 @@ class TrainConfig:
     #: training turns, an extra head input carried inside the ONNX graph);
     #: 0: the plain eq. (10) head.  Needs a frozen encoder (train_layers=0).
     neighbor_feature: int = 100
+    #: With the neighbour feature, also give the head f(h), the share of each
+    #: benchmark among those k turns, and f(h)·L_p: the weight of L_p then
+    #: differs between kinds of prompts (a long GSM8K problem is harder for
+    #: the weak model; a long MMLU question much less so).
+    neighbor_groups: bool = True
     val_fraction: float = 0.2
     lp_scale: float = 8.0
     seed: int = 0
@@ -94,6 +108,11 @@ class TrainConfig:
         self.base = Path(self.base) if self.base is not None else default_base_model()
         self.data_dirs = tuple(Path(d) for d in (self.data_dirs or (default_data_dir(),)))
         self.benchmarks = tuple(self.benchmarks)
+        self.head_l2_grid = tuple(float(v) for v in self.head_l2_grid)
+        if any(not (math.isfinite(v) and v >= 0) for v in self.head_l2_grid):
+            raise ConfigError(f"head_l2_grid values must be finite and >= 0, got {self.head_l2_grid}")
+        if not 2 <= self.head_cv_folds <= 20:
+            raise ConfigError(f"head_cv_folds must be in [2, 20], got {self.head_cv_folds}")
         if not self.benchmarks:
             raise ConfigError("at least one benchmark is needed")
         for b in self.benchmarks:
@@ -138,6 +157,7 @@ class TrainConfig:
         d["base"] = str(self.base)
         d["data_dirs"] = [str(p) for p in self.data_dirs]
         d["benchmarks"] = list(self.benchmarks)
+        d["head_l2_grid"] = list(self.head_l2_grid)
         return d
 
 

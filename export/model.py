@@ -1,7 +1,10 @@
 """The eq. (10) router as a torch module: encoder -> pooled h -> σ(Wᵀ[h; L_p] + b).
 
-With a :class:`NeighborGain` the head reads one more input, k(h), the mean
-training label of the turn's nearest training turns: σ(Wᵀ[h; L_p; k(h)] + b).
+With a :class:`NeighborGain` the head reads more inputs from the turn's
+nearest training turns: k(h), their mean label, and, when the bank knows
+each turn's benchmark, f(h), the share of each benchmark among them, with
+f(h)·L_p (so the weight of L_p can differ between kinds of prompts):
+σ(Wᵀ[h; L_p; k(h); f(h); f(h)·L_p] + b).
 """
 
 from __future__ import annotations
@@ -25,49 +28,68 @@ def unit(h: torch.Tensor) -> torch.Tensor:
 
 class RouterHead(nn.Module):
     """σ(Wᵀ[h; L_p] + b): one linear layer over the pooled vector and the length feature
-    (and, with ``extra`` = 1, the neighbour feature k(h))."""
+    (and ``extra`` more inputs: the neighbour features, see :class:`NeighborGain`)."""
 
     def __init__(self, hidden_size: int, extra: int = 0) -> None:
         super().__init__()
         self.linear = nn.Linear(hidden_size + 1 + extra, 1)
 
     def forward(self, h: torch.Tensor, lp: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """Logit (before σ); ``lp`` and ``extra`` are [batch, 1]."""
+        """Logit (before σ); ``lp`` is [batch, 1], ``extra`` [batch, extra]."""
         parts = [h, lp.to(h.dtype)] + ([extra.to(h.dtype)] if extra is not None else [])
         return self.linear(torch.cat(parts, dim=-1)).squeeze(-1)
 
 
 class NeighborGain(nn.Module):
-    """k(h): the mean label of the ``k`` training turns nearest to h (cosine).
+    """k(h): the mean label of the ``k`` training turns nearest to h (cosine);
+    with ``groups`` ([N, G] one-hot, e.g. each turn's benchmark) also f(h), the
+    share of each group among those k turns.
 
-    The training turns' unit-length pooled vectors and labels are buffers, so
-    they travel inside the ONNX graph (MatMul, TopK, Gather) and the device
-    needs nothing else; INT8 quantization stores the bank as int8.
+    The training turns' unit-length pooled vectors, labels and groups are
+    buffers, so they travel inside the ONNX graph (MatMul, TopK, Gather) and
+    the device needs nothing else; INT8 quantization stores the bank as int8.
     """
 
-    def __init__(self, bank: torch.Tensor, labels: torch.Tensor, k: int, center: float = 0.0, scale: float = 1.0) -> None:
+    def __init__(self, bank: torch.Tensor, labels: torch.Tensor, k: int, center: float = 0.0, scale: float = 1.0,
+                 groups: torch.Tensor | None = None) -> None:
         super().__init__()
         if bank.ndim != 2 or labels.shape != (bank.shape[0],):
             raise ValueError(f"bank [N, H] and labels [N] expected, got {tuple(bank.shape)} and {tuple(labels.shape)}")
         if not 1 <= k <= bank.shape[0]:
             raise ValueError(f"k must be in [1, {bank.shape[0]}], got {k}")
+        if groups is not None and (groups.ndim != 2 or groups.shape[0] != bank.shape[0]):
+            raise ValueError(f"groups [N, G] expected with N = {bank.shape[0]}, got {tuple(groups.shape)}")
         self.k = int(k)
         self.register_buffer("bank_t", unit(bank.float()).T.contiguous())
         self.register_buffer("labels", labels.float())
+        self.n_groups = 0 if groups is None else int(groups.shape[1])
+        if groups is not None:
+            self.register_buffer("groups", groups.float())
         # Standardized on the training turns, so the head's weight on k(h) is
         # of the same order as its other weights (a raw neighbour mean moves
         # by a few hundredths and would barely be learned).
         self.register_buffer("center", torch.tensor(float(center)))
         self.register_buffer("scale", torch.tensor(float(scale)))
 
+    def _nearest(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.topk(unit(h) @ self.bank_t, self.k, dim=-1).indices
+
     def mean_label(self, h: torch.Tensor) -> torch.Tensor:
         """The raw neighbour mean, [batch, 1]."""
-        sim = unit(h) @ self.bank_t
-        idx = torch.topk(sim, self.k, dim=-1).indices
-        return self.labels[idx].mean(dim=-1, keepdim=True)
+        return self.labels[self._nearest(h)].mean(dim=-1, keepdim=True)
+
+    @property
+    def width(self) -> int:
+        """Columns of :meth:`forward`'s output."""
+        return 1 + self.n_groups
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return (self.mean_label(h) - self.center) / self.scale
+        """[z(k(h)), f(h)]: the standardized neighbour mean, then the group shares, [batch, width]."""
+        idx = self._nearest(h)
+        k = (self.labels[idx].mean(dim=-1, keepdim=True) - self.center) / self.scale
+        if not self.n_groups:
+            return k
+        return torch.cat([k, self.groups[idx].mean(dim=1)], dim=-1)
 
 
 class RouterModel(nn.Module):
@@ -84,14 +106,23 @@ class RouterModel(nn.Module):
         self.head = RouterHead(encoder.config.hidden_size)
 
     def set_neighbors(self, neighbors: NeighborGain) -> None:
-        """Add k(h) to the head's inputs (a fresh head with one more weight)."""
+        """Add k(h) (and f(h), f(h)·L_p) to the head's inputs (a fresh head)."""
         self.neighbors = neighbors
-        self.head = RouterHead(self.encoder.config.hidden_size, extra=1)
+        self.head = RouterHead(self.encoder.config.hidden_size, extra=1 + 2 * neighbors.n_groups)
 
-    def head_logit(self, h: torch.Tensor, lp: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """The head on pooled h; k(h) is computed unless ``extra`` gives it."""
-        if self.neighbors is not None and extra is None:
-            extra = self.neighbors(h)
+    def head_extra(self, lp: torch.Tensor, neighbor_out: torch.Tensor) -> torch.Tensor:
+        """The head's inputs after [h; L_p], from the neighbour module's output:
+        [k; f; f·L_p] (just [k] without groups)."""
+        if self.neighbors is None or not self.neighbors.n_groups:
+            return neighbor_out
+        f = neighbor_out[:, 1:]
+        return torch.cat([neighbor_out, f * lp.to(f.dtype)], dim=-1)
+
+    def head_logit(self, h: torch.Tensor, lp: torch.Tensor, neighbor_out: torch.Tensor | None = None) -> torch.Tensor:
+        """The head on pooled h; the neighbour module runs unless ``neighbor_out`` gives its output."""
+        extra = None
+        if self.neighbors is not None:
+            extra = self.head_extra(lp, self.neighbors(h) if neighbor_out is None else neighbor_out)
         return self.head(h, lp, extra)
 
     def features(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -150,7 +181,8 @@ def save_checkpoint(model: RouterModel, directory, *, pooling: str) -> None:
     (directory / "router.json").write_text(
         json.dumps({"pooling": pooling, "uses_token_types": model.uses_token_types,
                     "normalize": model.normalize,
-                    "neighbors": model.neighbors.k if model.neighbors is not None else 0}) + "\n"
+                    "neighbors": model.neighbors.k if model.neighbors is not None else 0,
+                    "neighbor_groups": list(getattr(model, "neighbor_group_names", []))}) + "\n"
     )
 
 
@@ -168,6 +200,6 @@ def load_checkpoint(directory) -> RouterModel:
     if meta.get("neighbors"):
         state = torch.load(directory / "neighbors.pt", weights_only=True)
         model.set_neighbors(NeighborGain(state["bank_t"].T, state["labels"], meta["neighbors"],
-                                         float(state["center"]), float(state["scale"])))
+                                         float(state["center"]), float(state["scale"]), state.get("groups")))
     model.head.load_state_dict(torch.load(directory / "head.pt", weights_only=True))
     return model.eval()

@@ -41,14 +41,15 @@ def _prepare_out(out: Path, force: bool) -> Path:
     return out
 
 
-def _score_bundle(out: Path, examples, fp32: bool, threads: int) -> list[float]:
+def _score_bundle(out: Path, examples, fp32: bool, threads: int, progress: bool = True) -> list[float]:
     """Validation scores through the device scorer itself (onnxruntime + tokenizers)."""
     from device_runtime.routers.bert import BertRouter
     from tqdm import tqdm
 
     router = BertRouter(out, threads=threads, fp32=fp32, batch_size=1)
     scores = []
-    for e in tqdm(examples, desc=f"val scoring ({'fp32' if fp32 else 'int8'})", leave=False, unit="turn"):
+    for e in tqdm(examples, desc=f"val scoring ({'fp32' if fp32 else 'int8'})", leave=False, unit="turn",
+                  disable=not progress):
         scores.append(router.score(e.prompt, e.context))
     return scores
 
@@ -131,8 +132,8 @@ def export_trained(
     )
     manifest.write(out)
     val = result.val_examples
-    fp32_scores = _score_bundle(out, val, fp32=True, threads=train_config.threads)
-    int8_scores = _score_bundle(out, val, fp32=False, threads=train_config.threads)
+    fp32_scores = _score_bundle(out, val, fp32=True, threads=train_config.threads, progress=train_config.progress)
+    int8_scores = _score_bundle(out, val, fp32=False, threads=train_config.threads, progress=train_config.progress)
     validation = {
         "turns": len(val),
         "pytorch": metrics_by_benchmark(val, result.val_scores),

@@ -186,6 +186,42 @@ def neighbor_labels(features: np.ndarray, labels: np.ndarray, groups: Sequence[s
     return out
 
 
+def _fit_head_full_batch(config, model, cache, lp_all, extra_all, y_all, w_all, train_ex) -> list[dict]:
+    """The head on the cached training features by L-BFGS, its penalty on W_h chosen by CV.
+
+    Writes the fitted weights into ``model.head``; returns the history record
+    (the CV table and the chosen penalty).
+    """
+    import torch
+
+    from export.head_fit import select_and_fit
+    from export.model import unit
+
+    n = len(train_ex)
+    h = torch.stack([cache[i] for i in range(n)]).float()
+    if config.normalize:
+        h = unit(h)
+    cols = [h.numpy(), lp_all[:n].numpy()] + ([extra_all[:n].numpy()] if extra_all is not None else [])
+    x = np.hstack(cols).astype(np.float64)
+
+    def evaluate(rows, scores):
+        return metrics_by_benchmark([train_ex[i] for i in rows], list(scores))
+
+    fit = select_and_fit(
+        x, y_all[:n].numpy(), w_all[:n].numpy(), n_h=h.shape[1],
+        keys=[e.context[0]["content"] if e.context else e.prompt for e in train_ex],
+        evaluate=evaluate, grid=config.head_l2_grid, folds=config.head_cv_folds, seed=config.seed,
+        progress=(lambda **kw: _progress(**kw)) if config.progress else None,
+    )
+    for row in fit.cv:
+        log.info("head CV: L2 on W_h %g -> APGR %s", row["l2_h"],
+                 ", ".join(f"{b} {v:.3f}" for b, v in row["apgr"].items()))
+    with torch.no_grad():
+        model.head.linear.weight.copy_(torch.from_numpy(fit.weight).float().unsqueeze(0))
+        model.head.linear.bias.fill_(fit.bias)
+    return [{"head_fit": "lbfgs", "l2_h": fit.l2_h, "cv": fit.cv}]
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Cache the frozen layers, train the top layers + head, score the validation split."""
     import torch
@@ -265,7 +301,7 @@ def train(config: TrainConfig) -> TrainResult:
         h = torch.stack([cache[i] for i in idx])
         if config.normalize:
             h = unit(h)
-        return model.head(h, lp_all[list(idx)], knn_all[list(idx)] if knn_all is not None else None)
+        return model.head(h, lp_all[list(idx)], extra_all[list(idx)] if extra_all is not None else None)
 
     def score(indices: Sequence[int]) -> list[float]:
         for layer in stack.top:
@@ -284,68 +320,83 @@ def train(config: TrainConfig) -> TrainResult:
     def cache_len(i: int) -> int:
         return int(cache[i].shape[0]) if stack.top else 0
 
-    knn_all = None
+    extra_all = None
     if config.neighbor_feature:
-        # k(h): train turns see their k nearest *other* training turns (leave-one-out),
-        # validation turns the bank itself, exactly as the exported graph computes it.
+        # k(h) (and f(h)): train turns see their k nearest *other* training turns
+        # (leave-one-out), validation turns the bank itself, exactly as the
+        # exported graph computes it.
         pooled = torch.stack([cache[i] for i in range(len(everything))]).float()
         raw = np.asarray([e.label for e in train_ex], dtype=np.float32)
         k = min(config.neighbor_feature, n_train - 1)
-        loo = neighbor_labels(pooled[:n_train].numpy(), raw, ["all"] * n_train, k)
+        names = sorted({e.benchmark for e in train_ex}) if config.neighbor_groups else []
+        groups = np.asarray([[e.benchmark == b for b in names] for e in train_ex], dtype=np.float32)
+        bank_values = np.hstack([raw[:, None], groups]) if names else raw
+        loo = neighbor_labels(pooled[:n_train].numpy(), bank_values, ["all"] * n_train, k).reshape(n_train, -1)
         model.set_neighbors(NeighborGain(
-            pooled[:n_train], torch.from_numpy(raw), k, float(loo.mean()), max(float(loo.std()), 1e-6)
+            pooled[:n_train], torch.from_numpy(raw), k, float(loo[:, 0].mean()), max(float(loo[:, 0].std()), 1e-6),
+            groups=torch.from_numpy(groups) if names else None,
         ))
+        model.neighbor_group_names = names
         with torch.no_grad():
-            knn_val = model.neighbors(pooled[n_train:])
-        loo_z = (torch.tensor(loo, dtype=torch.float32).unsqueeze(-1) - model.neighbors.center) / model.neighbors.scale
-        knn_all = torch.cat([loo_z, knn_val])
+            out_val = model.neighbors(pooled[n_train:])
+        out_train = torch.tensor(loo, dtype=torch.float32)
+        out_train[:, 0] = (out_train[:, 0] - model.neighbors.center) / model.neighbors.scale
+        # The head's extra inputs [k; f; f·L_p], ready for every cached turn.
+        extra_all = model.head_extra(lp_all, torch.cat([out_train, out_val]))
 
-    # Start the head at the base rate, so early steps do not just learn the bias.
-    mean_y = float((y_all[:n_train] * w_all[:n_train]).sum() / w_all[:n_train].sum())
-    mean_y = min(max(mean_y, 1e-3), 1 - 1e-3)
-    with torch.no_grad():
-        model.head.linear.weight.zero_()
-        model.head.linear.bias.fill_(math.log(mean_y / (1 - mean_y)))
-    params = [
-        {"params": [p for l in stack.top for p in l.parameters()], "lr": config.lr_encoder},
-        {"params": list(model.head.parameters()), "lr": config.lr_head},
-    ]
-    opt = torch.optim.AdamW([g for g in params if g["params"]], weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: min(1.0, (step + 1) / max(1, total // 10)) * max(0.0, (total - step) / total)
-    )
-    rng = np.random.default_rng(config.seed)
-    history = []
     val_idx = list(range(n_train, len(everything)))
-    for epoch in range(config.epochs):
-        for layer in stack.top:
-            layer.train()
-        # Batches of similar length (shuffled buckets): less padding, still random.
-        perm = rng.permutation(n_train).tolist()
-        buckets = [sorted(perm[s : s + config.batch_size * 32], key=cache_len) for s in range(0, n_train, config.batch_size * 32)]
-        batches = [b[s : s + config.batch_size] for b in buckets for s in range(0, len(b), config.batch_size)]
-        rng.shuffle(batches)
-        running = 0.0
-        bar = _progress(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not config.progress)
-        for k, idx in enumerate(bar):
-            logit = forward_cached(idx)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                logit, y_all[idx], weight=w_all[idx], reduction="sum"
-            ) / w_all[idx].sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            lv = float(loss.detach())
-            running = 0.98 * running + 0.02 * lv if k else lv
-            bar.set_postfix(loss=f"{running:.4f}")
+    if config.head_l2_grid and not stack.top:
+        history = _fit_head_full_batch(config, model, cache, lp_all, extra_all, y_all, w_all, train_ex)
         val_scores = score(val_idx)
         metrics = metrics_by_benchmark(val_ex, val_scores)
-        history.append({"epoch": epoch + 1, "loss": running, **{b: m["apgr"] for b, m in metrics.items()}})
-        log.info("epoch %d: loss %.4f, val APGR %s", epoch + 1, running,
+        log.info("head fitted (L2 on W_h %g), val APGR %s", history[-1]["l2_h"],
                  ", ".join(f"{b} {m['apgr']:.3f}" for b, m in metrics.items()))
+    else:
+        # Start the head at the base rate, so early steps do not just learn the bias.
+        mean_y = float((y_all[:n_train] * w_all[:n_train]).sum() / w_all[:n_train].sum())
+        mean_y = min(max(mean_y, 1e-3), 1 - 1e-3)
+        with torch.no_grad():
+            model.head.linear.weight.zero_()
+            model.head.linear.bias.fill_(math.log(mean_y / (1 - mean_y)))
+        params = [
+            {"params": [p for l in stack.top for p in l.parameters()], "lr": config.lr_encoder},
+            {"params": list(model.head.parameters()), "lr": config.lr_head},
+        ]
+        opt = torch.optim.AdamW([g for g in params if g["params"]], weight_decay=config.weight_decay)
+        steps_per_epoch = math.ceil(n_train / config.batch_size)
+        total = steps_per_epoch * config.epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: min(1.0, (step + 1) / max(1, total // 10)) * max(0.0, (total - step) / total)
+        )
+        rng = np.random.default_rng(config.seed)
+        history = []
+        for epoch in range(config.epochs):
+            for layer in stack.top:
+                layer.train()
+            # Batches of similar length (shuffled buckets): less padding, still random.
+            perm = rng.permutation(n_train).tolist()
+            buckets = [sorted(perm[s : s + config.batch_size * 32], key=cache_len) for s in range(0, n_train, config.batch_size * 32)]
+            batches = [b[s : s + config.batch_size] for b in buckets for s in range(0, len(b), config.batch_size)]
+            rng.shuffle(batches)
+            running = 0.0
+            bar = _progress(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not config.progress)
+            for k, idx in enumerate(bar):
+                logit = forward_cached(idx)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logit, y_all[idx], weight=w_all[idx], reduction="sum"
+                ) / w_all[idx].sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                lv = float(loss.detach())
+                running = 0.98 * running + 0.02 * lv if k else lv
+                bar.set_postfix(loss=f"{running:.4f}")
+            val_scores = score(val_idx)
+            metrics = metrics_by_benchmark(val_ex, val_scores)
+            history.append({"epoch": epoch + 1, "loss": running, **{b: m["apgr"] for b, m in metrics.items()}})
+            log.info("epoch %d: loss %.4f, val APGR %s", epoch + 1, running,
+                     ", ".join(f"{b} {m['apgr']:.3f}" for b, m in metrics.items()))
     model.eval()
     val_scores = score(val_idx)
     return TrainResult(

@@ -47,11 +47,24 @@ TURNS = [
         ({"neighbor_feature": -1}, "neighbor_feature"),
         ({"neighbor_feature": 10, "train_layers": 1}, "frozen encoder"),
         ({"encoder_layers": 2, "train_layers": 3, "neighbor_feature": 0}, "cannot exceed"),
+        ({"head_l2_grid": (1.0, -0.1)}, "head_l2_grid"),
+        ({"head_l2_grid": (float("nan"),)}, "head_l2_grid"),
+        ({"head_cv_folds": 1}, "head_cv_folds"),
     ],
 )
 def test_train_config_validates(tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(base=tmp_path, data_dirs=(tmp_path,), **kw)
+
+
+@pytest.mark.parametrize("grid", ["abc", ",", "1,-2"])
+def test_cli_rejects_a_bad_head_penalty_grid(tmp_path, grid, capsys):
+    from device_runtime.cli import main
+
+    assert main(["export", "--out", str(tmp_path / "b"), "--base", str(tmp_path), "--data-dir", str(tmp_path),
+                 "--head-l2", grid]) == 1
+    assert "head" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_truncate_encoder_keeps_the_bottom_layers(tmp_path):
@@ -95,6 +108,66 @@ def test_neighbor_gain_is_the_mean_label_of_the_k_nearest():
     assert loo == pytest.approx([labels[np.argsort(-row)[:5]].mean() for row in self_sim], abs=1e-6)
     with pytest.raises(ValueError, match="k must be"):
         NeighborGain(torch.from_numpy(bank), torch.from_numpy(labels), k=41)
+
+
+def test_neighbor_groups_are_the_benchmark_shares_among_the_k_nearest(tmp_path):
+    import torch
+
+    from export.model import NeighborGain, RouterModel
+
+    rng = np.random.default_rng(1)
+    bank = rng.normal(size=(30, 8)).astype(np.float32)
+    labels = rng.random(30).astype(np.float32)
+    which = rng.integers(0, 3, 30)
+    groups = np.eye(3, dtype=np.float32)[which]
+    module = NeighborGain(torch.from_numpy(bank), torch.from_numpy(labels), k=4, center=0.5, scale=0.2,
+                          groups=torch.from_numpy(groups))
+    assert module.width == 4
+    q = rng.normal(size=(5, 8)).astype(np.float32)
+    out = module(torch.from_numpy(q)).numpy()
+    b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    for row, got in zip((q / np.linalg.norm(q, axis=1, keepdims=True)) @ b.T, out):
+        nn = np.argsort(-row)[:4]
+        assert got[0] == pytest.approx((labels[nn].mean() - 0.5) / 0.2, abs=1e-5)
+        assert got[1:] == pytest.approx(np.bincount(which[nn], minlength=3) / 4, abs=1e-6)
+    # The head reads [h; L_p; k; f; f·L_p].
+    from export.train import load_encoder
+
+    model = RouterModel(load_encoder(build_bert(tmp_path / "base")), "mean", True)  # hidden size 32
+    model.set_neighbors(module)
+    assert model.head.linear.in_features == 32 + 1 + 1 + 2 * 3
+    lp = torch.full((5, 1), 0.5)
+    extra = model.head_extra(lp, torch.from_numpy(out))
+    assert extra.shape == (5, 7)
+    assert extra[:, 4:].numpy() == pytest.approx(out[:, 1:] * 0.5)
+    with pytest.raises(ValueError, match="groups"):
+        NeighborGain(torch.from_numpy(bank), torch.from_numpy(labels), k=4, groups=torch.ones(29, 3))
+
+
+@pytest.mark.slow
+def test_adamw_head_reads_the_same_neighbour_inputs(tmp_path):
+    """--head-l2 none: the head is trained by AdamW on [h; L_p; k; f; f·L_p], and scoring
+    the validation turns through the model itself gives the scores train() reports."""
+    import torch
+
+    from export.train import train
+
+    config = TrainConfig(base=build_bert(tmp_path / "base"), data_dirs=(build_data_dir(tmp_path / "data"),),
+                         epochs=2, batch_size=8, threads=1, max_length=64, encoder_layers=1,
+                         neighbor_smoothing=0.0, neighbor_feature=3, head_l2_grid=(), progress=False)
+    result = train(config)
+    model = result.model
+    assert model.neighbors.n_groups == len({e.benchmark for e in result.train_examples}) > 1
+    assert model.head.linear.in_features == 32 + 1 + 1 + 2 * model.neighbors.n_groups
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    from device_runtime.bundle import encode_turn
+
+    e = result.val_examples[0]
+    enc = encode_turn(result.tokenizer, e.prompt, e.context, 64)
+    with torch.no_grad():
+        p = model(torch.tensor([enc.ids]), torch.ones(1, len(enc.ids), dtype=torch.long),
+                  torch.tensor([enc.type_ids]), torch.tensor([[result.lp_feature.value(e.prompt)]]))
+    assert float(p) == pytest.approx(result.val_scores[0], abs=1e-5)
 
 
 def test_export_and_quantization_configs_validate():
@@ -268,6 +341,10 @@ def test_trained_export_frozen_encoder_neighbor_feature(tmp_path):
     assert m.pooling == "mean" and m.training["train_layers"] == 0
     assert m.training["encoder_layers"] == 1 and m.base_model.endswith("bottom 1 layers")
     assert m.training["neighbor_feature"] == 3 and (out / "pytorch" / "neighbors.pt").is_file()
+    # The head was fitted full batch, its penalty on W_h chosen from the default grid by CV.
+    (fit,) = m.training["history"]
+    assert fit["head_fit"] == "lbfgs" and fit["l2_h"] in m.training["head_l2_grid"]
+    assert [row["l2_h"] for row in fit["cv"]] == m.training["head_l2_grid"]
     assert json.loads((out / "pytorch" / "encoder" / "config.json").read_text())["num_hidden_layers"] == 1
     assert m.validation["onnx_vs_pytorch_max_abs_diff"] <= 1e-4
     p = create_router("bert", bundle=out).score(*TURNS[2])
