@@ -141,9 +141,17 @@ class OnlineRouting:
         timer.start()
 
     def _idle_probe(self, gap: int) -> None:
-        """Runs on the timer's thread: two Echos, kept only if no turn started since."""
+        """Runs on the timer's thread: two Echos, kept only if no turn started
+        (and nothing was closed) since."""
         for _ in range(2):
-            rtt = self._echo()
+            with self._idle_lock:
+                if gap != self._idle_gap:
+                    return
+            try:
+                rtt = self._echo()
+            except RuntimeError as exc:  # the client was closed while this Echo was out
+                log.debug("idle link probe dropped: %s", exc)
+                return
             with self._idle_lock:
                 if gap != self._idle_gap:
                     return

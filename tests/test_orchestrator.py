@@ -558,6 +558,43 @@ def test_online_routing_probes_the_link_once_per_pause_between_turns(slm, edge_c
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_closing_while_an_idle_probe_is_out_drops_it_quietly(slm, edge_server):
+    """close() can race the idle probe's timer: an Echo already on its way when the
+    client closes must end the probe, not raise on the timer's thread."""
+    import threading
+    import time
+
+    from device_runtime.edge_client import EdgeClient
+    from device_runtime.online import OnlineRouting, OnlineSettings
+
+    client = EdgeClient(edge_server.target, timeout_s=30.0)
+    out = threading.Event()
+
+    class SlowEcho:  # fault injection: the link is slow just when close() comes
+        def __init__(self, edge):
+            self._edge = edge
+
+        def ping(self, *args, **kwargs):
+            out.set()
+            time.sleep(0.3)
+            return self._edge.ping(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self._edge, name)
+
+    orch = make(slm, SequencePolicy(["device"]), client)
+    online = OnlineRouting(orch, OnlineSettings(idle_probe_s=0.01, probe_after_device_turn=False))
+    online.turn("Hello.")
+    orch.edge._client = SlowEcho(orch.edge._client)  # under the recording wrapper
+    assert out.wait(5.0)  # the idle Echo is on its way
+    online.close()
+    client.close()  # as an app does on exit
+    time.sleep(0.5)  # the Echo comes back to a closed client
+    assert online.idle_probes == 0 and online._idle_rtts == []
+
+
+@pytest.mark.slow
 def test_auto_policy_with_a_router_end_to_end(slm, edge_client):
     # p = 1 with θ = 0.5: eq. (12) sends the turn to the edge unless the
     # latency term outweighs it; p = 0 always stays on the device.
