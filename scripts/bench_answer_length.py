@@ -17,7 +17,13 @@ each model it prints the median relative error |guess − L_r| / L_r of:
 - ``linear(log L_p, log C)``: least squares on the prompt and context length;
 - ``conversation`` (second turns only): what the runtime's online estimate
   does, the mean of this conversation's earlier answers with the running mean
-  counted as one more answer (``OnlineSettings.length_prior_answers = 1``).
+  counted as one more answer (``OnlineSettings.length_prior_answers = 1``);
+- ``best constant, first turns``: the one constant that, chosen after seeing
+  every first-turn answer, minimizes the median error: a lower bound for any
+  guess that knows nothing of the turn (not a usable guess).
+
+``--rows JSON`` re-evaluates the per-turn lengths of an earlier ``--out`` file
+without running the models.
 """
 
 from __future__ import annotations
@@ -122,6 +128,10 @@ def evaluate(rows: list[dict], seed: int = 0, folds: int = 5) -> dict:
         out["mean, second turns"] = median_rel_error([overall] * len(pairs), [b for _, b in pairs])
         out["conversation, second turns"] = median_rel_error([(a + overall) / 2 for a, _ in pairs],
                                                               [b for _, b in pairs])
+        first = [r["answer_tokens"] for r in rs if r["turn"] == 1]
+        out["best constant, first turns"] = min(
+            median_rel_error([c] * len(first), first) for c in np.arange(1.0, max(first) + 0.5, 0.5)
+        )
         lengths = [r["answer_tokens"] for r in rs]
         out["n"] = len(rs)
         out["answer_tokens_p10_p50_p90"] = [float(v) for v in np.percentile(lengths, [10, 50, 90])]
@@ -137,10 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="write the per-turn lengths and results as JSON")
+    ap.add_argument("--rows", type=Path, default=None, metavar="JSON",
+                    help="re-evaluate the lengths saved by an earlier --out instead of running the models")
     args = ap.parse_args(argv)
-    if args.dialogues < 5:
+    if args.rows is not None:
+        try:
+            saved = json.loads(args.rows.read_text())
+            rows, args.max_tokens = saved["rows"], saved["max_tokens"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            ap.error(f"--rows {args.rows}: not an --out file of this script ({exc})")
+        args.dialogues = len({r["dialogue"] for r in rows})
+    elif args.dialogues < 5:
         ap.error("--dialogues must be >= 5 (5-fold cross-validation)")
-    rows = collect(args)
+    else:
+        rows = collect(args)
     result = evaluate(rows, seed=args.seed)
     if args.out:
         args.out.write_text(json.dumps({"rows": rows, "result": result, "max_tokens": args.max_tokens}, indent=2))

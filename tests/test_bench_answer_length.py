@@ -34,6 +34,24 @@ def test_a_constant_length_is_guessed_exactly_and_a_per_dialogue_one_by_the_conv
     edge = result["edge"]
     assert edge["conversation, second turns"] < edge["mean, second turns"]
     assert edge["n"] == 40 and edge["answer_tokens_p10_p50_p90"][1] == 12
+    assert result["device"]["best constant, first turns"] == 0
+    # First turns of 4, 8, 12, 16, 20 tokens: the best single guess, in hindsight, is off by
+    # 1/3 on the median turn (8 for 12, or 16 for 12 ...), never 0, and a CV mean is no better.
+    assert 0 < edge["best constant, first turns"] <= edge["mean"]
+
+
+def test_rows_from_an_earlier_run_are_re_evaluated(bench, tmp_path, capsys):
+    import json
+
+    saved = tmp_path / "lengths.json"
+    saved.write_text(json.dumps({"rows": rows({d: (12, 12) for d in range(10)}, "device")
+                                 + rows({d: (8, 10) for d in range(10)}, "edge"), "max_tokens": 24}))
+    assert bench.main(["--rows", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("10 MT-Bench-101 dialogues") and "| edge | 20 |" in out
+    saved.write_text("{}")
+    with pytest.raises(SystemExit):
+        bench.main(["--rows", str(saved)])
 
 
 def test_a_length_that_follows_the_prompt_is_found_by_the_linear_guess(bench):
