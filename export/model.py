@@ -9,6 +9,8 @@ f(h)·L_p (so the weight of L_p can differ between kinds of prompts):
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -51,7 +53,7 @@ class NeighborGain(nn.Module):
     """
 
     def __init__(self, bank: torch.Tensor, labels: torch.Tensor, k: int, center: float = 0.0, scale: float = 1.0,
-                 groups: torch.Tensor | None = None) -> None:
+                 groups: torch.Tensor | None = None, group_names: Sequence[str] = ()) -> None:
         super().__init__()
         if bank.ndim != 2 or labels.shape != (bank.shape[0],):
             raise ValueError(f"bank [N, H] and labels [N] expected, got {tuple(bank.shape)} and {tuple(labels.shape)}")
@@ -59,10 +61,14 @@ class NeighborGain(nn.Module):
             raise ValueError(f"k must be in [1, {bank.shape[0]}], got {k}")
         if groups is not None and (groups.ndim != 2 or groups.shape[0] != bank.shape[0]):
             raise ValueError(f"groups [N, G] expected with N = {bank.shape[0]}, got {tuple(groups.shape)}")
+        if group_names and (groups is None or len(group_names) != groups.shape[1]):
+            raise ValueError("group_names needs one name per column of groups")
         self.k = int(k)
         self.register_buffer("bank_t", unit(bank.float()).T.contiguous())
         self.register_buffer("labels", labels.float())
         self.n_groups = 0 if groups is None else int(groups.shape[1])
+        #: What each column of ``groups`` is (e.g. benchmark names), for the checkpoint.
+        self.group_names = tuple(group_names)
         if groups is not None:
             self.register_buffer("groups", groups.float())
         # Standardized on the training turns, so the head's weight on k(h) is
@@ -73,15 +79,6 @@ class NeighborGain(nn.Module):
 
     def _nearest(self, h: torch.Tensor) -> torch.Tensor:
         return torch.topk(unit(h) @ self.bank_t, self.k, dim=-1).indices
-
-    def mean_label(self, h: torch.Tensor) -> torch.Tensor:
-        """The raw neighbour mean, [batch, 1]."""
-        return self.labels[self._nearest(h)].mean(dim=-1, keepdim=True)
-
-    @property
-    def width(self) -> int:
-        """Columns of :meth:`forward`'s output."""
-        return 1 + self.n_groups
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """[z(k(h)), f(h)]: the standardized neighbour mean, then the group shares, [batch, width]."""
@@ -182,7 +179,8 @@ def save_checkpoint(model: RouterModel, directory, *, pooling: str) -> None:
         json.dumps({"pooling": pooling, "uses_token_types": model.uses_token_types,
                     "normalize": model.normalize,
                     "neighbors": model.neighbors.k if model.neighbors is not None else 0,
-                    "neighbor_groups": list(getattr(model, "neighbor_group_names", []))}) + "\n"
+                    "neighbor_groups": list(model.neighbors.group_names) if model.neighbors is not None else []})
+        + "\n"
     )
 
 
@@ -200,6 +198,7 @@ def load_checkpoint(directory) -> RouterModel:
     if meta.get("neighbors"):
         state = torch.load(directory / "neighbors.pt", weights_only=True)
         model.set_neighbors(NeighborGain(state["bank_t"].T, state["labels"], meta["neighbors"],
-                                         float(state["center"]), float(state["scale"]), state.get("groups")))
+                                         float(state["center"]), float(state["scale"]), state.get("groups"),
+                                         meta.get("neighbor_groups") or ()))
     model.head.load_state_dict(torch.load(directory / "head.pt", weights_only=True))
     return model.eval()

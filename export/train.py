@@ -334,9 +334,8 @@ def train(config: TrainConfig) -> TrainResult:
         loo = neighbor_labels(pooled[:n_train].numpy(), bank_values, ["all"] * n_train, k).reshape(n_train, -1)
         model.set_neighbors(NeighborGain(
             pooled[:n_train], torch.from_numpy(raw), k, float(loo[:, 0].mean()), max(float(loo[:, 0].std()), 1e-6),
-            groups=torch.from_numpy(groups) if names else None,
+            groups=torch.from_numpy(groups) if names else None, group_names=names,
         ))
-        model.neighbor_group_names = names
         with torch.no_grad():
             out_val = model.neighbors(pooled[n_train:])
         out_train = torch.tensor(loo, dtype=torch.float32)

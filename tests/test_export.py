@@ -93,7 +93,7 @@ def test_neighbor_gain_is_the_mean_label_of_the_k_nearest():
     labels = rng.random(40).astype(np.float32)
     module = NeighborGain(torch.from_numpy(bank * 3.0), torch.from_numpy(labels), k=5)  # scale-free
     q = rng.normal(size=(6, 8)).astype(np.float32)
-    got = module.mean_label(torch.from_numpy(q)).squeeze(-1).numpy()
+    got = module(torch.from_numpy(q)).squeeze(-1).numpy()  # center 0, scale 1: the raw mean
     b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
     sim = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ b.T
     want = np.array([labels[np.argsort(-row)[:5]].mean() for row in sim])
@@ -121,10 +121,10 @@ def test_neighbor_groups_are_the_benchmark_shares_among_the_k_nearest(tmp_path):
     which = rng.integers(0, 3, 30)
     groups = np.eye(3, dtype=np.float32)[which]
     module = NeighborGain(torch.from_numpy(bank), torch.from_numpy(labels), k=4, center=0.5, scale=0.2,
-                          groups=torch.from_numpy(groups))
-    assert module.width == 4
+                          groups=torch.from_numpy(groups), group_names=("a", "b", "c"))
     q = rng.normal(size=(5, 8)).astype(np.float32)
     out = module(torch.from_numpy(q)).numpy()
+    assert out.shape == (5, 4)
     b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
     for row, got in zip((q / np.linalg.norm(q, axis=1, keepdims=True)) @ b.T, out):
         nn = np.argsort(-row)[:4]
@@ -142,6 +142,9 @@ def test_neighbor_groups_are_the_benchmark_shares_among_the_k_nearest(tmp_path):
     assert extra[:, 4:].numpy() == pytest.approx(out[:, 1:] * 0.5)
     with pytest.raises(ValueError, match="groups"):
         NeighborGain(torch.from_numpy(bank), torch.from_numpy(labels), k=4, groups=torch.ones(29, 3))
+    with pytest.raises(ValueError, match="group_names"):
+        NeighborGain(torch.from_numpy(bank), torch.from_numpy(labels), k=4, groups=torch.from_numpy(groups),
+                     group_names=("a", "b"))
 
 
 @pytest.mark.slow
