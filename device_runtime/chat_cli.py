@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
 def _interactive(orch, out) -> None:
     import threading
 
+    from device_runtime.llama_session import ContextOverflowError
+
     stderr = out.stderr
     print("edgeroute chat: /new starts a new conversation, /quit ends", file=stderr, flush=True)
     while True:
@@ -106,6 +108,10 @@ def _interactive(orch, out) -> None:
 
         try:
             result = orch.turn(prompt, on_text=on_text, on_event=on_event, cancel=cancel)
+        except ContextOverflowError as exc:
+            # Refused before anything ran: the conversation is as it was.
+            print(f"[not sent: {exc}]", file=stderr, flush=True)
+            continue
         except KeyboardInterrupt:
             # The turn is dropped; the transcript and the KV caches stay consistent.
             print("\n[interrupted]", file=stderr, flush=True)

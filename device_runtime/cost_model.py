@@ -331,12 +331,18 @@ class ContextLedger:
             **overrides,
         )
 
-    def commit(self, target: Target, prompt_tokens: int, response_tokens: int) -> None:
-        """Record that ``target`` answered a turn: the context grows by L_p + L_r."""
+    def commit(self, target: Target, prompt_tokens: int, response_tokens: int, *, held: bool = True) -> None:
+        """Record that ``target`` answered a turn: the context grows by L_p + L_r.
+
+        ``held=False``: the turn is in the dialogue but not in ``target``'s
+        cache (an edge answer cancelled before its final message: the edge
+        session did not keep it), so that side still lacks it.
+        """
         _check_nonneg("prompt_tokens", prompt_tokens)
         _check_nonneg("response_tokens", response_tokens)
         self.context_tokens += prompt_tokens + response_tokens
-        self.seen[target] = self.context_tokens
+        if held:
+            self.seen[target] = self.context_tokens
 
     def copy(self) -> "ContextLedger":
         return ContextLedger(self.context_tokens, dict(self.seen))

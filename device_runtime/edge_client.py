@@ -121,6 +121,11 @@ class EdgeStream:
         except grpc.RpcError as exc:
             if self._cancelled and exc.code() == grpc.StatusCode.CANCELLED:
                 return
+            if self._result is not None:
+                # The answer is complete and the edge recorded it; a status
+                # that fails after `done` changes neither.
+                log.debug("edge stream ended with %s after its final message", exc.code())
+                return
             raise _map_rpc_error(exc) from None
         if self._result is None and not self._cancelled:
             raise EdgeError("INTERNAL", "the edge closed the stream without a final message")
@@ -216,20 +221,22 @@ class EdgeClient:
         with self._state_lock:
             self._state = state
 
-    def _ensure_connected(self) -> None:
-        """Wait up to ``connect_timeout_s`` for the channel, so a dead edge fails fast."""
+    def _ensure_connected(self, timeout_s: float | None = None) -> None:
+        """Wait up to ``connect_timeout_s`` (or the call's shorter ``timeout_s``)
+        for the channel, so a dead edge fails fast."""
         if self._closed:
             raise RuntimeError("the edge client is closed")
         with self._state_lock:
             if self._state == grpc.ChannelConnectivity.READY:
                 return
+        wait_s = min(self.connect_timeout_s, timeout_s or self.connect_timeout_s)
         ready = grpc.channel_ready_future(self._channel)
         try:
-            ready.result(timeout=self.connect_timeout_s)
+            ready.result(timeout=wait_s)
         except grpc.FutureTimeoutError:
             ready.cancel()  # otherwise it stays subscribed to the channel
             raise EdgeUnavailable(
-                f"cannot connect to the edge at {self.target} within {self.connect_timeout_s} s"
+                f"cannot connect to the edge at {self.target} within {wait_s} s"
             ) from None
 
     def _unary(self, method, request, timeout_s: float | None):
@@ -260,6 +267,7 @@ class EdgeClient:
         *,
         timeout_s: float | None = None,
         open_session: bool = False,
+        transcript_length: int | None = None,
     ) -> EdgeStream:
         """Append ``new_messages`` (the turns the edge has not seen) and stream the answer.
 
@@ -267,14 +275,21 @@ class EdgeClient:
         ``open_session``: the edge opens ``session_id`` first if it holds no such
         session (one round trip fewer than :meth:`open_session`); only for a call
         whose ``new_messages`` are the whole conversation.
+        ``transcript_length``: the messages this client holds as the session's
+        transcript (those of earlier calls that ended with their result); the
+        edge drops a turn it recorded but whose result never arrived, and
+        answers OUT_OF_RANGE if it holds fewer.
         """
         if open_session and not session_id:
             raise ValueError("open_session needs a session_id (see edge_client.new_session_id)")
+        if transcript_length is not None and not 0 <= transcript_length < 2**32:
+            raise ValueError(f"transcript_length must be in [0, 2**32), got {transcript_length!r}")
         request = edge_pb2.GenerateRequest(
             session_id=session_id,
             messages=messages_to_pb(new_messages),
             params=(params or GenerationParams()).to_pb(),
             open_session=open_session,
+            transcript_length=transcript_length,
         )
         self._ensure_connected()
         t_start = time.perf_counter()
@@ -301,7 +316,7 @@ class EdgeClient:
         if payload_bytes < 0 or response_bytes < 0:
             raise ValueError("payload_bytes and response_bytes must be >= 0")
         request = edge_pb2.EchoRequest(payload=bytes(payload_bytes), response_bytes=response_bytes)
-        self._ensure_connected()
+        self._ensure_connected(timeout_s)
         t0 = time.perf_counter()
         try:
             response = self._stub.Echo(request, timeout=timeout_s or self.timeout_s)

@@ -66,6 +66,11 @@ class OnlineSettings:
     """Echo the edge after each device turn, so recovery is seen."""
     probe_timeout_s: float = 2.0
     """An Echo slower than this (or failing) counts as a link this slow."""
+    outage_probe_timeout_s: float = 0.5
+    """While the link is down (the last Echo or edge turn failed), an Echo
+    after a device turn waits at most this long (a failure still counts as
+    ``probe_timeout_s``): a device turn during an outage is not held up for
+    the full ``probe_timeout_s``, and a link that is back is still seen."""
     track_gamma: bool = True
     """Update γ_s and γ_e too; False keeps the profiled γ and follows only the link
     (for experiments on a machine whose CPU is shared with other jobs)."""
@@ -91,6 +96,8 @@ class OnlineSettings:
     def __post_init__(self) -> None:
         if not self.probe_timeout_s > 0:
             raise ValueError("probe_timeout_s must be > 0")
+        if not 0 < self.outage_probe_timeout_s <= self.probe_timeout_s:
+            raise ValueError("outage_probe_timeout_s must be in (0, probe_timeout_s]")
         if not self.length_prior_answers > 0:
             raise ValueError("length_prior_answers must be > 0")
         if self.idle_probe_s is not None and not self.idle_probe_s > 0:
@@ -116,6 +123,8 @@ class OnlineRouting:
         self._idle_gap = 0
         self._idle_rtts: list[float] = []
         self._idle_timer: threading.Timer | None = None
+        #: The last link sample was a failure: probes then wait less.
+        self._link_down = False
 
     def turn(self, prompt: str, **kwargs) -> "TurnResult":
         self._take_idle_probes()
@@ -168,6 +177,7 @@ class OnlineRouting:
         for rtt in rtts:
             self.estimator.observe_ping(rtt)
         if rtts:
+            self._link_down = rtts[-1] >= self.settings.probe_timeout_s
             self.idle_probes += len(rtts)
             self._apply_params()
             self.estimates = self.estimator.snapshot()
@@ -176,7 +186,6 @@ class OnlineRouting:
 
     def _turn(self, prompt: str, **kwargs) -> "TurnResult":
         orch = self.orch
-        ledger = orch.ledger.copy()
         edge = orch.edge if isinstance(orch.edge, _RecordingEdge) else None
         if edge is not None:
             edge.last_stream = None
@@ -185,17 +194,34 @@ class OnlineRouting:
             self._conversation = {"device": [], "edge": []}
             self._apply_params()
         result = orch.turn(prompt, **kwargs)
+        try:
+            self._observe(result, edge)
+        except ValueError as exc:
+            # The turn is answered and recorded; a sample the estimator
+            # refuses must not lose it.  The estimates stay as they were.
+            log.warning("turn %d: measurements not used for the estimates: %s", result.telemetry.turn, exc)
+        self._apply_params()
+        self.estimates = self.estimator.snapshot()
+        return result
+
+    def _observe(self, result: "TurnResult", edge: "_RecordingEdge | None") -> None:
+        """Feed one turn's measurements to the estimator (and probe the link)."""
+        orch = self.orch
         rec = result.telemetry
-        answer_tokens = orch.ledger.context_tokens - ledger.context_tokens - rec.prompt_tokens
+        # The cost model's own counts of what the turn sent and produced (after
+        # a sliding-window cut or a new edge session, not as first predicted).
+        answer_tokens = result.answer_tokens
+        prefill_tokens = result.delta_c_tokens + rec.prompt_tokens
         self.last_comm_s = None
         if rec.target == "edge" and edge is not None and edge.last_stream is not None:
-            self._observe_edge(edge.last_stream, ledger, rec.prompt_tokens, answer_tokens, rec.output_tokens)
+            self._link_down = False
+            self._observe_edge(edge.last_stream, prefill_tokens, answer_tokens)
         elif rec.target == "device":
             stats = orch.slm.last_stats
             if stats is not None and self.settings.track_gamma:
                 # Eq. (1) charges ΔC_s + L_p: a new edge session is irrelevant here.
                 self.estimator.observe_device_turn(
-                    prefill_tokens=ledger.delta_c("device") + rec.prompt_tokens,
+                    prefill_tokens=prefill_tokens,
                     prefill_s=stats.prefill_s,
                     output_tokens=max(0, answer_tokens - 1),
                     decode_s=stats.decode_s,
@@ -203,6 +229,7 @@ class OnlineRouting:
             self._track("device", answer_tokens)
             if rec.fallback:
                 # The edge was chosen and failed: the link is, for now, unusable.
+                self._link_down = True
                 self.estimator.observe_ping(self.settings.probe_timeout_s)
             elif self.settings.probe_after_device_turn and orch.edge is not None:
                 self._probe()
@@ -213,9 +240,6 @@ class OnlineRouting:
             and not rec.fallback
         ):
             self._probe()
-        self._apply_params()
-        self.estimates = self.estimator.snapshot()
-        return result
 
     def response_length(self, target: str) -> float | None:
         """L̄_r for the next turn on ``target``: this conversation's mean answer
@@ -241,7 +265,7 @@ class OnlineRouting:
             ))
         self.orch.params = params
 
-    def _observe_edge(self, stream, ledger, prompt_tokens: int, answer_tokens: int, _edge_tokens: int) -> None:
+    def _observe_edge(self, stream, upload_tokens: int, answer_tokens: int) -> None:
         try:
             res = stream.result
         except RuntimeError:  # cancelled: no server timings
@@ -254,7 +278,7 @@ class OnlineRouting:
             measured_s=res.total_s,
             server_s=server_s,
             router_s=0.0,  # total_s starts at the Generate call, after routing
-            upload_tokens=ledger.delta_c("edge") + prompt_tokens,
+            upload_tokens=upload_tokens,
             output_tokens=answer_tokens,
             first_token_s=first_token_s if gamma else None,
             decode_s=res.decode_s if gamma else None,
@@ -269,19 +293,23 @@ class OnlineRouting:
         self._response[target] = answer_tokens if prev is None else (1 - w) * prev + w * answer_tokens
         self._conversation[target].append(answer_tokens)
 
-    def _echo(self) -> float:
-        """One empty Echo's round trip; a failed or slow one counts as ``probe_timeout_s``."""
+    def _echo(self, timeout_s: float | None = None) -> float:
+        """One empty Echo's round trip, waiting at most ``timeout_s`` (default
+        ``probe_timeout_s``); a failed or slower one counts as ``probe_timeout_s``."""
         from device_runtime.edge_client import EdgeError, EdgeUnavailable
 
+        limit = self.settings.probe_timeout_s
         try:
-            rtt = self.orch.edge.ping(0, 0, timeout_s=self.settings.probe_timeout_s)
+            rtt = self.orch.edge.ping(0, 0, timeout_s=timeout_s or limit)
         except (EdgeUnavailable, EdgeError) as exc:
             log.debug("link probe failed: %s", exc)
-            rtt = self.settings.probe_timeout_s
-        return min(rtt, self.settings.probe_timeout_s)
+            return limit
+        return min(rtt, limit)
 
     def _probe(self) -> None:
-        rtt = self._echo()
+        s = self.settings
+        rtt = self._echo(s.outage_probe_timeout_s if self._link_down else None)
+        self._link_down = rtt >= s.probe_timeout_s
         self.estimator.observe_ping(rtt)
         self.last_comm_s = rtt
 

@@ -228,12 +228,20 @@ class OrchestratorSettings:
     context_window: int | None = None
 
     def __post_init__(self) -> None:
+        # Both sides must accept them: the edge API carries max_tokens as int32
+        # and the seed as uint32.
+        if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens < 2**31:
+            raise ValueError(f"max_tokens must be an integer in [1, 2**31), got {self.max_tokens!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if self.context_window is not None and (
             not isinstance(self.context_window, int) or self.context_window < 16
+            or self.context_window <= self.max_tokens
         ):
-            raise ValueError(f"context_window must be an integer >= 16, got {self.context_window!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+            raise ValueError(
+                f"context_window must be an integer >= 16 and > max_tokens ({self.max_tokens}), "
+                f"got {self.context_window!r}"
+            )
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
@@ -256,6 +264,11 @@ class TurnResult:
     telemetry: TurnTelemetry
     #: Why the edge was not used although chosen (None when it was not chosen or it answered).
     fallback_reason: str | None = None
+    #: The answer's length in the cost model's unit (device-SLM tokens).
+    answer_tokens: int = 0
+    #: ΔC of the side that answered, as it was sent or prefilled: after a
+    #: sliding-window cut or a new edge session, not as first predicted.
+    delta_c_tokens: int = 0
 
 
 TextCallback = Callable[[str], None]
@@ -352,7 +365,10 @@ class Orchestrator:
             response_device=min(self.params.response.device, s.max_tokens),
             response_edge=min(self.params.response.edge, s.max_tokens),
         )
-        decision = self.policy.choose(self.params, turn_inputs, prompt, list(self.transcript))
+        # The router reads the dialogue, not the system message (its training
+        # turns have none, and C_t of eq. 4 does not count it).
+        history = [m for m in self.transcript if m["role"] != "system"]
+        decision = self.policy.choose(self.params, turn_inputs, prompt, history)
 
         target: Target = decision.target
         fallback_reason = None
@@ -375,7 +391,8 @@ class Orchestrator:
         if target == "edge" and result.edge_kept:
             self._edge_seen = len(self.transcript)
         answer_tokens = self.slm.count_tokens(text)
-        self.ledger.commit(target, prompt_tokens, answer_tokens)
+        delta_c_tokens = self.ledger.delta_c(target)
+        self.ledger.commit(target, prompt_tokens, answer_tokens, held=result.edge_kept)
         self.turn_index += 1
         posthoc_s = None if fallback_reason is not None else decision.posthoc_s(target, answer_tokens)
         record = TurnTelemetry(
@@ -396,7 +413,7 @@ class Orchestrator:
             predicted_posthoc_s=posthoc_s,
         )
         self.telemetry.append(record)
-        return TurnResult(text, record, fallback_reason)
+        return TurnResult(text, record, fallback_reason, answer_tokens, delta_c_tokens)
 
     def _fit_window(self, user_msg: dict, on_event: EventCallback) -> None:
         """Drop the oldest user/assistant pairs until the turn fits the window.
@@ -404,11 +421,20 @@ class Orchestrator:
         A sliding window, documented in docs/live.md: the system message stays;
         the edge session is closed (an edge transcript cannot lose messages),
         and both KV caches must recompute the shortened conversation.  A prompt
-        that does not fit even alone is left to the SLM's ContextOverflowError.
+        that does not fit even alone raises ContextOverflowError, with the
+        conversation untouched.
         """
+        from device_runtime.llama_session import ContextOverflowError
+
         window = self.settings.context_window or self.slm.context_window
         budget = window - self.settings.max_tokens
         start = 1 if self.transcript and self.transcript[0]["role"] == "system" else 0
+        alone = self.slm.prompt_tokens(self.transcript[:start] + [user_msg])
+        if alone > budget:
+            raise ContextOverflowError(
+                f"the prompt needs {alone} tokens and the context window leaves {budget} "
+                f"({window} minus max_tokens {self.settings.max_tokens}); shorten it"
+            )
         dropped = 0
         while (
             len(self.transcript) - start >= 2
@@ -468,28 +494,37 @@ class Orchestrator:
                     self._edge_session, self.transcript[self._edge_seen:] + [user_msg], params,
                     # Only a call that sends the whole conversation may open it.
                     open_session=self._edge_seen == 0,
+                    # What this side holds: the edge drops a turn it recorded
+                    # but whose final message never arrived here.
+                    transcript_length=self._edge_seen,
                 )
-                for chunk in stream:
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-                        self._announce_edge_session(on_event)
-                    chunks.append(chunk)
-                    on_text(chunk)
-                    if cancel is not None and cancel.is_set():
-                        stream.cancel()
-                        # A stream without its final message leaves the edge
-                        # transcript as it was: the partial answer is resent
-                        # with the next edge turn.  The edge's counts are lost.
-                        return _Answer("".join(chunks), ttft, 0, 0, len(chunks), edge_kept=False)
+                try:
+                    for chunk in stream:
+                        if ttft is None:
+                            ttft = time.perf_counter() - t0
+                            self._announce_edge_session(on_event)
+                        chunks.append(chunk)
+                        on_text(chunk)
+                        if cancel is not None and cancel.is_set():
+                            stream.cancel()
+                            # The edge keeps its transcript as it was: the
+                            # partial answer is resent with the next edge
+                            # turn.  The edge's counts are lost.
+                            return _Answer("".join(chunks), ttft, 0, 0, len(chunks), edge_kept=False)
+                except BaseException:
+                    # e.g. Ctrl-C in on_text: stop the edge's work too.
+                    stream.cancel()
+                    raise
                 res = stream.result
                 self._announce_edge_session(on_event)
                 return _Answer(
                     "".join(chunks), ttft, res.prefill_tokens, res.cached_tokens, res.output_tokens
                 )
             except (EdgeUnavailable, EdgeError) as exc:
-                if attempt == 1 and not chunks and _is_unknown_session(exc):
-                    # The edge restarted or evicted the session: open a new one
-                    # and send the whole transcript.
+                if attempt == 1 and not chunks and _must_reopen_session(exc):
+                    # The edge restarted or evicted the session, or holds less
+                    # of it than this side: open a new one and send the whole
+                    # transcript.
                     self._edge_session = None
                     continue
                 if chunks:
@@ -520,8 +555,9 @@ class _Answer:
     edge_kept: bool = True
 
 
-def _is_unknown_session(exc: Exception) -> bool:
-    """True when the edge says the session id is unknown (gRPC NOT_FOUND)."""
+def _must_reopen_session(exc: Exception) -> bool:
+    """True when the edge does not know the session id (gRPC NOT_FOUND) or
+    holds fewer of its messages than this side sent (OUT_OF_RANGE)."""
     code = getattr(exc, "code", None)
     code = getattr(code, "name", code)
-    return str(code).upper() in ("NOT_FOUND", "STATUSCODE.NOT_FOUND")
+    return str(code).upper().removeprefix("STATUSCODE.") in ("NOT_FOUND", "OUT_OF_RANGE")

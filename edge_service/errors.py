@@ -1,7 +1,8 @@
 """Service errors and their gRPC status codes, in one place.
 
 Code in the service raises the exceptions below; :class:`ErrorMappingInterceptor`
-turns them into status codes for every EdgeLLM method.  Anything else becomes
+turns them into status codes for every EdgeLLM method.  A request that cannot
+be parsed is INVALID_ARGUMENT.  Anything else becomes
 INTERNAL with a generic message and a reference id; the traceback is logged on
 the server and never sent to the client.
 """
@@ -51,6 +52,32 @@ class Aborted(EdgeServiceError):
     code = grpc.StatusCode.ABORTED
 
 
+class OutOfRange(EdgeServiceError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class _Malformed:
+    """What a request that could not be parsed becomes, so that the handler's
+    wrapper answers INVALID_ARGUMENT (grpc itself would answer UNKNOWN with the
+    parser's exception text)."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.error = InvalidArgument(f"malformed request: {type(exc).__name__}")
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the client's
+            return _Malformed(exc)
+
+    return parse
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception."""
     if isinstance(exc, EdgeServiceError):
@@ -70,6 +97,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
 def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, _Malformed):
+                raise request.error
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -82,6 +111,8 @@ def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, _Malformed):
+                raise request.error
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
@@ -99,9 +130,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
             return handler
+        parse = _safe_deserializer(handler.request_deserializer)
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary), request_deserializer=parse)
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream), request_deserializer=parse)
         log.warning("no error mapping for %s: not a unary or async-generator method", handler_call_details.method)
         return handler

@@ -138,7 +138,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
 
         if request.open_session:
             self.pool.ensure(request.session_id)
-        lease = await self._acquire(request.session_id)
+        transcript_length = request.transcript_length if request.HasField("transcript_length") else None
+        lease = await self._acquire(request.session_id, transcript_length)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         prompt = [m.to_dict() for m in (*lease.transcript, *messages)]
@@ -201,11 +202,11 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
                 self.pool.done(lease)
                 future.add_done_callback(lambda _: self.pool.done(lease))
 
-    async def _acquire(self, session_id: str) -> Lease:
+    async def _acquire(self, session_id: str, transcript_length: int | None) -> Lease:
         deadline = time.monotonic() + _CANCEL_WAIT_S
         while True:
             try:
-                return self.pool.acquire(session_id)
+                return self.pool.acquire(session_id, transcript_length)
             except (FailedPrecondition, ResourceExhausted):
                 # A cancelled generation stops within a token; wait for it
                 # rather than refuse a client that cancelled and moved on.

@@ -10,6 +10,15 @@ Every session keeps its full transcript (all messages and the edge's own
 answers), so a session that returns after turns served elsewhere sends only
 those turns and the edge prefills only them.
 
+A client may say how many transcript messages it holds (``transcript_length``):
+a turn the server recorded but whose final message never reached the client
+is then dropped, so both sides hold the same conversation.
+
+At ``max_sessions``, opening a session closes the least-recently-used idle
+one (a device that crashed or lost its link never closes its sessions); its
+client gets NOT_FOUND on its next turn and opens a new session with the
+whole conversation.
+
 One Generate per session at a time: a second one while the first runs gets
 FAILED_PRECONDITION (rather than a queue, so a confused client learns at once).
 The server makes one exception: a call that finds its session or the slots
@@ -35,6 +44,7 @@ from edge_service.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     ResourceExhausted,
 )
 from edgeroute.v1.types import Message
@@ -95,8 +105,10 @@ class SessionPool(Generic[SlotT]):
         self._sessions: dict[str, Session] = {}
         self._clock = itertools.count(1)
         self._lock = threading.Lock()
-        #: Counters for logs and tests.
+        #: Counters for logs and tests: KV slots taken from idle sessions, idle
+        #: sessions closed to open new ones.
         self.evictions = 0
+        self.session_evictions = 0
 
     # --- sessions -------------------------------------------------------------
 
@@ -110,9 +122,7 @@ class SessionPool(Generic[SlotT]):
             if session_id and session_id in self._sessions:
                 raise AlreadyExists(f"session {session_id!r} already exists")
             if len(self._sessions) >= self.max_sessions:
-                raise ResourceExhausted(
-                    f"the server holds its maximum of {self.max_sessions} sessions; close one first"
-                )
+                self._evict_idle_session()
             sid = session_id or uuid.uuid4().hex
             self._sessions[sid] = Session(sid, last_used=next(self._clock))
             return sid
@@ -146,6 +156,21 @@ class SessionPool(Generic[SlotT]):
                 self._owners[session.slot] = None
                 session.slot = None
 
+    def _evict_idle_session(self) -> None:
+        """Close the least-recently-used session not generating (lock held)."""
+        idle = [s for s in self._sessions.values() if not s.busy]
+        if not idle:
+            raise ResourceExhausted(
+                f"the server holds its maximum of {self.max_sessions} sessions, all generating; retry shortly"
+            )
+        victim = min(idle, key=lambda s: s.last_used)
+        del self._sessions[victim.session_id]
+        victim.closed = True
+        if victim.slot is not None:
+            self._owners[victim.slot] = None
+            victim.slot = None
+        self.session_evictions += 1
+
     def transcript(self, session_id: str) -> list[Message]:
         with self._lock:
             return list(self._get(session_id).transcript)
@@ -175,8 +200,12 @@ class SessionPool(Generic[SlotT]):
 
     # --- leases ---------------------------------------------------------------
 
-    def acquire(self, session_id: str) -> Lease[SlotT]:
-        """Take the session's slot (or the LRU idle one) for one Generate."""
+    def acquire(self, session_id: str, transcript_length: int | None = None) -> Lease[SlotT]:
+        """Take the session's slot (or the LRU idle one) for one Generate.
+
+        ``transcript_length``: the messages the client holds; a longer
+        transcript is cut back to it, a shorter one is OUT_OF_RANGE.
+        """
         with self._lock:
             session = self._get(session_id)
             if session.busy:
@@ -184,6 +213,16 @@ class SessionPool(Generic[SlotT]):
                     f"a Generate is already running on session {session_id!r}; "
                     "wait for it to finish or cancel it"
                 )
+            if transcript_length is not None:
+                held = len(session.transcript)
+                if transcript_length > held:
+                    raise OutOfRange(
+                        f"session {session_id!r} holds {held} messages, not {transcript_length}; "
+                        "open a new session and send the whole conversation"
+                    )
+                # A turn whose final message the client never received: its
+                # KV is overwritten by the prefix match of the next prompt.
+                del session.transcript[transcript_length:]
             kv_restored = False
             if session.slot is None:
                 index = self._free_slot()

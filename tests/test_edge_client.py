@@ -124,11 +124,14 @@ def test_generate_with_open_session_opens_the_session_in_the_same_call():
                 with pytest.raises(grpc.RpcError) as rpc_err:
                     list(stub.Generate(request, timeout=10))
                 assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        c.open_session()  # the second of max_sessions = 2
+        other = c.open_session()  # the second of max_sessions = 2
+        # A full server closes its least recently used idle session (sid) ...
+        assert c.generate(new_session_id(), HI, open_session=True).consume().text == "chunk"
+        assert server.servicer.pool.session_evictions == 1
         with pytest.raises(EdgeError) as err:
-            c.generate(new_session_id(), HI, open_session=True).consume()
-        assert err.value.code == "RESOURCE_EXHAUSTED"
-        assert c.generate(sid, HI).consume().text == "chunk"  # the server is fine
+            c.generate(sid, HI).consume()
+        assert err.value.code == "NOT_FOUND"  # ... whose client opens a new one
+        assert c.generate(other, HI).consume().text == "chunk"  # the server is fine
 
 
 def test_bad_input_is_rejected_before_sending(fault_edge):
@@ -187,3 +190,41 @@ def test_stream_result_from_the_real_model():
         c.close_session(sid)
         with pytest.raises(EdgeError):
             c.generate(sid, HI).consume()
+
+
+def test_a_status_that_fails_after_the_final_message_keeps_the_result():
+    """The edge recorded the turn once it sent `done`; a failure after it (the
+    link dropping as the stream closes) must not make the device redo it."""
+    import grpc
+
+    from device_runtime.edge_client import EdgeStream
+    from edgeroute.v1 import edge_pb2
+
+    class LinkDropped(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "connection reset (injected)"
+
+    def call(done: bool):
+        yield edge_pb2.GenerateResponse(chunk=edge_pb2.TokenChunk(text="Hi"))
+        if done:
+            yield edge_pb2.GenerateResponse(done=edge_pb2.GenerateDone(
+                usage=edge_pb2.Usage(prompt_tokens=3, prefill_tokens=3, output_tokens=1),
+                finish_reason=edge_pb2.FINISH_REASON_STOP))
+        raise LinkDropped()
+
+    stream = EdgeStream(call(done=True), time.perf_counter())
+    assert list(stream) == ["Hi"] and stream.result.output_tokens == 1
+    stream = EdgeStream(call(done=False), time.perf_counter())
+    with pytest.raises(EdgeUnavailable):
+        list(stream)
+
+
+def test_generate_refuses_a_bad_transcript_length(fault_edge):
+    server, _ = fault_edge
+    with EdgeClient(server.target) as c:
+        for bad in (-1, 2**32):
+            with pytest.raises(ValueError, match="transcript_length"):
+                c.generate("s", HI, transcript_length=bad)

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from _edge_fakes import FaultBackend
 from device_runtime.edge_client import EdgeClient, EdgeError, GenerationParams
-from edge_service.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from edge_service.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfRange, ResourceExhausted
 from edge_service.server import SERVICE_NAME, EdgeServerThread
 from edge_service.sessions import SessionPool
 from edge_service.settings import EdgeSettings
@@ -63,8 +63,6 @@ def test_pool_lru_eviction_and_restore_flag():
 def test_pool_busy_exhausted_unknown_and_close_while_busy():
     pool = SessionPool(["only"], max_sessions=2)
     a, b = pool.open(), pool.open()
-    with pytest.raises(ResourceExhausted):
-        pool.open()
     with pytest.raises(AlreadyExists):
         pool.open(a)
     with pytest.raises(NotFound):
@@ -83,6 +81,54 @@ def test_pool_busy_exhausted_unknown_and_close_while_busy():
     assert pool.acquire(b).slot_index == 0
     with pytest.raises(NotFound):
         pool.close(a)
+
+
+def test_a_full_pool_closes_its_least_recently_used_idle_session():
+    pool = SessionPool(["s0", "s1"], max_sessions=2)
+    a, b = pool.open("a"), pool.open("b")
+    lease_b = pool.acquire(b)  # b generating, a idle (and less recently used)
+    pool.commit(lease_b, [Message("user", "hi"), Message("assistant", "yo")])
+    c = pool.open("c")  # full: a, idle, is closed to make room
+    assert pool.session_evictions == 1 and len(pool) == 2
+    with pytest.raises(NotFound):
+        pool.acquire(a)  # its client gets NOT_FOUND and opens a new session
+    lease_c = pool.acquire(c)
+    with pytest.raises(ResourceExhausted, match="all generating"):
+        pool.open("d")  # every session generating: none is closed
+    assert pool.session_evictions == 1 and len(pool) == 2
+    for lease in (lease_b, lease_c):
+        pool.done(lease)
+        pool.done(lease)
+    assert pool.transcript(b)[1].content == "yo"  # b, busy then, kept its turn
+    pool.open("d")  # now b is the least recently used idle session
+    assert pool.session_evictions == 2
+    with pytest.raises(NotFound):
+        pool.transcript(b)
+    assert pool.acquire(c).slot_index == 1  # c kept its slot
+
+
+def test_pool_cuts_a_transcript_back_to_the_clients_length():
+    pool = SessionPool(["only"], max_sessions=4)
+    sid = pool.open("s")
+    for turn in ("one", "two"):
+        lease = pool.acquire(sid, transcript_length=len(pool.transcript(sid)))
+        pool.commit(lease, [Message("user", turn), Message("assistant", turn.upper())])
+        pool.done(lease)
+        pool.done(lease)
+    # The client never received "two"'s final message: it holds 2 messages.
+    lease = pool.acquire(sid, transcript_length=2)
+    assert [m.content for m in lease.transcript] == ["one", "ONE"]
+    pool.commit(lease, [Message("user", "two again"), Message("assistant", "TWO")])
+    pool.done(lease)
+    pool.done(lease)
+    assert [m.content for m in pool.transcript(sid)] == ["one", "ONE", "two again", "TWO"]
+    lease = pool.acquire(sid)  # unset: used as it is
+    assert len(lease.transcript) == 4
+    pool.done(lease)
+    pool.done(lease)
+    with pytest.raises(OutOfRange, match="holds 4 messages, not 6"):
+        pool.acquire(sid, transcript_length=6)
+    assert not pool.cancelling() and pool.acquire(sid).transcript  # nothing left held
 
 
 def test_settings_validate():
@@ -257,6 +303,7 @@ def _code_of(call) -> tuple[grpc.StatusCode, str]:
         ("top_p_above_one", grpc.StatusCode.INVALID_ARGUMENT),
         ("oversized_prompt", grpc.StatusCode.INVALID_ARGUMENT),
         ("unknown_session", grpc.StatusCode.NOT_FOUND),
+        ("transcript_length_too_long", grpc.StatusCode.OUT_OF_RANGE),
     ],
 )
 def test_bad_generate_requests_map_to_codes(stub, case, expected):
@@ -279,6 +326,8 @@ def test_bad_generate_requests_map_to_codes(stub, case, expected):
         req.messages[0].content = "word " * (2 * N_CTX)
     elif case == "unknown_session":
         req.session_id = "no-such-session"
+    elif case == "transcript_length_too_long":
+        req.transcript_length = 2  # the new session holds none
     code, details = _code_of(lambda: stub.Generate(req, timeout=60))
     assert code == expected, details
     assert details and "Traceback" not in details and 'File "' not in details
@@ -286,6 +335,28 @@ def test_bad_generate_requests_map_to_codes(stub, case, expected):
     if case != "unknown_session":
         ok = edge_pb2.GenerateRequest(session_id=sid, messages=[user], params=edge_pb2.GenerationParams(max_tokens=2))
         assert list(stub.Generate(ok, timeout=60))[-1].HasField("done")
+
+
+@pytest.mark.slow
+def test_unparsable_requests_are_invalid_argument(edge):
+    """Bytes that are not the request message (here invalid UTF-8 in a string
+    field) get INVALID_ARGUMENT without the parser's text, on every method."""
+    user = edge_pb2.Message(role=edge_pb2.ROLE_USER, content="Hi\u00e9").SerializeToString()
+    bad_utf8 = user.replace("\u00e9".encode(), b"\xff\xfe")
+    generate = edge_pb2.GenerateRequest(session_id="s").SerializeToString() + b"\x12" + bytes([len(bad_utf8)]) + bad_utf8
+    with grpc.insecure_channel(edge.target) as channel:
+        for method, payload, stream in (
+            ("Generate", generate, True),
+            ("OpenSession", b"\x0a\x02\xff\xfe", False),
+            ("Echo", b"\x10\xff", False),  # a truncated varint
+        ):
+            path = f"/edgeroute.v1.EdgeLLM/{method}"
+            call = (channel.unary_stream if stream else channel.unary_unary)(path)
+            code, details = _code_of(lambda: list(call(payload, timeout=10)) if stream else call(payload, timeout=10))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+            assert details.startswith("malformed request") and "Traceback" not in details
+        # The server keeps serving.
+        assert edge_pb2_grpc.EdgeLLMStub(channel).GetServerInfo(edge_pb2.GetServerInfoRequest(), timeout=10).n_ctx
 
 
 @pytest.mark.slow

@@ -660,8 +660,10 @@ def test_cancelling_a_turn_keeps_the_partial_answer_and_the_edge_catches_up(slm,
     assert r.telemetry.target == "edge" and not r.telemetry.fallback
     assert r.text and orch.transcript[-1]["content"] == r.text
     # The edge dropped the cancelled call, so the session still ends at turn 1:
-    # the next edge-bound messages start from the cancelled user turn.
+    # the next edge-bound messages start from the cancelled user turn, and the
+    # cost model knows the edge lacks them.
     assert orch._edge_seen == 2
+    assert orch.ledger.delta_c("edge") == r.telemetry.prompt_tokens + r.answer_tokens > 0
     cancelled = edge_server.servicer.wait_for_record(
         lambda x: x.session_id == sid and x.finish_reason == "cancelled", 30)
     assert cancelled is not None
@@ -671,3 +673,214 @@ def test_cancelling_a_turn_keeps_the_partial_answer_and_the_edge_catches_up(slm,
     assert d.telemetry.target == "device" and 1 <= d.telemetry.output_tokens < 24
     assert slm.last_stats.finish_reason == "cancelled"
     orch.close()
+
+
+class LostDoneEdge:
+    """Fault injection: the real client, but the link drops just after the edge
+    sent its final message, before it reached the device."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def generate(self, session_id, new_messages, params, **kwargs):
+        from device_runtime.edge_client import EdgeUnavailable
+
+        real_stream = self.real.generate(session_id, new_messages, params, **kwargs)
+
+        class Stream:
+            def __iter__(self_inner):
+                yield from real_stream  # the server has recorded the turn by now
+                raise EdgeUnavailable("connection reset (injected) before the final message")
+
+            def cancel(self_inner):
+                real_stream.cancel()
+
+        return Stream()
+
+
+def _edge_transcript(edge_server, sid):
+    return [{"role": m.role, "content": m.content} for m in edge_server.servicer.pool.transcript(sid)]
+
+
+@pytest.mark.slow
+def test_a_turn_whose_final_message_was_lost_is_dropped_by_the_edge(slm, edge_client, edge_server):
+    orch = make(slm, SequencePolicy(["edge", "edge", "edge"]), edge_client, max_tokens=8)
+    orch.turn("Hello.")
+    sid = orch._edge_session
+    orch.edge = LostDoneEdge(edge_client)
+    lost = orch.turn("Name a colour.")
+    # The device never saw the edge's answer end: it answered the turn itself ...
+    assert lost.telemetry.target == "device" and lost.telemetry.fallback
+    # ... while the edge recorded its own answer to the same prompt.
+    assert len(_edge_transcript(edge_server, sid)) == 4
+    orch.edge = edge_client
+    back = orch.turn("Name a fruit.")
+    assert back.telemetry.target == "edge" and orch._edge_session == sid
+    # The edge dropped its unacknowledged turn: both sides hold one conversation,
+    # with the device's answer to turn 2, each prompt once.
+    assert _edge_transcript(edge_server, sid) == orch.transcript
+    assert [m["content"] for m in orch.transcript].count("Name a colour.") == 1
+    orch.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_an_edge_answer_cancels_the_call_and_keeps_both_sides_alike(slm, edge_client, edge_server):
+    from device_runtime.online import OnlineRouting, OnlineSettings
+
+    orch = make(slm, SequencePolicy(["edge", "edge", "edge"]), edge_client, max_tokens=16)
+    # Online estimation keeps the last stream (a reference that would keep an
+    # uncancelled call running to its end on the edge).
+    online = OnlineRouting(orch, OnlineSettings(idle_probe_s=None))
+    online.turn("Hello.")
+    sid = orch._edge_session
+    before = list(orch.transcript)
+
+    def interrupt(_chunk):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        online.turn("Write a long poem about the sea.", on_text=interrupt)
+    assert orch.transcript == before  # the caller drops the turn (as `chat` does)
+    assert edge_server.servicer.wait_for_record(
+        lambda x: x.session_id == sid and x.finish_reason == "cancelled", 30) is not None
+    assert _edge_transcript(edge_server, sid) == orch.transcript
+    after = online.turn("Name a fruit.")
+    assert after.telemetry.target == "edge" and not after.telemetry.fallback
+    assert _edge_transcript(edge_server, sid) == orch.transcript
+    online.close()
+
+
+@pytest.mark.slow
+def test_an_edge_session_holding_less_than_the_device_sent_is_reopened(slm, edge_client, edge_server):
+    orch = make(slm, SequencePolicy(["edge", "edge"]), edge_client, max_tokens=8)
+    orch.turn("Hello.")
+    old = orch._edge_session
+    orch._edge_seen += 2  # fault injection: this side believes the edge holds more
+    r = orch.turn("Name a colour.")
+    assert r.telemetry.target == "edge" and not r.telemetry.fallback
+    assert orch._edge_session != old  # OUT_OF_RANGE: a new session with everything
+    assert _edge_transcript(edge_server, orch._edge_session) == orch.transcript
+    orch.close()
+
+
+def test_settings_refuse_values_the_edge_api_cannot_carry():
+    for bad in (-1, 2**32, 1.5):
+        with pytest.raises(ValueError, match="seed"):
+            OrchestratorSettings(seed=bad)
+    with pytest.raises(ValueError, match="max_tokens"):
+        OrchestratorSettings(max_tokens=2**31)
+    with pytest.raises(ValueError, match="context_window"):
+        OrchestratorSettings(max_tokens=64, context_window=64)
+    assert OrchestratorSettings(seed=2**32 - 1, max_tokens=64, context_window=65).seed == 2**32 - 1
+
+
+class RecordingPolicy(Policy):
+    """Device always; remembers the context each decision was given."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.contexts: list[list] = []
+
+    def choose(self, params, turn, prompt, context):
+        self.contexts.append(list(context))
+        return PolicyDecision("device", None, None, {"device": 0.0, "edge": 0.0})
+
+
+def test_the_router_reads_the_dialogue_without_the_system_message(slm):
+    policy = RecordingPolicy()
+    orch = make(slm, policy, system_prompt="Be brief.", max_tokens=4)
+    orch.turn("Hello.")
+    orch.turn("Name a colour.")
+    assert policy.contexts[0] == []
+    assert [m["role"] for m in policy.contexts[1]] == ["user", "assistant"]
+    assert orch.transcript[0]["role"] == "system"
+
+
+def test_a_prompt_too_long_for_the_window_alone_is_refused_with_the_conversation_kept(slm):
+    from device_runtime.llama_session import ContextOverflowError
+
+    orch = make(slm, SequencePolicy(["device", "device"]), context_window=64, max_tokens=8)
+    orch.turn("Hello.")
+    before, ledger = list(orch.transcript), orch.ledger.copy()
+    with pytest.raises(ContextOverflowError, match="context window leaves 56"):
+        orch.turn(" ".join(["word"] * 80))
+    assert orch.transcript == before and orch.ledger == ledger and orch.turn_index == 1
+    assert orch.turn("Bye.").telemetry.turn == 2
+
+
+@pytest.mark.slow
+def test_online_estimates_count_what_a_cut_window_really_sent(slm, edge_client):
+    from device_runtime.online import OnlineRouting, OnlineSettings
+
+    events = []
+    orch = make(slm, SequencePolicy(["edge", "device"] * 3), edge_client,
+                system_prompt="Be brief.", context_window=160)
+    online = OnlineRouting(orch, OnlineSettings(idle_probe_s=None, probe_after_device_turn=False))
+    fed = []  # what the estimator was given, turn by turn
+    for name in ("observe_edge_turn", "observe_device_turn"):
+        real = getattr(online.estimator, name)
+        setattr(online.estimator, name,
+                lambda *a, _real=real, _name=name, **kw: (fed.append((_name, kw)), _real(*a, **kw))[1])
+    long = "Please remember this list: " + ", ".join(f"item {i}" for i in range(12)) + "."
+    cut = 0
+    for i in range(6):
+        n, m = len(events), len(fed)
+        r = online.turn(f"{i}. {long}", on_event=lambda k, d: events.append(k))
+        assert not r.telemetry.fallback and len(fed) == m + 1
+        assert r.answer_tokens == slm.count_tokens(r.text)
+        if "truncated" in events[n:]:
+            # After a cut, both sides lack the whole kept conversation.
+            cut += 1
+            assert r.delta_c_tokens == r.telemetry.context_tokens
+        name, kw = fed[-1]
+        sent = r.delta_c_tokens + r.telemetry.prompt_tokens
+        if name == "observe_edge_turn":
+            assert kw["upload_tokens"] == sent and kw["output_tokens"] == r.answer_tokens
+        else:
+            assert kw["prefill_tokens"] == sent and kw["output_tokens"] == r.answer_tokens - 1
+    assert cut >= 2
+    assert all(math.isfinite(v) for v in online.estimates.values())
+    online.close()
+
+
+def test_during_an_outage_the_echo_after_a_device_turn_waits_less(slm):
+    """An unreachable edge must not hold up every device turn for the full
+    probe timeout; a link that is back is still seen."""
+    from device_runtime.edge_client import EdgeUnavailable
+    from device_runtime.online import OnlineRouting, OnlineSettings
+
+    class Link:  # fault injection: an edge that is down, then back
+        def __init__(self):
+            self.up = False
+            self.timeouts: list[float] = []
+
+        def ping(self, payload_bytes, response_bytes=0, *, timeout_s=None):
+            self.timeouts.append(timeout_s)
+            if not self.up:
+                raise EdgeUnavailable("cannot connect (injected)")
+            return 0.02
+
+        def close_session(self, _sid):
+            pass
+
+    link = Link()
+    orch = make(slm, SequencePolicy(["device"] * 4), link, max_tokens=4)
+    settings = OnlineSettings(idle_probe_s=None, probe_timeout_s=2.0, outage_probe_timeout_s=0.3)
+    online = OnlineRouting(orch, settings)
+    online.turn("Hello.")  # not known to be down yet: the full timeout, then a confirming Echo
+    assert link.timeouts == [2.0, 0.3]
+    online.turn("Name a colour.")
+    assert link.timeouts[2:] == [0.3]
+    link.up = True
+    online.turn("Name a fruit.")  # back: seen by the short Echo, then confirmed
+    assert link.timeouts[3:] == [0.3, 2.0]
+    assert online.estimates["overhead_s"] < 0.1
+    online.turn("Name a tree.")  # and the Echo waits the full time again
+    assert link.timeouts[5:] == [2.0]
+    online.close()
+    with pytest.raises(ValueError, match="outage_probe_timeout_s"):
+        OnlineSettings(probe_timeout_s=1.0, outage_probe_timeout_s=2.0)

@@ -84,7 +84,10 @@ class EdgeLLMServicer:
         """Appends the request's messages to the session's transcript and streams
         the model's reply: zero or more chunks, then exactly one `done`.
         A stream that ends without `done` (cancelled, failed) leaves the
-        transcript as it was before the call.
+        transcript as it was before the call.  A stream whose `done` the server
+        sent but the client never received (the link dropped, the client stopped
+        reading) did change it: `transcript_length` lets the client say what it
+        holds, and the server drops such a turn before appending.
 
         An answer that would run past the context window is cut there
         (finish_reason LENGTH).
@@ -99,7 +102,9 @@ class EdgeLLMServicer:
         without a valid session id), FAILED_PRECONDITION (a Generate is already
         running on this session), RESOURCE_EXHAUSTED (every KV slot is busy
         generating; `open_session` when the server holds its maximum of
-        sessions), ABORTED (the session was closed while generating).
+        sessions), ABORTED (the session was closed while generating),
+        OUT_OF_RANGE (`transcript_length` is longer than the session's transcript:
+        the client should open a new session and send the whole conversation).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
