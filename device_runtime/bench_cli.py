@@ -36,6 +36,8 @@ def _router_run(args: argparse.Namespace) -> int:
 
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+        if not lengths or not all(1 <= n <= 512 for n in lengths):
+            raise ValueError(f"--lengths must be token counts in [1, 512], got {args.lengths!r}")
         result = run_router_bench(
             args.bundle, data_dir=args.data_dir, repeats=args.repeats, lengths=lengths,
             pytorch=not args.no_pytorch, quality=not args.no_quality,

@@ -58,6 +58,27 @@ def _unavailable(name: str, missing: str):
     return run
 
 
+# Top-level module of an optional dependency -> the extra that installs it
+# (for the edge server, grpc and llama_cpp come with "edge" instead).
+_EXTRA_OF = {
+    "torch": "export", "transformers": "export", "onnx": "export",
+    "matplotlib": "plot",
+    "onnxruntime": "device", "tokenizers": "device", "llama_cpp": "device",
+    "grpc": "device", "grpc_health": "device", "google": "device",
+    "grpc_reflection": "edge",
+}
+
+
+def _missing_extra(command: str, exc: ModuleNotFoundError) -> str | None:
+    """The extra to install for a command that needs ``exc.name``; None if it
+    is not an optional dependency (a genuine bug, raised as it is)."""
+    top = (exc.name or "").split(".")[0]
+    extra = _EXTRA_OF.get(top)
+    if extra == "device" and command == "serve":
+        extra = "edge"
+    return extra
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -73,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        extra = _missing_extra(args.command, exc)
+        if extra is None:
+            raise
+        print(
+            f"edgeroute {args.command}: needs module {exc.name!r}, which is not installed: "
+            f"pip install 'edgeroute[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
     return int(rc or 0)
 
 

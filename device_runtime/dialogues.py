@@ -77,6 +77,8 @@ def load_script(path: str | Path, *, dialogues_only: bool = False) -> list[Scrip
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScriptError(f"cannot read {p}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ScriptError(f"{p}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     items = parse_script(text.splitlines(), str(p), dialogues_only=dialogues_only)
     if not items:
         raise ScriptError(f"{p}: no turns to play")

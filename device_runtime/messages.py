@@ -10,6 +10,18 @@ CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
 DIALOGUE_ROLES: tuple[str, ...] = ("user", "assistant")
 
 
+def is_text(value: Any) -> bool:
+    """A ``str`` that UTF-8 can encode (no lone surrogates, which JSON escapes
+    and undecodable input bytes can produce and tokenizers reject)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_message(
     message: Any,
     where: str,
@@ -25,4 +37,6 @@ def check_message(
         raise error(f"{where}: unknown role {role!r}; expected one of {roles}")
     if not isinstance(content, str):
         raise error(f"{where}: content must be a string")
+    if not is_text(content):
+        raise error(f"{where}: content is not valid Unicode text (it holds a lone surrogate)")
     return {"role": role, "content": content}

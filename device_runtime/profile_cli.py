@@ -84,6 +84,8 @@ class ProfileSettings:
             raise ValueError("max_tokens must be >= 2 (decode needs more than the first token)")
         if not self.max_rtt_s > 0 or not self.timeout_s > 0:
             raise ValueError("max_rtt_s and timeout_s must be > 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
 # --- text ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -54,8 +55,8 @@ def _nonneg_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {value}")
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {value}")
     return value
 
 
@@ -156,6 +157,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.points < 3:
         return _fail(f"--points must be at least 3, got {args.points}")
+    if args.out:
+        # Before the sweep: a bad --out or a missing plot extra fails fast.
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            return _fail("--out draws plots and needs matplotlib: pip install 'edgeroute[plot]'")
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return _fail(f"cannot create --out {args.out}: {exc.strerror or exc}")
     try:
         dialogues = load_trace(args.benchmark, args.data_dir, decontaminate=not args.no_decontaminate)
     except TraceError as exc:

@@ -53,7 +53,8 @@ def _run(args: argparse.Namespace) -> int:
         elif args.from_classifier:
             out = export_classifier(
                 Path(args.from_classifier), Path(args.out), positive_label=args.positive_label,
-                max_length=args.max_length or 512, export_config=export_config, force=args.force,
+                max_length=512 if args.max_length is None else args.max_length,
+                export_config=export_config, force=args.force,
             )
         else:
             benchmarks = tuple(b.strip() for b in args.benchmarks.split(",") if b.strip())
@@ -61,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
                 base=Path(args.base) if args.base else None,
                 data_dirs=tuple(Path(d) for d in args.data_dir or ()),
                 benchmarks=benchmarks,
-                max_length=args.max_length or 256,
+                max_length=256 if args.max_length is None else args.max_length,
                 pooling=args.pooling,
                 normalize=args.normalize,
                 encoder_layers=args.encoder_layers or None,

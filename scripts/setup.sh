@@ -14,7 +14,10 @@ case "$profile" in
   device)
     extras="device,edge,plot" ;;
   dev)
-    # torch first and pinned: a looser requirement pulls a multi-GB CUDA build.
+    # torch first and pinned to 2.13.0, whose CPU wheel these machines' pip
+    # finds on local disk (find-links); a looser requirement pulls a multi-GB
+    # CUDA build.  Elsewhere, plain PyPI has only the CUDA build of this pin on
+    # Linux: add --index-url https://download.pytorch.org/whl/cpu there.
     pip install "torch==2.13.0"
     extras="device,edge,export,plot,dev" ;;
   *) echo "usage: $0 device|dev" >&2; exit 2 ;;

@@ -234,6 +234,8 @@ def test_cli_scores_jsonl_in_order():
         ('{"prompt": "hi", "context": [{"role": "system", "content": "x"}]}', "role"),
         ('{"prompt": "hi", "context": [{"role": "user", "content": 5}]}', "content"),
         ("", "invalid JSON"),
+        ('{"prompt": "x \\ud800"}', "lone surrogate"),
+        ('{"prompt": "hi", "context": [{"role": "user", "content": "\\udc00"}]}', "lone surrogate"),
     ],
 )
 def test_cli_malformed_line_names_its_number(bad_line, message):
@@ -243,6 +245,35 @@ def test_cli_malformed_line_names_its_number(bad_line, message):
     assert out.returncode != 0
     assert "line 2" in out.stderr and message in out.stderr, out.stderr
     assert out.stdout == ""
+
+
+def test_cli_input_that_is_not_utf8_names_its_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "device_runtime.cli", "router", "score", "--bundle", "/nonexistent/bundle"],
+        input=b'{"prompt": "fine"}\n{"prompt": "\xff\xfe"}\n', capture_output=True, cwd=ROOT, env=_env(),
+        timeout=300,
+    )
+    assert out.returncode == 2 and out.stdout == b""
+    assert b"line 2: not valid UTF-8" in out.stderr
+
+
+@needs_default
+@pytest.mark.slow
+def test_cli_stops_quietly_when_its_reader_goes_away():
+    """`router score < big.jsonl | head -1`: no traceback when the pipe closes."""
+    lines = "".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(3000))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "device_runtime.cli", "router", "score", "--batch-size", "64"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=_env(),
+    )
+    proc.stdin.write(lines.encode())
+    proc.stdin.close()
+    assert json.loads(proc.stdout.readline())["score"] >= 0
+    proc.stdout.close()  # the reader stops after one line
+    assert proc.wait(timeout=300) == 1
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_cli_bad_bundle_is_an_error(tmp_path):

@@ -26,3 +26,52 @@ def test_import_has_no_heavy_side_effects():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_command_whose_extra_is_missing_names_the_extra():
+    """A device install has no torch: `export` says which extra to install
+    instead of a traceback; a missing module that is not optional still raises."""
+    code = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from device_runtime.cli import main
+sys.exit(main(["export", "--out", sys.argv[1]]))
+"""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, "-c", code, tmp + "/b"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "pip install 'edgeroute[export]'" in out.stderr
+    assert cli._missing_extra("serve", ModuleNotFoundError(name="llama_cpp")) == "edge"
+    assert cli._missing_extra("chat", ModuleNotFoundError(name="llama_cpp")) == "device"
+    assert cli._missing_extra("chat", ModuleNotFoundError(name="device_runtime.typo")) is None
+
+
+def test_bad_numbers_and_files_are_one_line_errors(tmp_path, capsys):
+    bad_script = tmp_path / "script.txt"
+    bad_script.write_bytes(b"\xff\xfe hi\n")
+    notadir = tmp_path / "file"
+    notadir.write_text("x")
+    cases = [
+        (["profile", "--parts", "router", "--answer-prompts", "0", "--threads", "0", "--json"],
+         "threads must be >= 1"),
+        (["chat", "--script", str(bad_script)], "not valid UTF-8"),
+        (["simulate", "--benchmark", "gsm8k", "--data-dir", str(tmp_path), "--out", str(notadir / "sub")],
+         "cannot create --out"),
+        (["bench", "router", "--bundle", str(tmp_path), "--lengths", "0"], "--lengths must be"),
+    ]
+    for argv, message in cases:
+        rc = cli.main(argv)
+        err = capsys.readouterr().err
+        assert rc != 0 and message in err, (argv, err)
+    for flag in ("--alpha", "--tau-r"):
+        try:
+            cli.main(["simulate", "--benchmark", "gsm8k", "--data-dir", str(tmp_path), flag, "inf"])
+        except SystemExit as exc:  # argparse
+            assert exc.code == 2
+        assert "finite" in capsys.readouterr().err

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 
 class InputError(ValueError):
@@ -22,6 +23,7 @@ class InputError(ValueError):
 def parse_turn(line: str, lineno: int) -> tuple[str, list[dict[str, str]]]:
     """Validate one JSONL line into (prompt, context)."""
     from device_runtime.bundle import validate_messages
+    from device_runtime.messages import is_text
 
     try:
         obj: Any = json.loads(line)
@@ -32,6 +34,8 @@ def parse_turn(line: str, lineno: int) -> tuple[str, list[dict[str, str]]]:
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError(f"line {lineno}: 'prompt' must be a non-empty string")
+    if not is_text(prompt):
+        raise InputError(f"line {lineno}: 'prompt' is not valid Unicode text (it holds a lone surrogate)")
     try:
         context = validate_messages(obj.get("context"), "context")
     except ValueError as exc:
@@ -39,10 +43,16 @@ def parse_turn(line: str, lineno: int) -> tuple[str, list[dict[str, str]]]:
     return prompt, context
 
 
-def read_turns(stream: TextIO) -> list[tuple[str, list[dict[str, str]]]]:
-    """All turns of a JSONL stream; blank lines are malformed too (one score per line)."""
+def read_turns(stream: TextIO | BinaryIO) -> list[tuple[str, list[dict[str, str]]]]:
+    """All turns of a JSONL stream (text, or bytes that must be UTF-8); blank
+    lines are malformed too (one score per line)."""
     turns = []
     for lineno, line in enumerate(stream, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"line {lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
         turns.append(parse_turn(line, lineno))
     return turns
 
@@ -52,7 +62,7 @@ def _score(args: argparse.Namespace) -> int:
     from device_runtime.routers.base import RouterError
 
     try:
-        turns = read_turns(sys.stdin)
+        turns = read_turns(sys.stdin.buffer)
     except InputError as exc:
         print(f"edgeroute router score: {exc}", file=sys.stderr)
         return 2
@@ -64,10 +74,16 @@ def _score(args: argparse.Namespace) -> int:
         print(f"edgeroute router score: {exc}", file=sys.stderr)
         return 1
     out = sys.stdout
-    for start in range(0, len(turns), 256):
-        for p in router.score_batch(turns[start : start + 256]):
-            out.write(json.dumps({"score": p}) + "\n")
-    out.flush()
+    try:
+        for start in range(0, len(turns), 256):
+            for p in router.score_batch(turns[start : start + 256]):
+                out.write(json.dumps({"score": p}) + "\n")
+        out.flush()
+    except BrokenPipeError:
+        # The reader stopped (e.g. `| head`): nothing more to say, and no
+        # second error when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        return 1
     return 0
 
 
