@@ -47,7 +47,7 @@ def add_runtime_args(p: argparse.ArgumentParser, *, max_tokens: int = 128) -> No
     g.add_argument("--system", metavar="TEXT", default=None, help="system message before the first turn")
     g.add_argument("--context-window", type=int, default=None,
                    help="tokens the conversation may fill before its oldest turns are dropped "
-                        "(default: the SLM's --n-ctx)")
+                        "(default: the SLM's --n-ctx, or the edge's n_ctx if smaller)")
     g.add_argument("--edge-timeout", type=float, default=120.0, help="edge call deadline (s)")
     g.add_argument("--online", action="store_true",
                    help="update γ, B and δ from every turn (EWMA with outlier rejection) and show the "
@@ -95,10 +95,31 @@ def build_orchestrator(args: argparse.Namespace, edge_target: str | None) -> "Or
 
 def connect_edge(orch: "Orchestrator", target: str, args: argparse.Namespace) -> None:
     """Give ``orch`` an edge client for ``target``; it starts connecting in the
-    background, so the first edge turn finds the channel ready."""
-    from device_runtime.edge_client import EdgeClient
+    background, so the first edge turn finds the channel ready.
+
+    Without ``--context-window``, an edge whose context window is smaller than
+    the SLM's sets it: otherwise a long conversation outgrows the edge, and
+    every edge turn from then on is refused and falls back to the device.
+    """
+    from dataclasses import replace
+
+    from device_runtime.edge_client import EdgeClient, EdgeError, EdgeUnavailable
 
     orch.edge = EdgeClient(target, timeout_s=args.edge_timeout)
+    if getattr(args, "context_window", None) is not None:
+        return
+    try:
+        edge_window = orch.edge.server_info().n_ctx
+    except (EdgeUnavailable, EdgeError) as exc:
+        log.info("edge at %s not reachable yet (%s): context window from the SLM alone", target, exc)
+        return
+    window = orch.slm.context_window
+    if 0 < edge_window < window and edge_window > orch.settings.max_tokens:
+        orch.settings = replace(orch.settings, context_window=edge_window)
+        log.info(
+            "context window %d tokens, the edge's (the SLM's is %d): older turns are dropped to fit it",
+            edge_window, window,
+        )
 
 
 def with_online_estimation(orch: "Orchestrator", args: argparse.Namespace):

@@ -884,3 +884,27 @@ def test_during_an_outage_the_echo_after_a_device_turn_waits_less(slm):
     online.close()
     with pytest.raises(ValueError, match="outage_probe_timeout_s"):
         OnlineSettings(probe_timeout_s=1.0, outage_probe_timeout_s=2.0)
+
+
+def test_an_edge_with_a_smaller_window_sets_the_conversation_window(slm):
+    import argparse
+
+    from _edge_fakes import FaultBackend
+    from device_runtime.runner import connect_edge
+    from edge_service.server import EdgeServerThread
+    from edge_service.settings import EdgeSettings
+
+    with EdgeServerThread(EdgeSettings(n_slots=1), backend=FaultBackend(gate_open=True)) as server:
+        assert server.servicer.backend.n_ctx == 64 < slm.context_window
+        orch = make(slm, FixedPolicy("edge"))
+        connect_edge(orch, server.target, argparse.Namespace(edge_timeout=30, context_window=None))
+        assert orch.settings.context_window == 64
+        orch.edge.close()
+        chosen = make(slm, FixedPolicy("edge"), context_window=512)
+        connect_edge(chosen, server.target, argparse.Namespace(edge_timeout=30, context_window=512))
+        assert chosen.settings.context_window == 512  # the user's choice stands
+        chosen.edge.close()
+    down = make(slm, FixedPolicy("edge"))
+    connect_edge(down, f"127.0.0.1:{free_port()}", argparse.Namespace(edge_timeout=30, context_window=None))
+    assert down.settings.context_window is None  # unreachable: the SLM's window
+    down.edge.close()
