@@ -163,6 +163,10 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
                     answer.append(payload)
                     yield edge_pb2.GenerateResponse(chunk=edge_pb2.TokenChunk(text=payload))
                 elif kind == "error":
+                    if isinstance(payload, InvalidArgument) and not answer:
+                        # Refused before the model ran: the slot's KV is
+                        # still the displaced session's.
+                        self.pool.give_back(lease)
                     raise payload
                 else:
                     stats = payload

@@ -86,6 +86,8 @@ class Lease(Generic[SlotT]):
     #: plus the request's messages).
     transcript: tuple[Message, ...]
     cancel: threading.Event = field(default_factory=threading.Event)
+    #: The idle session whose KV this lease's slot held (taken from it), or None.
+    displaced: "Session | None" = None
     _holders: int = 2
     _commit: list[Message] | None = None
 
@@ -224,6 +226,7 @@ class SessionPool(Generic[SlotT]):
                 # KV is overwritten by the prefix match of the next prompt.
                 del session.transcript[transcript_length:]
             kv_restored = False
+            previous = None
             if session.slot is None:
                 index = self._free_slot()
                 previous = self._owners[index]
@@ -240,9 +243,25 @@ class SessionPool(Generic[SlotT]):
                 slot=self.slots[session.slot],
                 kv_restored=kv_restored,
                 transcript=tuple(session.transcript),
+                displaced=previous,
             )
             session.lease = lease
             return lease
+
+    def give_back(self, lease: Lease[SlotT]) -> None:
+        """The lease's request was refused before its slot's KV was touched:
+        the session it displaced gets the slot back (its KV is still there)."""
+        with self._lock:
+            previous, session, index = lease.displaced, lease.session, lease.slot_index
+            lease.displaced = None
+            if previous is None or previous.closed or previous.slot is not None:
+                return
+            if self._owners[index] is not session:
+                return
+            self._owners[index] = previous
+            previous.slot = index
+            session.slot = None
+            self.evictions -= 1
 
     def commit(self, lease: Lease[SlotT], messages: Sequence[Message] | None) -> None:
         """Record the finished turn (None: none); appended to the transcript when the lease ends."""

@@ -251,6 +251,44 @@ def test_lru_eviction_re_prefills_from_the_transcript(client, edge):
 
 
 @pytest.mark.slow
+def test_a_refused_request_gives_the_slot_back_to_the_session_it_displaced(client, edge):
+    pool = edge.servicer.pool
+    a, b, c = (client.open_session() for _ in range(3))
+    client.generate(a, [_user("Tell me about the sea.")], GREEDY).consume()
+    client.generate(b, [_user("Tell me about the sky.")], GREEDY).consume()
+    slot_a, evictions = pool.slot_of(a), pool.evictions
+    with pytest.raises(EdgeError) as err:  # too long for n_ctx: refused before the model runs
+        client.generate(c, [_user("word " * (2 * N_CTX))], GREEDY).consume()
+    assert err.value.code == "INVALID_ARGUMENT"
+    # c took a's slot (least recently used) for the call, then gave it back.
+    assert pool.slot_of(a) == slot_a and pool.slot_of(c) is None and pool.evictions == evictions
+    r = client.generate(a, [_user("And rivers?")], GREEDY).consume()
+    assert not r.kv_restored and r.cached_tokens > 0
+
+
+def test_pool_give_back_only_to_an_idle_displaced_session():
+    pool = SessionPool(["only"], max_sessions=4)
+    a, b = pool.open("a"), pool.open("b")
+    lease = pool.acquire(a)
+    pool.done(lease)
+    pool.done(lease)
+    lease = pool.acquire(b)  # displaces a
+    assert lease.displaced.session_id == "a" and pool.slot_of(a) is None
+    pool.give_back(lease)
+    assert pool.slot_of(a) == 0 and pool.slot_of(b) is None and pool.evictions == 0
+    pool.give_back(lease)  # once only
+    assert pool.slot_of(a) == 0
+    pool.done(lease)
+    pool.done(lease)
+    lease = pool.acquire(b)
+    pool.close(a)  # closed meanwhile: nothing to give back to
+    pool.give_back(lease)
+    assert pool.slot_of(b) == 0
+    pool.done(lease)
+    pool.done(lease)
+
+
+@pytest.mark.slow
 def test_cancel_stops_generation_on_the_server(client, edge):
     sid = client.open_session()
     max_tokens = 400

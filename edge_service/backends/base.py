@@ -7,8 +7,9 @@ cache already holds, and reports what it computed in
 :class:`~device_runtime.llama_session.GenerationStats`.
 
 Backends raise :class:`edge_service.errors.InvalidArgument` for requests they
-cannot serve (a prompt longer than the context window, ...); anything else is
-an internal error.
+cannot serve (a prompt longer than the context window, ...), and only before
+touching the slot's KV cache: the slot then still holds the conversation it
+held, and goes back to it.  Anything else is an internal error.
 """
 
 from __future__ import annotations
