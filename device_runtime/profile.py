@@ -139,6 +139,25 @@ def apply_profile(profile: Mapping[str, Any], base: CostParams, *, response_leng
     )
 
 
+def in_words(params: CostParams, tokens_per_word: float) -> CostParams:
+    """``params`` measured per device-SLM token, restated per word (the paper's
+    and the simulator's unit: whitespace-separated words): γ and τ_r grow by
+    tokens-per-word, B shrinks by it; δ and per-call times are unchanged."""
+    k = float(tokens_per_word)
+    if not (k > 0 and k < float("inf")):
+        raise ProfileError(f"tokens per word must be a positive number, got {tokens_per_word!r}")
+
+    def timing(t: ModelTiming) -> ModelTiming:
+        return ModelTiming(t.prefill_s_per_token * k, t.decode_s_per_token * k, t.call_s)
+
+    return params.with_(
+        gamma_s=timing(params.gamma_s),
+        gamma_e=timing(params.gamma_e),
+        link=Link(params.link.bandwidth_tokens_per_s / k, params.link.overhead_s),
+        tau_r=params.tau_r * k,
+    )
+
+
 def cost_params_from_profile(path: str | Path, base: CostParams, *, response_lengths: bool = False) -> CostParams:
     """The cost parameters of ``base`` (α, L̄_r, upload mode) with the measured
     γ_s, γ_e, τ_r, B, δ (and per-call times, if present) of the profile at

@@ -86,8 +86,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--profile",
         default=None,
         metavar="JSON",
-        help="PROFILE.json from `edgeroute profile`: its measured γ_s, γ_e, τ_r, B and δ replace "
-        "the preset's (α and the response lengths stay the preset's)",
+        help="PROFILE.json from `edgeroute profile`: its measured γ_s, γ_e, τ_r, B, δ and per-call "
+        "times replace the preset's, converted from device-SLM tokens to the traces' words with "
+        "the profile's bytes_per_token (α and the response lengths stay the preset's)",
     )
     p.add_argument("--alpha", type=_nonneg_float, default=None, help="latency weight α of eq. (11)")
     p.add_argument(
@@ -144,6 +145,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _bytes_per_word(dialogues) -> float:
+    """UTF-8 bytes per whitespace-separated word of the traces' prompts."""
+    n_bytes = n_words = 0
+    for d in dialogues:
+        for t in d.turns:
+            n_bytes += len(t.prompt.encode("utf-8"))
+            n_words += len(t.prompt.split())
+    return n_bytes / max(n_words, 1)
+
+
 def _fail(message: str) -> int:
     print(f"edgeroute simulate: error: {message}", file=sys.stderr)
     return 2
@@ -183,13 +194,23 @@ def run(args: argparse.Namespace) -> int:
     log.info("%s: %d dialogues, %d turns", args.benchmark, len(dialogues), sum(len(d.turns) for d in dialogues))
 
     params = cost_model.preset(args.preset, args.benchmark, args.upload_mode)
+    tokens_per_word = None
     if args.profile is not None:
-        from device_runtime.profile import ProfileError, cost_params_from_profile
+        from device_runtime.profile import ProfileError, apply_profile, in_words, load_profile
 
         try:
-            params = cost_params_from_profile(args.profile, params)
+            profile = load_profile(args.profile, require_all=False)
+            if "bytes_per_token" not in profile:
+                raise ProfileError(
+                    f"{args.profile}: no bytes_per_token, which converts its per-token times "
+                    "to the traces' words"
+                )
+            # The profile counts device-SLM tokens; the traces (and the paper) count words.
+            tokens_per_word = _bytes_per_word(full_trace) / float(profile["bytes_per_token"])
+            params = in_words(apply_profile(profile, params), tokens_per_word)
         except ProfileError as exc:
             return _fail(str(exc))
+        log.info("profile: %.3f device-SLM tokens per word of these traces", tokens_per_word)
     if args.alpha is not None:
         params = params.with_(alpha=args.alpha)
     if args.tau_r is not None:
@@ -239,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
     summary["split"] = args.split
     summary["seed"] = args.seed
     summary["data_dir"] = str(args.data_dir)
+    if tokens_per_word is not None:
+        summary["profile"] = {"path": str(args.profile), "tokens_per_word": tokens_per_word}
     if length_kw:  # absent by default, so the paper-mode summary is unchanged
         summary["response_lengths"] = {"decision": args.response_lengths, "charge": charge_lengths}
 

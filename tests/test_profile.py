@@ -207,3 +207,18 @@ def test_profiler_recovers_configured_rtt_and_rate_over_emulated_link():
     assert profile["bandwidth_tokens_per_s"] == pytest.approx(
         profile["bandwidth_bytes_per_s"] / profile["bytes_per_token"]
     )
+
+
+def test_in_words_restates_per_token_parameters_per_word():
+    from device_runtime.profile import ProfileError, in_words
+
+    base = paper_params().with_(tau_r=0.001)
+    words = in_words(base, 1.5)
+    assert words.gamma_s.prefill_s_per_token == pytest.approx(1.5 * base.gamma_s.prefill_s_per_token)
+    assert words.gamma_e.decode_s_per_token == pytest.approx(1.5 * base.gamma_e.decode_s_per_token)
+    assert words.gamma_e.call_s == base.gamma_e.call_s and words.link.overhead_s == base.link.overhead_s
+    assert words.link.bandwidth_tokens_per_s == pytest.approx(base.link.bandwidth_tokens_per_s / 1.5)
+    assert words.tau_r == pytest.approx(0.0015)
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ProfileError):
+            in_words(base, bad)

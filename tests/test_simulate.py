@@ -187,10 +187,21 @@ def test_cli_profile_replaces_the_measured_parameters(tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     summary = json.loads(captured.out)
-    # all-device: eq. (6) with the profile's γ_s, the preset's L̄_r^s = 136.3 words
+    # all-device: eq. (6) with the profile's γ_s, the preset's L̄_r^s = 136.3 words;
+    # γ is per device-SLM token and the traces count words: k tokens per word,
+    # from the traces' bytes per word and the profile's bytes per token.
     turns = load_trace("gsm8k", FIXTURES)
-    expected = sum(0.001 * word_count(d.turns[0].prompt) + 0.03 * 136.3 for d in turns) / len(turns)
+    prompts = [t.prompt for d in turns for t in d.turns]
+    k = sum(len(p.encode()) for p in prompts) / sum(len(p.split()) for p in prompts) / 4.2
+    assert summary["profile"]["tokens_per_word"] == pytest.approx(k) and 1.0 < k < 2.0
+    expected = sum(k * (0.001 * word_count(d.turns[0].prompt) + 0.03 * 136.3) for d in turns) / len(turns)
     assert summary["all_device"]["mean_latency_s"] == pytest.approx(expected)
+    del_bpt = {"gamma_s_prefill": 0.001, "gamma_s_decode": 0.03}
+    profile.write_text(json.dumps(del_bpt))
+    rc = main(["simulate", "--benchmark", "gsm8k", "--data-dir", str(FIXTURES), "--json",
+               "--no-progress", "--profile", str(profile)])
+    captured = capsys.readouterr()
+    assert rc == 2 and "bytes_per_token" in captured.err
     profile.write_text('{"gamma_s_prefill": -1}')
     rc = main(["simulate", "--benchmark", "gsm8k", "--data-dir", str(FIXTURES), "--json",
                "--no-progress", "--profile", str(profile)])
