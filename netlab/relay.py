@@ -4,6 +4,8 @@ The kernel here has no ``netem``, so delay lives in userspace: each direction
 of each connection is a delay line.  A chunk read at time t is written at
 ``max(t + delay + U(-jitter, +jitter), release time of the previous chunk)``:
 jitter varies the delay but never reorders bytes, as on a real TCP path.
+An end of stream travels the same way (half-close is passed on); a reset by
+either side, or a side that fails, resets both connections.
 
 Because the delay is added after the bytes are read, the TCP connections on
 either side of the relay see only their own (short) path, so the relay adds
@@ -26,6 +28,8 @@ import contextlib
 import logging
 import random
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -35,6 +39,25 @@ log = logging.getLogger(__name__)
 
 #: Bytes read per socket read.  Small enough that delay applies at a fine grain.
 CHUNK_BYTES = 64 * 1024
+
+#: What a reset becomes in a delay line: it travels with the delay, as a FIN
+#: does, and the far side's connection is then reset too.
+_RESET = object()
+
+
+class _Reset(ConnectionError):
+    """A peer reset its connection; the relay resets the other side."""
+
+
+def _abort_with_reset(writer: asyncio.StreamWriter) -> None:
+    """Close ``writer``'s connection with RST, not FIN (a plain close sends FIN
+    unless unread data is pending)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
 
 #: The last stretch of each wait is a blocking ``time.sleep`` instead of an
 #: asyncio timer: epoll's timeout is in whole milliseconds (rounded up), which
@@ -82,7 +105,7 @@ class _DelayLine:
         self._relay = relay
         self._direction = direction
         self._rng = relay._rng
-        self._queue: asyncio.Queue[tuple[float, bytes | None]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[float, object]] = asyncio.Queue()
         self._last_release = 0.0
         self._buffered = 0
         self._max_buffer = settings.max_buffer_bytes
@@ -101,6 +124,7 @@ class _DelayLine:
 
     async def pump_in(self, reader: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()
+        end: object = None  # EOF
         try:
             while True:
                 await self._drained.wait()
@@ -112,10 +136,9 @@ class _DelayLine:
                     self._drained.clear()
                 self._queue.put_nowait((self._release_time(loop.time()), data))
         except (ConnectionError, OSError):
-            pass
-        finally:
-            # EOF (or a reset) travels with the same delay as data would.
-            self._queue.put_nowait((self._release_time(loop.time()), None))
+            end = _RESET
+        # EOF (or a reset) travels with the same delay as data would.
+        self._queue.put_nowait((self._release_time(loop.time()), end))
 
     async def pump_out(self, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
@@ -130,6 +153,9 @@ class _DelayLine:
                     # Blocks the loop for at most FINE_SLEEP_S (+ the timer's own
                     # overshoot): other chunks are late by no more than that.
                     time.sleep(wait)
+                if data is _RESET:
+                    _abort_with_reset(writer)  # as the peer on the other side did
+                    raise _Reset(f"{self._direction}: the sending side reset its connection")
                 if data is None:
                     if writer.can_write_eof():
                         writer.write_eof()
@@ -140,8 +166,11 @@ class _DelayLine:
                 self._buffered -= len(data)
                 if self._buffered < self._max_buffer:
                     self._drained.set()
-        except (ConnectionError, OSError):
-            pass
+        except _Reset:
+            raise
+        except (ConnectionError, OSError) as exc:
+            # The receiving side is gone: nothing more can be delivered.
+            raise _Reset(f"{self._direction}: the receiving side failed: {exc}") from None
 
 
 class DelayRelay:
@@ -188,12 +217,25 @@ class DelayRelay:
             self._writers.add(u_writer)
             up = _DelayLine(self, "up")
             down = _DelayLine(self, "down")
-            await asyncio.gather(
-                up.pump_in(c_reader),
-                up.pump_out(u_writer),
-                down.pump_in(u_reader),
-                down.pump_out(c_writer),
-            )
+            pumps = [
+                asyncio.ensure_future(coro)
+                for coro in (up.pump_in(c_reader), up.pump_out(u_writer),
+                             down.pump_in(u_reader), down.pump_out(c_writer))
+            ]
+            try:
+                done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                pumps_left = [t for t in pumps if not t.done()]
+                for t in pumps_left:
+                    t.cancel()
+                await asyncio.gather(*pumps_left, return_exceptions=True)
+            failed = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+            if failed:
+                # One side reset or failed: reset both (a half-open connection
+                # would hold its sockets and buffers until the relay stops).
+                log.debug("relay: connection reset: %s", failed[0])
+                for w in (c_writer, u_writer):
+                    _abort_with_reset(w)
         except asyncio.CancelledError:
             # close() cancels open connections; ending here is the normal path
             # (re-raising would make asyncio log the handler task as failed).
@@ -244,7 +286,13 @@ class RelayThread:
 
     def __enter__(self) -> "RelayThread":
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.relay.start(), self._loop).result(timeout=10)
+        try:
+            asyncio.run_coroutine_threadsafe(self.relay.start(), self._loop).result(timeout=10)
+        except BaseException:
+            # e.g. the port is taken: no loop thread is left running.
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -154,6 +154,73 @@ def test_relay_unreachable_upstream_closes_client():
             assert s.recv(10) == b""  # closed, not hung
 
 
+def _reset(sock: socket.socket) -> None:
+    """Close with RST instead of FIN."""
+    import struct
+
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _wait_for(predicate, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_a_client_reset_resets_upstream_and_frees_the_connection():
+    """A device that drops its connection mid-download must not leave the relay
+    reading for it until its buffer fills (then hanging there)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    upstream_error = []
+
+    def flood() -> None:
+        conn, _ = server.accept()
+        try:
+            while True:
+                conn.sendall(b"x" * 65536)
+        except OSError as exc:
+            upstream_error.append(exc)
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    with RelayThread(("127.0.0.1", 0), server.getsockname(), RelaySettings(0.005, 0.005)) as relay:
+        c = socket.create_connection(("127.0.0.1", relay.port), timeout=5)
+        assert c.recv(1024)
+        _reset(c)
+        assert _wait_for(lambda: not relay.relay._tasks), "the relay still holds the connection"
+        t.join(5)
+        assert upstream_error and isinstance(upstream_error[0], ConnectionError)
+    server.close()
+
+
+def test_an_upstream_reset_reaches_the_client_as_a_reset():
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def accept_and_reset() -> None:
+        conn, _ = server.accept()
+        conn.recv(10)
+        _reset(conn)
+
+    t = threading.Thread(target=accept_and_reset, daemon=True)
+    t.start()
+    with RelayThread(("127.0.0.1", 0), server.getsockname(), RelaySettings(0.005, 0.005)) as relay:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as c:
+            c.sendall(b"hello")
+            with pytest.raises(ConnectionResetError):
+                while c.recv(1024):  # a clean EOF here would read b"" and end the loop
+                    pass
+                raise AssertionError("the client saw a clean close, not a reset")
+        assert _wait_for(lambda: not relay.relay._tasks)
+    t.join(5)
+    server.close()
+
+
 def test_relay_shuts_down_cleanly_with_open_connections():
     with EchoServer() as echo:
         relay = RelayThread(("127.0.0.1", 0), ("127.0.0.1", echo.port), RelaySettings(0.01, 0.01))
@@ -306,3 +373,13 @@ def test_cleanup_stale_removes_leftovers_of_a_dead_run():
         assert leftover not in cleanup_stale()  # idempotent
     finally:
         subprocess.run(["ip", "netns", "del", leftover], capture_output=True)
+
+
+def test_a_relay_that_cannot_listen_leaves_no_thread_behind():
+    taken = socket.create_server(("127.0.0.1", 0))
+    before = threading.active_count()
+    relay = RelayThread(("127.0.0.1", taken.getsockname()[1]), ("127.0.0.1", 9))
+    with pytest.raises(OSError):
+        relay.__enter__()
+    assert not relay._thread.is_alive() and threading.active_count() == before
+    taken.close()
