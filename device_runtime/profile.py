@@ -81,6 +81,11 @@ def validate_profile(data: Any, *, require_all: bool = True) -> dict[str, Any]:
         if k not in data:
             continue
         v = data[k]
+        if isinstance(v, int) and not isinstance(v, bool):
+            try:
+                v = data[k] = float(v)  # a huge integer is not a usable time either
+            except OverflowError:
+                raise ProfileError(f"profile {k} must be a non-negative number, got {v!r}") from None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ProfileError(f"profile {k} must be a non-negative number, got {v!r}")
     for k in ("bandwidth_tokens_per_s", "bytes_per_token"):
@@ -94,7 +99,7 @@ def load_profile(path: str | Path, *, require_all: bool = True) -> dict[str, Any
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ProfileError(f"cannot read profile {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ProfileError(f"profile {path} is not valid JSON: {exc}") from None
     return validate_profile(data, require_all=require_all)
 

@@ -435,7 +435,12 @@ def run_profile(settings: ProfileSettings) -> dict:
             profile["overhead_s"] = (link["up"]["overhead_s"] + link["down"]["overhead_s"]) / 2
             profile["bandwidth_tokens_per_s"] = b_bytes / profile["bytes_per_token"]
             profile["bandwidth_bytes_per_s"] = b_bytes
-            sources["overhead_s"] = sources["bandwidth_tokens_per_s"] = "measured (Echo fit)"
+            failed = [d for d in ("up", "down") if not link[d]["ok"]]
+            sources["overhead_s"] = sources["bandwidth_tokens_per_s"] = (
+                "measured (Echo fit)" if not failed else
+                f"estimated: the {' and '.join(failed)} fit failed; δ from the smallest payload's RTT, "
+                "B from the largest payload's extra time (see fit.link)"
+            )
             fit["link"] = link
     finally:
         if client is not None:
@@ -498,6 +503,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.out and not args.json:
         print("edgeroute profile: give --out PROFILE.json and/or --json", file=sys.stderr)
         return 2
+    if args.out:
+        # Before minutes of measuring: a path that cannot be written fails now.
+        out = Path(args.out)
+        try:
+            if out.is_dir():
+                raise IsADirectoryError(21, "is a directory")
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"edgeroute profile: cannot write --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     try:
         settings = ProfileSettings(
             edge=args.edge, parts=tuple(x.strip() for x in args.parts.split(",") if x.strip()),
@@ -522,9 +537,14 @@ def run(args: argparse.Namespace) -> int:
     except (EdgeError, ModelNotFoundError, RuntimeError) as exc:
         print(f"edgeroute profile: {exc}", file=sys.stderr)
         return 1
+    rc = 0
     if args.out:
-        path = write_profile(args.out, profile)
-        log.info("wrote %s", path)
+        try:
+            path = write_profile(args.out, profile)
+            log.info("wrote %s", path)
+        except OSError as exc:  # e.g. the disk filled up meanwhile: keep the --json output
+            print(f"edgeroute profile: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+            rc = 1
     summary = {k: profile[k] for k in ("gamma_s_prefill", "gamma_s_decode", "gamma_e_prefill",
                                        "gamma_e_decode", "tau_r", "bandwidth_tokens_per_s",
                                        "overhead_s", "bytes_per_token")}
@@ -532,4 +552,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"{k:>24} = {v:.6g}   ({profile['sources'][k]})", file=sys.stderr)
     if args.json:
         sys.stdout.write(json.dumps(profile) + "\n")
-    return 0
+    return rc

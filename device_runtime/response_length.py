@@ -221,9 +221,16 @@ class LengthModel:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise LengthModelError(f"length model {str(path)!r} not found") from None
+        except OSError as exc:
+            raise LengthModelError(f"cannot read length model {str(path)!r}: {exc.strerror or exc}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise LengthModelError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except LengthModelError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise LengthModelError(f"{path}: not a length model ({type(exc).__name__}: {exc})") from None
 
 
 def _check_words(name: str, values: Sequence[float], n: int) -> np.ndarray:

@@ -55,8 +55,8 @@ def _nonneg_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value >= 0.0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {value}")
+    if not (value >= 0.0 and math.isfinite(value)) or value > 1e6:
+        raise argparse.ArgumentTypeError(f"expected a finite number in [0, 1e6], got {value}")
     return value
 
 

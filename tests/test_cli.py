@@ -2,6 +2,9 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from device_runtime import cli
 
@@ -65,13 +68,26 @@ def test_bad_numbers_and_files_are_one_line_errors(tmp_path, capsys):
          "cannot create --out"),
         (["bench", "router", "--bundle", str(tmp_path), "--lengths", "0"], "--lengths must be"),
     ]
+    bad_profile = tmp_path / "profile.json"
+    bad_profile.write_bytes(b"\xff\xfe{}")
+    huge_profile = tmp_path / "huge.json"
+    huge_profile.write_text('{"gamma_s_prefill": 1' + "0" * 400 + "}")
+    data = str(Path(__file__).parent / "fixtures" / "routellm_tiny")
+    cases += [
+        (["profile", "--parts", "router", "--answer-prompts", "0", "--out", str(tmp_path)], "cannot write --out"),
+        (["simulate", "--benchmark", "gsm8k", "--data-dir", data, "--profile", str(bad_profile)], "not valid JSON"),
+        (["simulate", "--benchmark", "gsm8k", "--data-dir", data, "--profile", str(huge_profile)],
+         "gamma_s_prefill must be a non-negative number"),
+        (["simulate", "--benchmark", "gsm8k", "--data-dir", data, "--response-lengths", "predicted",
+          "--length-model", str(tmp_path)], "cannot read length model"),
+    ]
     for argv, message in cases:
         rc = cli.main(argv)
         err = capsys.readouterr().err
         assert rc != 0 and message in err, (argv, err)
     for flag in ("--alpha", "--tau-r"):
-        try:
-            cli.main(["simulate", "--benchmark", "gsm8k", "--data-dir", str(tmp_path), flag, "inf"])
-        except SystemExit as exc:  # argparse
-            assert exc.code == 2
-        assert "finite" in capsys.readouterr().err
+        for value in ("inf", "1e308"):
+            with pytest.raises(SystemExit) as exc:  # argparse
+                cli.main(["simulate", "--benchmark", "gsm8k", "--data-dir", str(tmp_path), flag, value])
+            assert exc.value.code == 2
+            assert "finite number in [0, 1e6]" in capsys.readouterr().err
