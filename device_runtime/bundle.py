@@ -114,7 +114,8 @@ class BundleManifest:
         else:
             if self.num_labels is None or self.positive_label is None:
                 raise BundleError("a 'classifier' bundle needs num_labels and positive_label")
-            if not 0 <= self.positive_label < self.num_labels:
+            # A single-logit classifier has two labels: 1 is σ(logit), 0 is 1 − σ(logit).
+            if not 0 <= self.positive_label < max(self.num_labels, 2):
                 raise BundleError(
                     f"positive_label {self.positive_label} out of range for {self.num_labels} labels"
                 )
@@ -187,6 +188,10 @@ def load_bundle(directory: str | Path | None = None) -> Bundle:
         data = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise BundleError(f"{root / MANIFEST_FILE}: invalid JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{root / MANIFEST_FILE}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {root / MANIFEST_FILE}: {exc.strerror or exc}") from None
     try:
         manifest = BundleManifest.from_dict(data)
     except TypeError as exc:

@@ -1,5 +1,9 @@
 """Routing metrics as RouteLLM defines them (lm-sys/RouteLLM, ``routellm/evals/evaluate.py``).
 
+The definitions are RouteLLM's; the curve they are taken over is whatever the
+caller gives (``export.evaluate`` samples it at every distinct score, or, with
+``bins=10``, at RouteLLM's 10 quantile bins).
+
 A routing curve is a set of operating points (edge_share, quality), where
 ``edge_share`` is the fraction of queries sent to the strong (edge) model.
 

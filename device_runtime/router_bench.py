@@ -67,6 +67,7 @@ def run_router_bench(
     quality: bool = True,
 ) -> dict:
     """Measure everything; returns a JSON-able dict (see :func:`format_tables`)."""
+    from device_runtime.routers.base import RouterError
     from device_runtime.routers.bert import BertRouter
 
     if repeats < 1:
@@ -82,10 +83,13 @@ def run_router_bench(
         )
     max_len = bundle.manifest.max_length
     lengths = [n for n in lengths if n <= max_len] + [n for n in lengths if n > max_len and n <= 512]
-    routers = {
-        "onnx_fp32": BertRouter(bundle.directory, threads=1, fp32=True, batch_size=1),
-        "onnx_int8": BertRouter(bundle.directory, threads=1, batch_size=1),
-    }
+    try:
+        routers = {
+            "onnx_fp32": BertRouter(bundle.directory, threads=1, fp32=True, batch_size=1),
+            "onnx_int8": BertRouter(bundle.directory, threads=1, batch_size=1),
+        }
+    except RouterError as exc:
+        raise BenchError(str(exc)) from None
     ckpt = bundle.directory / "pytorch"
     torch_model = None
     if pytorch:
@@ -98,7 +102,10 @@ def run_router_bench(
         except ImportError as exc:
             raise BenchError(f"the PyTorch column needs the export extra: {exc}") from exc
         torch.set_num_threads(1)
-        torch_model = load_checkpoint(ckpt)
+        try:
+            torch_model = load_checkpoint(ckpt)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise BenchError(f"cannot load the PyTorch checkpoint in {ckpt}: {type(exc).__name__}: {exc}") from None
 
     # Validation turns: for the quality rows, and as real text for the latency inputs.
     try:
@@ -112,7 +119,7 @@ def run_router_bench(
     text_ids = int8.tokenizer.encode(sample_text, add_special_tokens=False).ids or [0]
 
     result: dict = {"bundle": str(bundle.directory), "repeats": repeats, "threads": 1, "latency_ms": {},
-                    "size_mb": {}, "quality": {}}
+                    "size_mb": {}, "quality": {}, "quality_routellm_bins": {}}
     for n in lengths:
         feeds = _feeds_of_length(int8, text_ids, n)
         row = {}
@@ -156,8 +163,11 @@ def run_router_bench(
                 router.score(e.prompt, e.context) for e in _progress(examples, name)
             ]
             result["quality"][name] = metrics_by_benchmark(examples, scores)
+            result["quality_routellm_bins"][name] = metrics_by_benchmark(examples, scores, bins=10)
         if torch_model is not None:
-            result["quality"]["pytorch"] = metrics_by_benchmark(examples, _torch_scores(torch_model, int8, examples))
+            scores = _torch_scores(torch_model, int8, examples)
+            result["quality"]["pytorch"] = metrics_by_benchmark(examples, scores)
+            result["quality_routellm_bins"]["pytorch"] = metrics_by_benchmark(examples, scores, bins=10)
     return result
 
 
@@ -214,12 +224,19 @@ def format_tables(r: dict) -> str:
     lines.append("|---|---|")
     for k, v in r["size_mb"].items():
         lines.append(f"| {k} | {v:.1f} |")
-    if r["quality"]:
-        lines += ["", "Validation (split_of hash split), APGR / CPT(50%) / CPT(80%)", ""]
-        benches = sorted({b for q in r["quality"].values() for b in q})
+    titles = {
+        "quality": "Validation (split_of hash split), APGR / CPT(50%) / CPT(80%)",
+        "quality_routellm_bins": "The same scores on RouteLLM's evaluation protocol (thresholds at 10 "
+                                 "quantile bins of the scores), APGR / CPT(50%) / CPT(80%)",
+    }
+    for key, title in titles.items():
+        if not r.get(key):
+            continue
+        lines += ["", title, ""]
+        benches = sorted({b for q in r[key].values() for b in q})
         lines.append("| precision | " + " | ".join(benches) + " |")
         lines.append("|---|" + "---|" * len(benches))
-        for prec, q in r["quality"].items():
+        for prec, q in r[key].items():
             cells = []
             for b in benches:
                 m = q.get(b)

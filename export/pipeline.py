@@ -34,6 +34,8 @@ LABEL_GAIN = (
 
 def _prepare_out(out: Path, force: bool) -> Path:
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} exists and is not empty (pass --force to overwrite)")
@@ -163,6 +165,11 @@ def requantize(out: Path, quant_config: QuantizationConfig | None = None, *, thr
     if not bundle.fp32_model_path.is_file():
         raise FileNotFoundError(f"{out} has no {MODEL_FP32_FILE}: re-quantizing needs a full export")
     m = bundle.manifest
+    if m.kind != "head" or "data_dirs" not in m.training:
+        raise ValueError(
+            f"{out} is a {m.kind!r} bundle: --quantize-only re-quantizes a trained export and re-scores "
+            "its validation split; export a classifier again with --from-classifier"
+        )
     int8_path = quantize(bundle.fp32_model_path, bundle.model_path, quant_config)
     training = dict(m.training)
     val = [e for e in load_examples([Path(d) for d in training["data_dirs"]], training["benchmarks"],
@@ -243,7 +250,12 @@ def export_classifier(
         base_model=classifier.name,
         max_length=max_length,
         inputs=tuple(names),
-        label=f"p = softmax(logits)[{positive_label}] of the classifier as exported (no training)",
+        label=(
+            f"p = softmax(logits)[{positive_label}] of the classifier as exported (no training)"
+            if num_labels > 1 else
+            f"p = {'σ(logit)' if positive_label == 1 else '1 − σ(logit)'} of the single-logit "
+            "classifier as exported (no training)"
+        ),
         positive_label=positive_label,
         num_labels=num_labels,
         pooling="cls",

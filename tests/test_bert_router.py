@@ -276,6 +276,14 @@ def test_cli_stops_quietly_when_its_reader_goes_away():
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+def test_a_manifest_that_is_not_utf8_is_a_bundle_error(tmp_path):
+    for name in ("model.onnx", "tokenizer.json"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "manifest.json").write_bytes(b"\xff\xfe{}")
+    out = _score_cli('{"prompt": "hi"}\n', "--bundle", str(tmp_path))
+    assert out.returncode == 1 and "not UTF-8" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_cli_bad_bundle_is_an_error(tmp_path):
     out = _score_cli('{"prompt": "hi"}\n', "--bundle", str(tmp_path))
     assert out.returncode != 0

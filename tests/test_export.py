@@ -268,6 +268,37 @@ def test_from_classifier_export(tiny_classifier, tmp_path):
     assert main(["export", "--from-classifier", str(tiny_classifier), "--out", str(out)]) == 1
     assert main(["export", "--from-classifier", str(tiny_classifier), "--out", str(tmp_path / "b2"),
                  "--positive-label", "7"]) == 1
+    # --quantize-only is for trained exports: a classifier bundle is refused
+    # before its model.onnx is touched.
+    before = (out / "model.onnx").read_bytes()
+    assert main(["export", "--out", str(out), "--quantize-only"]) == 1
+    assert (out / "model.onnx").read_bytes() == before
+    # --out naming a file is an error, not a traceback.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["export", "--from-classifier", str(tiny_classifier), "--out", str(afile)]) == 1
+
+
+@pytest.mark.slow
+def test_single_logit_classifier_exports_sigmoid_as_label_one(tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from device_runtime.cli import main
+
+    clf = build_bert(tmp_path / "clf1", classifier=True, num_labels=1)
+    out = tmp_path / "bundle"
+    assert main(["export", "--from-classifier", str(clf), "--out", str(out), "--positive-label", "1"]) == 0
+    m = load_bundle(out).manifest
+    assert m.num_labels == 1 and m.positive_label == 1 and "σ(logit)" in m.label and "1 −" not in m.label
+    hf = AutoModelForSequenceClassification.from_pretrained(str(clf)).eval()
+    fp32 = create_router("bert", bundle=out, fp32=True)
+    prompt, context = TURNS[0]
+    with torch.no_grad():
+        logit = hf(**{k: torch.from_numpy(v) for k, v in fp32.feeds([(prompt, context)]).items()}).logits
+    assert fp32.score(prompt, context) == pytest.approx(float(torch.sigmoid(logit[0, 0])), abs=1e-4)
+    assert main(["export", "--from-classifier", str(clf), "--out", str(tmp_path / "b2"),
+                 "--positive-label", "2"]) == 1
 
 
 # --- the full trained export, tiny --------------------------------------------------------

@@ -159,3 +159,24 @@ def test_random_apgr_is_about_one_half_over_seeds():
     for r in result.routers.values():
         shares = [c.edge_share for c in r.curve]
         assert shares[0] == 0.0 and shares[-1] == 1.0
+
+
+def test_routellm_binned_curve_by_hand():
+    """RouteLLM's protocol: thresholds at the quantile edges of 10 bins of the
+    scores, p >= edge to the strong model, nothing at the top edge."""
+    from export.evaluate import binned_routing_curve, routing_metrics
+
+    scores = [i / 19 for i in range(20)]  # 20 distinct scores: 2 per bin
+    qd = [0.0] * 20
+    qe = [1.0 if i >= 10 else 0.0 for i in range(20)]  # only the top half gains
+    pts = binned_routing_curve(scores, qd, qe, bins=10)
+    assert len(pts) == 11 and pts[0] == (0.0, 0.0) and pts[-1] == (1.0, 0.5)
+    assert (0.5, 0.5) in [(round(a, 6), round(b, 6)) for a, b in pts]  # the top half on the edge
+    m = routing_metrics(scores, qd, qe, bins=10)
+    # PGR rises linearly to 1 at share 0.5 (the top-ranked turns are the gainers), then stays at 1.
+    assert m["apgr"] == pytest.approx(0.75)
+    assert m["cpt50"] == pytest.approx(0.25)
+    dense = routing_metrics(scores, qd, qe)
+    assert dense["apgr"] == pytest.approx(0.75)  # a perfect ranking: both protocols agree
+    with pytest.raises(ValueError, match="bins"):
+        binned_routing_curve(scores, qd, qe, bins=0)
