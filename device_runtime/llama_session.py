@@ -238,7 +238,13 @@ def _make_sampler(temperature: float, top_p: float, seed: int):
 
 
 class _StopFilter:
-    """Holds back text that could be the start of a stop string."""
+    """Holds back text that could be the start of a stop string.
+
+    Stop strings are matched in the text as generated; ``lstrip`` strips the
+    answer's leading whitespace from what is emitted only (a stop string that
+    starts with a newline, such as the plain format's ``"\nUser:"``, must
+    still match at the very start of an answer).
+    """
 
     def __init__(self, stop: Sequence[str], lstrip: bool) -> None:
         self.stop = tuple(s for s in stop if s)
@@ -246,17 +252,22 @@ class _StopFilter:
         self.lstrip = lstrip
         self.stopped = False
 
-    def feed(self, text: str) -> str:
-        self.pending += text
+    def _emit(self, out: str) -> str:
         if self.lstrip:
-            self.pending = self.pending.lstrip()
-            if not self.pending:
+            out = out.lstrip()
+            if not out:
                 return ""
             self.lstrip = False
+        return out
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += text
         cut = min((i for i in (self.pending.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             out, self.pending, self.stopped = self.pending[:cut], "", True
-            return out
+            return self._emit(out)
         hold = 0
         for s in self.stop:
             for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
@@ -265,11 +276,11 @@ class _StopFilter:
                     break
         out = self.pending[: len(self.pending) - hold]
         self.pending = self.pending[len(out):]
-        return out
+        return self._emit(out)
 
     def flush(self) -> str:
         out, self.pending = ("" if self.stopped else self.pending), ""
-        return out
+        return self._emit(out)
 
 
 class LlamaConversation:
@@ -416,7 +427,9 @@ class LlamaConversation:
                 if text_filter.stopped:
                     stats.finish_reason = "stop"
                     break
-            tail = text_filter.feed(decoder.decode(b"", final=True)) + text_filter.flush()
+            # Bytes still in the decoder are a character cut off by the stop
+            # or the length limit: dropped, not emitted as U+FFFD.
+            tail = text_filter.flush()
             if tail:
                 yield tail
         except GeneratorExit:

@@ -56,6 +56,17 @@ def test_stop_filter_holds_back_partial_stop_and_cuts_at_it():
     assert f.stopped and f.flush() == ""
 
 
+def test_stop_filter_matches_a_stop_at_the_very_start_of_an_answer():
+    """The plain format strips an answer's leading whitespace; an answer that
+    opens with a made-up user turn must still stop there, not leak it."""
+    f = _StopFilter(["\nUser:"], lstrip=True)
+    assert f.feed("\nUser: what is 2+2?\nAssistant: 4") == ""
+    assert f.stopped and f.flush() == ""
+    g = _StopFilter(["\nUser:"], lstrip=True)
+    assert g.feed("\n") == "" and g.feed("\n Hi") == "Hi"  # leading blanks still stripped
+    assert g.feed("\nUser:") == "" and g.stopped
+
+
 def test_stop_filter_releases_held_text_that_was_not_a_stop():
     f = _StopFilter(["\nUser:"], lstrip=False)
     assert f.feed("a\nU") == "a"
@@ -251,3 +262,24 @@ def test_base_model_plain_format_reuses_a_prefix_longer_than_the_sliding_window(
     a3, s3 = run(LlamaConversation(cold_llama, fmt), msgs, max_tokens=8)
     assert s3.cached_tokens == 0 and a3 == a2
     cold_llama.close()
+
+
+@pytest.mark.slow
+def test_a_character_cut_by_the_length_limit_is_dropped_not_replaced(llama, monkeypatch):
+    """The last token may end inside a multi-byte character: its bytes are
+    dropped, no U+FFFD reaches the answer (or the transcript)."""
+    import device_runtime.llama_session as ls
+
+    # A token whose bytes are only the first part of a character.
+    vocab_size = llama.n_vocab()
+    partial = next(t for t in range(vocab_size)
+                   if (b := ls._token_bytes(llama, t)) and b[-1] >= 0xC0 and len(b) <= 3)
+
+    class Scripted:  # fault injection: the sampler picks the tokens
+        def sample(self, ctx, idx):
+            return partial
+
+    monkeypatch.setattr(ls, "_make_sampler", lambda *a: Scripted())
+    conv = LlamaConversation(llama, resolve_prompt_format(llama))
+    text, stats = run(conv, [user("Say something.")], max_tokens=1)
+    assert stats.finish_reason == "length" and "\ufffd" not in text
