@@ -76,9 +76,10 @@ def run(args: argparse.Namespace) -> int:
 def _interactive(orch, out) -> None:
     import threading
 
-    from device_runtime.llama_session import ContextOverflowError
-
     stderr = out.stderr
+    if hasattr(sys.stdin, "reconfigure"):
+        # Bytes that are not UTF-8 become U+FFFD instead of ending the chat.
+        sys.stdin.reconfigure(errors="replace")
     print("edgeroute chat: /new starts a new conversation, /quit ends", file=stderr, flush=True)
     while True:
         print("you> ", end="", file=stderr, flush=True)
@@ -108,8 +109,9 @@ def _interactive(orch, out) -> None:
 
         try:
             result = orch.turn(prompt, on_text=on_text, on_event=on_event, cancel=cancel)
-        except ContextOverflowError as exc:
-            # Refused before anything ran: the conversation is as it was.
+        except ValueError as exc:
+            # Refused before anything ran (a prompt too long for the window,
+            # text the models cannot take): the conversation is as it was.
             print(f"[not sent: {exc}]", file=stderr, flush=True)
             continue
         except KeyboardInterrupt:

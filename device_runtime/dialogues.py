@@ -74,12 +74,17 @@ def parse_script(lines: Iterable[str], name: str = "<script>", *, dialogues_only
 def load_script(path: str | Path, *, dialogues_only: bool = False) -> list[ScriptItem]:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a leading BOM is not part of the JSON
     except OSError as exc:
         raise ScriptError(f"cannot read {p}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ScriptError(f"{p}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    items = parse_script(text.splitlines(), str(p), dialogues_only=dialogues_only)
+    # Lines end at "\n" only: str.splitlines() would also split at U+2028,
+    # U+2029 and U+0085, which JSON allows raw inside strings.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
+    items = parse_script(lines, str(p), dialogues_only=dialogues_only)
     if not items:
         raise ScriptError(f"{p}: no turns to play")
     return items

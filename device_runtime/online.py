@@ -202,6 +202,8 @@ class OnlineRouting:
             log.warning("turn %d: measurements not used for the estimates: %s", result.telemetry.turn, exc)
         self._apply_params()
         self.estimates = self.estimator.snapshot()
+        # The telemetry contract's optional key: the estimates after this turn.
+        result.telemetry.estimates = dict(self.estimates)
         return result
 
     def _observe(self, result: "TurnResult", edge: "_RecordingEdge | None") -> None:

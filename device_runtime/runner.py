@@ -66,6 +66,12 @@ def build_orchestrator(args: argparse.Namespace, edge_target: str | None) -> "Or
     )
     from device_runtime.slm import SLMSettings, create_slm
 
+    if args.n_ctx <= args.max_tokens:
+        raise ValueError(f"--n-ctx ({args.n_ctx}) must be larger than --max-tokens ({args.max_tokens})")
+    if args.context_window is not None and args.context_window > args.n_ctx:
+        raise ValueError(
+            f"--context-window ({args.context_window}) cannot exceed the SLM's --n-ctx ({args.n_ctx})"
+        )
     settings = OrchestratorSettings(
         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
         system_prompt=args.system, context_window=args.context_window,
@@ -225,9 +231,6 @@ def play(orch: "Orchestrator", items: Sequence[ScriptItem], out: Output,
                     print(f"[context window: {detail}]", file=out.stderr, flush=True)
 
             result = orch.turn(prompt, on_text=on_text, on_event=on_event)
-            estimates = getattr(orch, "estimates", None)
-            if estimates is not None:
-                result.telemetry.estimates = dict(estimates)
             if out.show_text:
                 print(file=out.text_stream, flush=True)
             out.telemetry(result.telemetry)

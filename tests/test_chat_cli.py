@@ -154,6 +154,43 @@ def test_interactive_chat_streams_and_starts_over_on_new(edge_server):
 
 
 @pytest.mark.slow
+def test_interactive_chat_keeps_going_after_a_line_it_cannot_send(edge_server):
+    """Undecodable bytes and a prompt too long for the window are reported and
+    skipped; the turns after them are answered (with --online, each record
+    carries the estimates, as in script mode)."""
+    long_prompt = "word " * 400
+    proc = subprocess.run(
+        [sys.executable, "-m", "device_runtime.cli", "chat", "--edge", edge_server.target, "--policy", "device",
+         "--json", "--online", "--context-window", "200", *FAST],
+        input=b"Hello!\n\xff\xfe oops\n" + long_prompt.encode() + b"\nName a colour.\n",
+        capture_output=True, timeout=300, cwd=ROOT,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err[-2000:]
+    recs = json_lines(proc.stdout.decode())
+    assert [r["turn"] for r in recs] == [1, 2, 3]  # "\ufffd\ufffd oops" was sent as text
+    assert all("overhead_s" in r["estimates"] for r in recs)
+    assert err.count("[not sent:") == 1 and "context window leaves" in err
+
+
+def test_chat_refuses_a_window_larger_than_the_model_s(tmp_path):
+    proc = edgeroute("chat", "--policy", "device", "--n-ctx", "512", "--context-window", "1024",
+                     "--max-tokens", "6", stdin="")
+    assert proc.returncode == 2 and "cannot exceed the SLM's --n-ctx" in proc.stderr
+    proc = edgeroute("chat", "--policy", "device", "--n-ctx", "64", "--max-tokens", "64", stdin="")
+    assert proc.returncode == 2 and "must be larger than --max-tokens" in proc.stderr
+
+
+def test_script_files_with_a_bom_or_raw_line_separators_in_strings(tmp_path):
+    from device_runtime.dialogues import load_script
+
+    path = tmp_path / "s.jsonl"
+    path.write_bytes("\ufeff".encode() + '{"prompt": "one\u2028two"}\r\n{"prompt": "three"}\n'.encode())
+    items = load_script(path)
+    assert [i.prompts for i in items] == [("one\u2028two",), ("three",)]
+
+
+@pytest.mark.slow
 def test_demo_json_plays_the_shipped_dialogues(edge_server):
     # --edge reuses the module's server; the demo's own server start is covered below.
     proc = edgeroute("demo", "--edge", edge_server.target, "--policy", "random", "--limit", "2",
