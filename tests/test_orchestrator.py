@@ -380,10 +380,13 @@ def test_edge_killed_mid_conversation_then_back(slm):
 
 
 class DyingEdge:
-    """Fault injection: the real client, but a stream that dies after its first chunk."""
+    """Fault injection: the real client, but a stream that dies after its first
+    chunk, or (``after_done=True``) after the edge sent its final message,
+    before it reached the device."""
 
-    def __init__(self, real):
+    def __init__(self, real, *, after_done: bool = False):
         self.real = real
+        self.after_done = after_done
 
     def __getattr__(self, name):
         return getattr(self.real, name)
@@ -392,13 +395,17 @@ class DyingEdge:
         from device_runtime.edge_client import EdgeUnavailable
 
         real_stream = self.real.generate(session_id, new_messages, params, **kwargs)
+        after_done = self.after_done
 
         class Stream:
             def __iter__(self_inner):
                 for chunk in real_stream:
                     yield chunk
-                    real_stream.cancel()
-                    raise EdgeUnavailable("connection reset (injected)")
+                    if not after_done:
+                        real_stream.cancel()
+                        break
+                # after_done: the server has recorded the turn by now
+                raise EdgeUnavailable("connection reset (injected)")
 
             def cancel(self_inner):
                 real_stream.cancel()
@@ -675,32 +682,6 @@ def test_cancelling_a_turn_keeps_the_partial_answer_and_the_edge_catches_up(slm,
     orch.close()
 
 
-class LostDoneEdge:
-    """Fault injection: the real client, but the link drops just after the edge
-    sent its final message, before it reached the device."""
-
-    def __init__(self, real):
-        self.real = real
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-    def generate(self, session_id, new_messages, params, **kwargs):
-        from device_runtime.edge_client import EdgeUnavailable
-
-        real_stream = self.real.generate(session_id, new_messages, params, **kwargs)
-
-        class Stream:
-            def __iter__(self_inner):
-                yield from real_stream  # the server has recorded the turn by now
-                raise EdgeUnavailable("connection reset (injected) before the final message")
-
-            def cancel(self_inner):
-                real_stream.cancel()
-
-        return Stream()
-
-
 def _edge_transcript(edge_server, sid):
     return [{"role": m.role, "content": m.content} for m in edge_server.servicer.pool.transcript(sid)]
 
@@ -710,7 +691,7 @@ def test_a_turn_whose_final_message_was_lost_is_dropped_by_the_edge(slm, edge_cl
     orch = make(slm, SequencePolicy(["edge", "edge", "edge"]), edge_client, max_tokens=8)
     orch.turn("Hello.")
     sid = orch._edge_session
-    orch.edge = LostDoneEdge(edge_client)
+    orch.edge = DyingEdge(edge_client, after_done=True)
     lost = orch.turn("Name a colour.")
     # The device never saw the edge's answer end: it answered the turn itself ...
     assert lost.telemetry.target == "device" and lost.telemetry.fallback
