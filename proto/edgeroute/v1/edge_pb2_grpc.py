@@ -66,7 +66,9 @@ class EdgeLLMServicer:
 
     def OpenSession(self, request, context):
         """Opens a session: an empty transcript on the edge.  A client may choose
-        the id (it must be unused); otherwise the server makes one.
+        the id (it must be unused); otherwise the server makes one.  A server at
+        its maximum of sessions closes its least recently used idle session to
+        make room (RESOURCE_EXHAUSTED only when every session is generating).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,7 +104,8 @@ class EdgeLLMServicer:
         without a valid session id), FAILED_PRECONDITION (a Generate is already
         running on this session), RESOURCE_EXHAUSTED (every KV slot is busy
         generating; `open_session` when the server holds its maximum of
-        sessions), ABORTED (the session was closed while generating),
+        sessions and all of them are generating: otherwise the least recently
+        used idle session is closed to make room), ABORTED (the session was closed while generating),
         OUT_OF_RANGE (`transcript_length` is longer than the session's transcript:
         the client should open a new session and send the whole conversation).
         """
