@@ -150,12 +150,19 @@ def select_and_fit(
     folds: int = 5,
     seed: int = 0,
     progress: Callable | None = None,
+    fold_design: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
 ) -> HeadFit:
     """Choose the penalty on the first ``n_h`` columns (h) by ``folds``-fold CV, then fit on all rows.
 
     ``keys`` (one per row, e.g. the dialogue's first prompt) keep a dialogue
     in one fold; ``evaluate(rows, scores)`` returns per-benchmark metrics with
     an ``apgr`` and ``n`` for the held-out ``rows``.
+
+    ``fold_design(train_rows, test_rows)`` -> ``(x_train, y_train, x_test)``:
+    the fold's features and targets computed from its training rows alone,
+    for columns and targets that are built from other rows' labels (the
+    neighbour feature, neighbour-smoothed targets); without it, ``x`` and
+    ``y`` are sliced, which leaks held-out labels into such columns.
     """
     if not grid:
         raise ValueError("the penalty grid is empty")
@@ -165,14 +172,19 @@ def select_and_fit(
         return HeadFit(weight=weight, bias=b, l2_h=float(grid[0]))
     fold = np.array([fold_of(k, folds, seed) for k in keys])
     bar = progress(total=len(grid) * folds, desc="head penalty (CV)", unit="fit") if progress else None
+    designs = {}
+    for f in range(folds):
+        tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
+        if len(tr) and len(te):
+            designs[f] = (tr, te, *(fold_design(tr, te) if fold_design else (x[tr], y[tr], x[te])))
     results: list[dict[str, list[tuple[float, int, int]]]] = []
     for l2 in grid:
         per_bench: dict[str, list[tuple[float, int, int]]] = {}
         for f in range(folds):
-            tr, te = fold != f, fold == f
-            if tr.any() and te.any():
-                weight, b = _fit_raw(x[tr], y[tr], w[tr], n_h, l2)
-                for bench, m in evaluate(np.nonzero(te)[0], x[te] @ weight + b).items():
+            if f in designs:
+                tr, te, x_tr, y_tr, x_te = designs[f]
+                weight, b = _fit_raw(np.asarray(x_tr, dtype=np.float64), y_tr, w[tr], n_h, l2)
+                for bench, m in evaluate(te, np.asarray(x_te, dtype=np.float64) @ weight + b).items():
                     per_bench.setdefault(bench, []).append((m["apgr"], m["n"], f))
             if bar is not None:
                 bar.update(1)

@@ -186,7 +186,20 @@ def neighbor_labels(features: np.ndarray, labels: np.ndarray, groups: Sequence[s
     return out
 
 
-def _fit_head_full_batch(config, model, cache, lp_all, extra_all, y_all, w_all, train_ex) -> list[dict]:
+def neighbor_means(query: np.ndarray, bank: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+    """Mean of ``values`` over each query's k nearest bank rows (cosine), as the
+    exported graph computes k(h) for a turn that is not in the bank."""
+    q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
+    b = bank / np.maximum(np.linalg.norm(bank, axis=1, keepdims=True), 1e-12)
+    out = np.empty((len(q),) + values.shape[1:], dtype=np.float64)
+    for s in range(0, len(q), 1024):
+        sim = q[s : s + 1024] @ b.T
+        nn = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        out[s : s + 1024] = values[nn].mean(axis=1)
+    return out
+
+
+def _fit_head_full_batch(config, model, cache, lp_all, extra_all, y_all, w_all, train_ex, fold_design=None) -> list[dict]:
     """The head on the cached training features by L-BFGS, its penalty on W_h chosen by CV.
 
     Writes the fitted weights into ``model.head``; returns the history record
@@ -212,6 +225,7 @@ def _fit_head_full_batch(config, model, cache, lp_all, extra_all, y_all, w_all, 
         keys=[e.context[0]["content"] if e.context else e.prompt for e in train_ex],
         evaluate=evaluate, grid=config.head_l2_grid, folds=config.head_cv_folds, seed=config.seed,
         progress=(lambda **kw: _progress(**kw)) if config.progress else None,
+        fold_design=fold_design,
     )
     for row in fit.cv:
         log.info("head CV: L2 on W_h %g -> APGR %s", row["l2_h"],
@@ -273,15 +287,17 @@ def train(config: TrainConfig) -> TrainResult:
                 )[0]
     n_train = len(train_ex)
     labels = [e.label for e in everything]
+    raw_train = np.asarray(labels[:n_train], dtype=np.float64)
+    bench_train = np.asarray([e.benchmark for e in train_ex])
+    frozen_train = None
     if config.neighbor_smoothing > 0:
         with torch.no_grad():
             frozen = [
                 _frozen_pooled(stack, cache, i, config.pooling)
                 for i in _progress(range(n_train), desc="neighbour labels", unit="turn", disable=not config.progress)
             ]
-        smoothed = neighbor_labels(
-            np.stack(frozen), np.asarray(labels[:n_train]), [e.benchmark for e in train_ex], config.neighbors
-        )
+        frozen_train = np.stack(frozen)
+        smoothed = neighbor_labels(frozen_train, raw_train, bench_train, config.neighbors)
         a = config.neighbor_smoothing
         labels[:n_train] = [(1 - a) * y + a * s for y, s in zip(labels[:n_train], smoothed)]
     lp_all = torch.tensor([[lp_feature.value(e.prompt)] for e in everything], dtype=torch.float32)
@@ -343,9 +359,38 @@ def train(config: TrainConfig) -> TrainResult:
         # The head's extra inputs [k; f; f·L_p], ready for every cached turn.
         extra_all = model.head_extra(lp_all, torch.cat([out_train, out_val]))
 
+    def fold_design(tr: np.ndarray, te: np.ndarray):
+        """One CV fold's design, from its training rows alone: their own
+        neighbour-smoothed targets, and k(h), f(h) with the fold's training
+        rows as the bank (leave-one-out for them), as the export would build
+        them had the held-out rows never been seen."""
+        y = raw_train[tr].copy()
+        if frozen_train is not None:
+            a = config.neighbor_smoothing
+            y = (1 - a) * y + a * neighbor_labels(frozen_train[tr], raw_train[tr], bench_train[tr], config.neighbors)
+        h = torch.stack([cache[i] for i in range(n_train)]).float()
+        if config.normalize:
+            h = unit(h)
+        h, lp = h.numpy().astype(np.float64), lp_all[:n_train].numpy().astype(np.float64)
+        x_tr, x_te = [h[tr], lp[tr]], [h[te], lp[te]]
+        if extra_all is not None:
+            bank = pooled[:n_train].numpy()
+            kk = min(config.neighbor_feature, len(tr) - 1)
+            vals = bank_values[tr]
+            out_tr = neighbor_labels(bank[tr], vals, ["all"] * len(tr), kk).reshape(len(tr), -1)
+            out_te = neighbor_means(bank[te], bank[tr], vals, kk).reshape(len(te), -1)
+            center, scale = out_tr[:, 0].mean(), max(out_tr[:, 0].std(), 1e-6)
+            for out, rows, cols in ((out_tr, tr, x_tr), (out_te, te, x_te)):
+                out[:, 0] = (out[:, 0] - center) / scale
+                extra = model.head_extra(lp_all[rows], torch.from_numpy(out).float())
+                cols.append(extra.numpy().astype(np.float64))
+        return np.hstack(x_tr), y, np.hstack(x_te)
+
     val_idx = list(range(n_train, len(everything)))
     if config.head_l2_grid and not stack.top:
-        history = _fit_head_full_batch(config, model, cache, lp_all, extra_all, y_all, w_all, train_ex)
+        history = _fit_head_full_batch(
+            config, model, cache, lp_all, extra_all, y_all, w_all, train_ex, fold_design=fold_design
+        )
         val_scores = score(val_idx)
         metrics = metrics_by_benchmark(val_ex, val_scores)
         log.info("head fitted (L2 on W_h %g), val APGR %s", history[-1]["l2_h"],
