@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 #: Namespace names: ``erlab-<pid>-<n>-dev`` / ``-edge``.
 NS_PREFIX = "erlab"
 _NS_RE = re.compile(rf"^{NS_PREFIX}-(\d+)-(\d+)-(dev|edge)$")
+#: A veth end still in the host namespace (creation interrupted before it moved).
+_VETH_RE = re.compile(r"^el(\d+)x(\d+)[de](@\S+)?$")
 _counter = itertools.count()
 
 #: Repository root, so subprocesses can run ``python -m netlab.relay``.
@@ -144,6 +146,18 @@ def cleanup_stale(all_owners: bool = False) -> list[str]:
             _kill_ns_processes(ns)
             _run(["ip", "netns", "del", ns], check=False)
             removed.append(ns)
+    # A veth pair made by a run interrupted before it moved the ends into the
+    # namespaces stays in the host namespace; deleting one end deletes the pair.
+    out = _run(["ip", "-o", "link", "show", "type", "veth"], check=False).stdout
+    for line in out.splitlines():
+        parts = line.split(":")
+        if len(parts) < 2:
+            continue
+        m = _VETH_RE.match(parts[1].strip())
+        if m and (all_owners or not _pid_alive(int(m.group(1)))):
+            name = parts[1].strip().split("@")[0]
+            if _run(["ip", "link", "del", name], check=False).returncode == 0:
+                removed.append(name)  # (its peer went with it)
     return removed
 
 
@@ -209,7 +223,7 @@ class NetLab:
                 # would otherwise measure TCP ramp-up instead of the rate.
                 _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0"], check=False)
             self.set_rate(self.settings.rate_mbit, self.settings.burst_bytes)
-        except Exception:
+        except BaseException:  # Ctrl-C half way too: nothing may be left behind
             self.close()
             raise
 

@@ -242,7 +242,8 @@ def phase_summary(records: list[dict]) -> list[dict]:
             "phase": ph, "link": recs[0]["link"], "turns": len(recs),
             "edge_share": sum(r["target"] == "edge" for r in recs) / len(recs),
             "mean_s": statistics.fmean(r["measured_s"] for r in recs),
-            "same_as_first": sum(r["target"] == f["target"] for r, f in zip(recs, first)) / len(recs),
+            # Over the turns both phases have (phases of unequal length compare their common prefix).
+            "same_as_first": sum(r["target"] == f["target"] for r, f in zip(recs, first)) / min(len(recs), len(first)),
             "hard_turns": len(hard),
             "hard_on_edge": sum(recs[k]["target"] == "edge" for k in hard),
             "first_edge_turn": next((k + 1 for k, r in enumerate(recs) if r["target"] == "edge"), None),
@@ -434,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
                 link_only = run_profile(lab, target, profile_path, "link", args)
                 profile = {**base_profile, **{k: link_only[k] for k in ("overhead_s", "bandwidth_tokens_per_s", "bandwidth_bytes_per_s")}}
                 profile["fit"] = {**base_profile["fit"], "link": link_only["fit"]["link"]}
+                # This link's fit says whether its δ and B were measured or estimated.
+                profile["sources"] = {**base_profile.get("sources", {}),
+                                      **{k: v for k, v in link_only.get("sources", {}).items()
+                                         if k in ("overhead_s", "bandwidth_tokens_per_s")}}
                 profile_path.write_text(json.dumps(profile, indent=2))
             entry = {"setting": {"rate_mbit": setting.rate_mbit, "delay_ms": setting.delay_ms, "jitter_ms": setting.jitter_ms},
                      "profile": {k: v for k, v in profile.items() if not isinstance(v, dict)},

@@ -113,3 +113,6 @@ def test_phase_summary_compares_each_phase_with_the_first(bench):
     assert recovered["hard_on_edge"] == 1 and recovered["first_edge_turn"] == 2
     never = bench.phase_summary(records[:3] + [turn("2:poor", "device")])[1]
     assert never["first_edge_turn"] is None and never["hard_on_edge"] == 0 and never["hard_turns"] == 1
+    # Phases of unequal length compare the turns both have.
+    longer = bench.phase_summary(records[:3] + [turn("2:poor", t) for t in ("edge", "edge", "device", "edge")])[1]
+    assert longer["same_as_first"] == 1.0 and longer["turns"] == 4

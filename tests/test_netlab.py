@@ -366,13 +366,42 @@ def test_cleanup_stale_removes_leftovers_of_a_dead_run():
     dead.wait()
     leftover = f"erlab-{dead.pid}-0-dev"
     subprocess.run(["ip", "netns", "add", leftover], check=True)
+    # ... and a veth pair it made but had not yet moved into its namespaces.
+    veth = f"el{dead.pid}x0d"[-15:]
+    subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", f"el{dead.pid}x0e"[-15:]],
+                   check=True)
     try:
         removed = cleanup_stale()
-        assert leftover in removed
+        assert leftover in removed and {veth, f"el{dead.pid}x0e"[-15:]} & set(removed)
         assert leftover not in list_namespaces()
+        assert subprocess.run(["ip", "link", "show", veth], capture_output=True).returncode != 0
         assert leftover not in cleanup_stale()  # idempotent
     finally:
         subprocess.run(["ip", "netns", "del", leftover], capture_output=True)
+        subprocess.run(["ip", "link", "del", veth], capture_output=True)
+
+
+@pytest.mark.netns
+@netns
+def test_an_interrupted_create_leaves_nothing_behind(monkeypatch):
+    import netlab.namespaces as ns_mod
+
+    real_run = ns_mod._run
+    calls = []
+
+    def interrupt_at_veth_move(cmd, *a, **kw):  # fault injection: Ctrl-C half way
+        calls.append(cmd)
+        if cmd[:3] == ["ip", "link", "set"] and "netns" in cmd:
+            raise KeyboardInterrupt
+        return real_run(cmd, *a, **kw)
+
+    monkeypatch.setattr(ns_mod, "_run", interrupt_at_veth_move)
+    lab = NetLab(subnet="10.213.9")
+    with pytest.raises(KeyboardInterrupt):
+        lab.create()
+    monkeypatch.setattr(ns_mod, "_run", real_run)
+    assert lab.dev_ns not in list_namespaces() and lab.edge_ns not in list_namespaces()
+    assert subprocess.run(["ip", "link", "show", lab.dev_if], capture_output=True).returncode != 0
 
 
 def test_a_relay_that_cannot_listen_leaves_no_thread_behind():
