@@ -119,15 +119,19 @@ def evaluate(rows: list[dict], seed: int = 0, folds: int = 5) -> dict:
             guesses["linear(log L_p, log C)"] += list(feats(test) @ w)
             actual += [r["answer_tokens"] for r in test]
         out = {name: median_rel_error(g, actual) for name, g in guesses.items()}
-        # Second turns: the conversation's first answer shrunk to the others' mean.
+        # Second turns: the conversation's first answer shrunk to the mean of the
+        # other folds' answers (out of fold, as the columns above).
         by_dialogue = {}
         for r in rs:
             by_dialogue.setdefault(r["dialogue"], {})[r["turn"]] = r["answer_tokens"]
-        overall = statistics.fmean(r["answer_tokens"] for r in rs)
-        pairs = [(t[1], t[2]) for t in by_dialogue.values() if 1 in t and 2 in t]
-        out["mean, second turns"] = median_rel_error([overall] * len(pairs), [b for _, b in pairs])
-        out["conversation, second turns"] = median_rel_error([(a + overall) / 2 for a, _ in pairs],
-                                                              [b for _, b in pairs])
+        fold_mean = {
+            f: statistics.fmean(r["answer_tokens"] for r in rs if fold_of[r["dialogue"]] != f)
+            for f in set(fold_of.values())
+        }
+        pairs = [(t[1], t[2], fold_mean[fold_of[d]]) for d, t in by_dialogue.items() if 1 in t and 2 in t]
+        out["mean, second turns"] = median_rel_error([m for _, _, m in pairs], [b for _, b, _ in pairs])
+        out["conversation, second turns"] = median_rel_error([(a + m) / 2 for a, _, m in pairs],
+                                                              [b for _, b, _ in pairs])
         first = [r["answer_tokens"] for r in rs if r["turn"] == 1]
         out["best constant, first turns"] = min(
             median_rel_error([c] * len(first), first) for c in np.arange(1.0, max(first) + 0.5, 0.5)
