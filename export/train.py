@@ -168,7 +168,6 @@ def neighbor_labels(features: np.ndarray, labels: np.ndarray, groups: Sequence[s
     for the weak model; averaging over similar questions (largely the same
     subject) gives the head a denoised target.
     """
-    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     out = np.asarray(labels, dtype=float).copy()
     groups = np.asarray(groups)
     for g in np.unique(groups):
@@ -176,24 +175,24 @@ def neighbor_labels(features: np.ndarray, labels: np.ndarray, groups: Sequence[s
         kk = min(k, len(idx) - 1)
         if kk < 1:
             continue
-        xg, yg = x[idx], out[idx].copy()
-        for s in range(0, len(idx), 1024):
-            sim = xg[s : s + 1024] @ xg.T
-            rows = np.arange(sim.shape[0])
-            sim[rows, s + rows] = -np.inf  # leave the turn itself out
-            nn = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
-            out[idx[s : s + 1024]] = yg[nn].mean(axis=1)
+        out[idx] = neighbor_means(features[idx], features[idx], out[idx].copy(), kk, exclude_self=True)
     return out
 
 
-def neighbor_means(query: np.ndarray, bank: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+def neighbor_means(
+    query: np.ndarray, bank: np.ndarray, values: np.ndarray, k: int, *, exclude_self: bool = False
+) -> np.ndarray:
     """Mean of ``values`` over each query's k nearest bank rows (cosine), as the
-    exported graph computes k(h) for a turn that is not in the bank."""
+    exported graph computes k(h) for a turn that is not in the bank.
+    ``exclude_self``: the query rows are the bank rows, and each leaves itself out."""
     q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
-    b = bank / np.maximum(np.linalg.norm(bank, axis=1, keepdims=True), 1e-12)
+    b = q if exclude_self else bank / np.maximum(np.linalg.norm(bank, axis=1, keepdims=True), 1e-12)
     out = np.empty((len(q),) + values.shape[1:], dtype=np.float64)
     for s in range(0, len(q), 1024):
         sim = q[s : s + 1024] @ b.T
+        if exclude_self:
+            rows = np.arange(sim.shape[0])
+            sim[rows, s + rows] = -np.inf
         nn = np.argpartition(-sim, k - 1, axis=1)[:, :k]
         out[s : s + 1024] = values[nn].mean(axis=1)
     return out
@@ -368,11 +367,7 @@ def train(config: TrainConfig) -> TrainResult:
         if frozen_train is not None:
             a = config.neighbor_smoothing
             y = (1 - a) * y + a * neighbor_labels(frozen_train[tr], raw_train[tr], bench_train[tr], config.neighbors)
-        h = torch.stack([cache[i] for i in range(n_train)]).float()
-        if config.normalize:
-            h = unit(h)
-        h, lp = h.numpy().astype(np.float64), lp_all[:n_train].numpy().astype(np.float64)
-        x_tr, x_te = [h[tr], lp[tr]], [h[te], lp[te]]
+        x_tr, x_te = [h_lp[tr]], [h_lp[te]]
         if extra_all is not None:
             bank = pooled[:n_train].numpy()
             kk = min(config.neighbor_feature, len(tr) - 1)
@@ -388,6 +383,11 @@ def train(config: TrainConfig) -> TrainResult:
 
     val_idx = list(range(n_train, len(everything)))
     if config.head_l2_grid and not stack.top:
+        # [h; L_p] of the training turns: the same in every fold.
+        h = torch.stack([cache[i] for i in range(n_train)]).float()
+        if config.normalize:
+            h = unit(h)
+        h_lp = np.hstack([h.numpy(), lp_all[:n_train].numpy()]).astype(np.float64)
         history = _fit_head_full_batch(
             config, model, cache, lp_all, extra_all, y_all, w_all, train_ex, fold_design=fold_design
         )
