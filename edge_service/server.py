@@ -21,13 +21,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edge_service.backends import Backend, Slot, create_backend
+from edge_service.backends import BACKENDS, Backend, Slot
 from edge_service.errors import (
     Aborted,
     ErrorMappingInterceptor,
@@ -39,6 +39,9 @@ from edge_service.sessions import Lease, SessionPool
 from edge_service.settings import EdgeSettings
 from edgeroute.v1 import edge_pb2, edge_pb2_grpc
 from edgeroute.v1.types import GenerationParams, GenerationSummary, Message, ServerInfo
+
+if TYPE_CHECKING:  # pragma: no cover
+    from device_runtime.llm.conversation import GenerationStats
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,34 @@ class GenerationRecord:
     output_tokens: int
     max_tokens: int
     finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+
+
+# What the model thread hands the Generate handler, in order: chunks, then
+# exactly one Done or Failed.
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of the answer's text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The answer is finished (or was cancelled); the slot's counts for the summary."""
+
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The slot raised; the handler re-raises it for the error interceptor to map."""
+
+    error: BaseException
+
+
+TurnEvent = Chunk | Done | Failed
 
 
 class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
@@ -126,85 +157,69 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
 
     async def Generate(self, request, context) -> AsyncIterator[edge_pb2.GenerateResponse]:
         t_arrival = time.perf_counter()
-        try:
-            messages = [Message.from_pb(m) for m in request.messages]
-            params = GenerationParams.from_pb(request.params) if request.HasField("params") else GenerationParams()
-        except ValueError as exc:
-            raise InvalidArgument(str(exc)) from exc
-        if not messages:
-            raise InvalidArgument("messages must not be empty: send the new turns, ending with a user message")
-        if messages[-1].role != "user":
-            raise InvalidArgument("the last message must have role user")
-
+        messages, params = _parse_turn(request)
         if request.open_session:
             self.pool.ensure(request.session_id)
         transcript_length = request.transcript_length if request.HasField("transcript_length") else None
         lease = await self._acquire(request.session_id, transcript_length)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        prompt = [m.to_dict() for m in (*lease.transcript, *messages)]
-        # The lease has two holders, this handler and the model thread; the
-        # slot is free again only when both are done with it.
+        future: asyncio.Future | None = None
+        turn: list[Message] | None = None  # the finished turn, once the answer is complete
+        # Every way out (finished, refused, failed, cancelled by the client or
+        # the deadline) goes through the one release in ``finally``.
         try:
-            future = loop.run_in_executor(
-                self._executor, self._run_slot, lease, prompt, params, loop, queue
-            )
-        except BaseException:
-            self.pool.done(lease)
-            self.pool.done(lease)
-            raise
-        queue_s = time.perf_counter() - t_arrival
-        answer: list[str] = []
-        released = False
-        try:
-            while True:
-                kind, payload = await queue.get()
-                if kind == "chunk":
-                    answer.append(payload)
-                    yield edge_pb2.GenerateResponse(chunk=edge_pb2.TokenChunk(text=payload))
-                elif kind == "error":
-                    if isinstance(payload, InvalidArgument) and not answer:
-                        # Refused before the model ran: the slot's KV is
-                        # still the displaced session's.
-                        self.pool.give_back(lease)
-                    raise payload
-                else:
-                    stats = payload
-                    if stats.finish_reason == "cancelled":
-                        # Cancelled on the server (the session was closed):
-                        # the answer is incomplete, so no final message.
-                        raise Aborted("the generation was cancelled because its session was closed")
-                    summary = GenerationSummary(
-                        prompt_tokens=stats.prompt_tokens,
-                        prefill_tokens=stats.prefill_tokens,
-                        cached_tokens=stats.cached_tokens,
-                        output_tokens=stats.output_tokens,
-                        prefill_s=stats.prefill_s,
-                        decode_s=stats.decode_s,
-                        ttft_s=stats.ttft_s,
-                        queue_s=queue_s,
-                        finish_reason="length" if stats.finish_reason == "length" else "stop",
-                        kv_restored=lease.kv_restored,
-                    )
-                    # Release before the final message: a client that sends its
-                    # next turn the moment it has this one must find the session
-                    # idle and its transcript updated.
-                    await future  # the thread has nothing left to do
-                    self.pool.commit(lease, [*messages, Message("assistant", "".join(answer))])
-                    self.pool.done(lease)
-                    self.pool.done(lease)
-                    released = True
-                    yield edge_pb2.GenerateResponse(done=summary.to_pb())
-                    return
+            future, events = self._start_model(lease, messages, params)
+            queue_s = time.perf_counter() - t_arrival
+            answer: list[str] = []
+            while not isinstance(event := await events.get(), Done):
+                if isinstance(event, Failed):
+                    self._fail(lease, event.error, answered=bool(answer))
+                answer.append(event.text)
+                yield edge_pb2.GenerateResponse(chunk=edge_pb2.TokenChunk(text=event.text))
+            summary = _summary(event.stats, queue_s, lease.kv_restored)
+            await future  # the thread has nothing left to do
+            turn = [*messages, Message("assistant", "".join(answer))]
         finally:
-            if not released:
-                # Client cancelled, deadline passed, or an error: stop the model
-                # and keep the transcript unchanged.  The slot stays taken until
-                # the thread has stopped.
-                lease.cancel.set()
-                self.pool.commit(lease, None)
-                self.pool.done(lease)
-                future.add_done_callback(lambda _: self.pool.done(lease))
+            self._release(lease, future, turn)
+        # Released before the final message: a client that sends its next turn
+        # the moment it has this one must find the session idle and its
+        # transcript updated.
+        yield edge_pb2.GenerateResponse(done=summary.to_pb())
+
+    def _start_model(
+        self, lease: Lease, messages: list[Message], params: GenerationParams
+    ) -> tuple[asyncio.Future, asyncio.Queue[TurnEvent]]:
+        """Run the turn on the lease's slot in a worker thread; its events arrive on the queue."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TurnEvent] = asyncio.Queue()
+        prompt = [m.to_dict() for m in (*lease.transcript, *messages)]
+        future = loop.run_in_executor(self._executor, self._run_slot, lease, prompt, params, loop, events)
+        return future, events
+
+    def _fail(self, lease: Lease, error: BaseException, *, answered: bool) -> NoReturn:
+        """Raise the model thread's error for the interceptor to map."""
+        if isinstance(error, InvalidArgument) and not answered:
+            # Refused before the model ran: the slot's KV is still the
+            # displaced session's.
+            self.pool.give_back(lease)
+        raise error
+
+    def _release(self, lease: Lease, future: asyncio.Future | None, turn: list[Message] | None) -> None:
+        """Let go of the lease: commit ``turn``, or, without one (the client
+        cancelled, the deadline passed, an error), stop the model and keep the
+        transcript unchanged.
+
+        The lease has two holders, this handler and the model thread; the slot
+        is free again only when both are done, so a cancelled generation still
+        holds it until its thread has stopped.
+        """
+        if turn is None:
+            lease.cancel.set()
+        self.pool.commit(lease, turn)
+        self.pool.done(lease)  # this handler's hold
+        if future is None or future.done():  # the thread never started, or has stopped
+            self.pool.done(lease)
+        else:
+            future.add_done_callback(lambda _: self.pool.done(lease))
 
     async def _acquire(self, session_id: str, transcript_length: int | None) -> Lease:
         deadline = time.monotonic() + _CANCEL_WAIT_S
@@ -220,22 +235,22 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
 
     # --- model thread -------------------------------------------------------
 
-    def _run_slot(self, lease: Lease, prompt, params, loop, queue) -> None:
+    def _run_slot(self, lease: Lease, prompt, params, loop, queue: asyncio.Queue[TurnEvent]) -> None:
         """Runs in a worker thread: stream the slot into the handler's queue."""
         slot: Slot = lease.slot
         put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
         stats = None
         try:
             for chunk in slot.stream(prompt, params, lease.cancel):
-                put(("chunk", chunk))
+                put(Chunk(chunk))
             stats = slot.last_stats
             if stats is None:
                 raise RuntimeError("backend slot finished without stats")
-            put(("done", stats))
+            put(Done(stats))
         except BaseException as exc:  # noqa: BLE001 - handed to the handler, which maps it
             stats = getattr(slot, "last_stats", None)
             try:
-                put(("error", exc))
+                put(Failed(exc))
             except RuntimeError:  # loop closed: the server is gone
                 log.debug("generation error after the loop closed", exc_info=True)
         finally:
@@ -299,13 +314,47 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         self.backend.close()
 
 
+def _parse_turn(request: edge_pb2.GenerateRequest) -> tuple[list[Message], GenerationParams]:
+    """The request's new messages and generation parameters, checked."""
+    try:
+        messages = [Message.from_pb(m) for m in request.messages]
+        params = GenerationParams.from_pb(request.params) if request.HasField("params") else GenerationParams()
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from exc
+    if not messages:
+        raise InvalidArgument("messages must not be empty: send the new turns, ending with a user message")
+    if messages[-1].role != "user":
+        raise InvalidArgument("the last message must have role user")
+    return messages, params
+
+
+def _summary(stats: GenerationStats, queue_s: float, kv_restored: bool) -> GenerationSummary:
+    """The final message of a finished answer."""
+    if stats.finish_reason == "cancelled":
+        # Cancelled on the server (the session was closed): the answer is
+        # incomplete, so no final message.
+        raise Aborted("the generation was cancelled because its session was closed")
+    return GenerationSummary(
+        prompt_tokens=stats.prompt_tokens,
+        prefill_tokens=stats.prefill_tokens,
+        cached_tokens=stats.cached_tokens,
+        output_tokens=stats.output_tokens,
+        prefill_s=stats.prefill_s,
+        decode_s=stats.decode_s,
+        ttft_s=stats.ttft_s,
+        queue_s=queue_s,
+        finish_reason="length" if stats.finish_reason == "length" else "stop",
+        kv_restored=kv_restored,
+    )
+
+
 def _mib(n_bytes: int | None) -> str:
     return "unknown" if n_bytes is None else f"{n_bytes / 2**20:.1f} MiB"
 
 
 def build_servicer(settings: EdgeSettings, backend: Backend | None = None) -> EdgeServicer:
     """Load the backend named in ``settings`` (unless given) and its slots."""
-    backend = backend if backend is not None else create_backend(settings.backend, settings)
+    backend = backend if backend is not None else BACKENDS.create(settings.backend, settings)
     try:
         return EdgeServicer(backend, settings)
     except BaseException:
@@ -370,7 +419,7 @@ class EdgeServerThread:
     """An edge server on its own event loop in a background thread.
 
     For tests, benchmarks and ``edgeroute demo``; blocking code talks to it
-    with :class:`device_runtime.edge_client.EdgeClient` at :attr:`target`.
+    with :class:`device_runtime.link.edge_client.EdgeClient` at :attr:`target`.
 
         with EdgeServerThread(settings) as edge:
             client = EdgeClient(edge.target)

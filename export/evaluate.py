@@ -1,4 +1,4 @@
-"""APGR / CPT of a router's scores on labelled turns (device_runtime.metrics definitions).
+"""APGR / CPT of a router's scores on labelled turns (device_runtime.sim.metrics definitions).
 
 The routing curve is swept at every distinct score: the turns with
 p >= θ go to the edge.  Quality is the mean of each turn's routed quality.
@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from device_runtime.metrics import apgr, cpt
+from device_runtime.sim.metrics import apgr, cpt
 
 
 def routing_curve(scores: Sequence[float], q_device: Sequence[float], q_edge: Sequence[float]):

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from device_runtime.bundle import batch_arrays, encode_turn, pad_id_of
+from device_runtime.routing.bundle import batch_arrays, encode_turn, pad_id_of
 from export.config import ExportConfig
 
 log = logging.getLogger(__name__)

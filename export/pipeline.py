@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from device_runtime.bundle import (
+from device_runtime.routing.bundle import (
     MODEL_FILE,
     MODEL_FP32_FILE,
     TOKENIZER_FILE,
@@ -45,7 +45,7 @@ def _prepare_out(out: Path, force: bool) -> Path:
 
 def _score_bundle(out: Path, examples, fp32: bool, threads: int, progress: bool = True) -> list[float]:
     """Validation scores through the device scorer itself (onnxruntime + tokenizers)."""
-    from device_runtime.routers.bert import BertRouter
+    from device_runtime.routing.routers.bert import BertRouter
     from tqdm import tqdm
 
     router = BertRouter(out, threads=threads, fp32=fp32, batch_size=1)
@@ -157,7 +157,7 @@ def requantize(out: Path, quant_config: QuantizationConfig | None = None, *, thr
 
     No training: the FP32 model, the PyTorch and FP32 validation rows stay.
     """
-    from device_runtime.bundle import load_bundle
+    from device_runtime.routing.bundle import load_bundle
     from export.data import load_examples
 
     quant_config = quant_config or QuantizationConfig()
@@ -274,7 +274,7 @@ def export_classifier(
 
 def ship(full_bundle: Path, dest: Path, *, force: bool = False) -> Path:
     """Copy the device part of a full export (INT8 model, tokenizer, manifest) to ``dest``."""
-    from device_runtime.bundle import MANIFEST_FILE, load_bundle
+    from device_runtime.routing.bundle import MANIFEST_FILE, load_bundle
 
     load_bundle(full_bundle)
     dest = _prepare_out(dest, force)

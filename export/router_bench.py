@@ -7,14 +7,14 @@ benchmark.  Prints tables for docs/router.md; nothing here is asserted by tests.
 
 from __future__ import annotations
 
-import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from device_runtime.bundle import Bundle, BundleError, encode_turn, load_bundle
+from device_runtime.routing.bundle import Bundle, BundleError, encode_turn, load_bundle
 
 
 class BenchError(RuntimeError):
@@ -57,6 +57,129 @@ def _time(fn, repeats: int) -> list[float]:
     return out
 
 
+def _full_bundle(bundle_dir: str | Path) -> Bundle:
+    """The bundle, which must be a full export (the FP32 model is one of the columns)."""
+    try:
+        bundle: Bundle = load_bundle(bundle_dir)
+    except BundleError as exc:
+        raise BenchError(str(exc)) from exc
+    if not bundle.fp32_model_path.is_file():
+        raise BenchError(
+            f"{bundle.directory} has no {bundle.fp32_model_path.name}: the benchmark needs a full "
+            "export directory (edgeroute export --out DIR), not the shipped INT8-only bundle"
+        )
+    return bundle
+
+
+def _onnx_routers(bundle: Bundle) -> dict:
+    """The device scorer on one thread, batch 1, per precision."""
+    from device_runtime.routing.routers.base import RouterError
+    from device_runtime.routing.routers.bert import BertRouter
+
+    try:
+        return {
+            "onnx_fp32": BertRouter(bundle.directory, threads=1, fp32=True, batch_size=1),
+            "onnx_int8": BertRouter(bundle.directory, threads=1, batch_size=1),
+        }
+    except RouterError as exc:
+        raise BenchError(str(exc)) from None
+
+
+def _torch_model(ckpt: Path, bundle: Bundle):
+    """The trained PyTorch checkpoint of the export, on one thread."""
+    if not ckpt.is_dir():
+        raise BenchError(f"{bundle.directory} has no pytorch/ checkpoint (pass --no-pytorch)")
+    try:
+        import torch
+
+        from export.model import load_checkpoint
+    except ImportError as exc:
+        raise BenchError(f"the PyTorch column needs the export extra: {exc}") from exc
+    torch.set_num_threads(1)
+    try:
+        return load_checkpoint(ckpt)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise BenchError(f"cannot load the PyTorch checkpoint in {ckpt}: {type(exc).__name__}: {exc}") from None
+
+
+def _examples_for(bundle: Bundle, data_dir, quality: bool) -> list:
+    """Validation turns: for the quality rows, and as real text for the latency
+    inputs (none, without the quality rows, when the data cannot be loaded)."""
+    try:
+        return _val_examples(bundle, data_dir)
+    except BenchError:
+        if quality:
+            raise
+        return []
+
+
+def _p50_p95(times: Sequence[float]) -> dict[str, float]:
+    return {"p50": 1e3 * _percentile(times, 50), "p95": 1e3 * _percentile(times, 95)}
+
+
+def _torch_forward(model, args) -> None:
+    import torch
+
+    with torch.no_grad():
+        model(*args)
+
+
+def _latency(routers: dict, torch_model, bundle: Bundle, text_ids: list[int], lengths: Sequence[int],
+             repeats: int) -> dict[str, dict]:
+    """p50/p95 of single-turn model calls per token length and precision (ms)."""
+    out: dict[str, dict] = {}
+    for n in lengths:
+        feeds = _feeds_of_length(routers["onnx_int8"], text_ids, n)
+        row = {}
+        for name, router in routers.items():
+            times = _time(partial(router.session.run, [router._output], feeds), repeats)
+            row[name] = _p50_p95(times)
+        if torch_model is not None:
+            import torch
+
+            args = [torch.from_numpy(feeds[k]) for k in bundle.manifest.inputs]
+            row["pytorch"] = _p50_p95(_time(partial(_torch_forward, torch_model, args), repeats))
+        out[str(n)] = row
+    return out
+
+
+def _tokenize_ms(router, turns, max_len: int) -> dict:
+    """encode_turn (tokenizers, the device path) timed per turn."""
+    tok_times = []
+    for p, c in turns:
+        t = time.perf_counter()
+        encode_turn(router.tokenizer, p, c, max_len)
+        tok_times.append(time.perf_counter() - t)
+    return {**_p50_p95(tok_times), "turns": len(turns)}
+
+
+def _sizes_mb(bundle: Bundle, ckpt: Path) -> dict[str, float]:
+    sizes = {
+        "onnx_int8": bundle.model_path.stat().st_size / 1e6,
+        "onnx_fp32": bundle.fp32_model_path.stat().st_size / 1e6,
+    }
+    if ckpt.is_dir():
+        sizes["pytorch"] = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) / 1e6
+    return sizes
+
+
+def _quality(routers: dict, torch_model, examples) -> tuple[dict, dict]:
+    """Validation APGR / CPT per precision: on every distinct threshold, and on
+    RouteLLM's 10 quantile bins."""
+    from export.evaluate import metrics_by_benchmark
+
+    scores_of = {}
+    for name, router in routers.items():
+        scores_of[name] = router.score_batch([(e.prompt, e.context) for e in examples]) if router.batch_size > 1 else [
+            router.score(e.prompt, e.context) for e in _progress(examples, name)
+        ]
+    if torch_model is not None:
+        scores_of["pytorch"] = _torch_scores(torch_model, routers["onnx_int8"], examples)
+    fine = {name: metrics_by_benchmark(examples, scores) for name, scores in scores_of.items()}
+    binned = {name: metrics_by_benchmark(examples, scores, bins=10) for name, scores in scores_of.items()}
+    return fine, binned
+
+
 def run_router_bench(
     bundle_dir: str | Path,
     *,
@@ -67,107 +190,28 @@ def run_router_bench(
     quality: bool = True,
 ) -> dict:
     """Measure everything; returns a JSON-able dict (see :func:`format_tables`)."""
-    from device_runtime.routers.base import RouterError
-    from device_runtime.routers.bert import BertRouter
-
     if repeats < 1:
         raise BenchError("--repeats must be >= 1")
-    try:
-        bundle: Bundle = load_bundle(bundle_dir)
-    except BundleError as exc:
-        raise BenchError(str(exc)) from exc
-    if not bundle.fp32_model_path.is_file():
-        raise BenchError(
-            f"{bundle.directory} has no {bundle.fp32_model_path.name}: the benchmark needs a full "
-            "export directory (edgeroute export --out DIR), not the shipped INT8-only bundle"
-        )
+    bundle = _full_bundle(bundle_dir)
     max_len = bundle.manifest.max_length
     lengths = [n for n in lengths if n <= max_len] + [n for n in lengths if n > max_len and n <= 512]
-    try:
-        routers = {
-            "onnx_fp32": BertRouter(bundle.directory, threads=1, fp32=True, batch_size=1),
-            "onnx_int8": BertRouter(bundle.directory, threads=1, batch_size=1),
-        }
-    except RouterError as exc:
-        raise BenchError(str(exc)) from None
+    routers = _onnx_routers(bundle)
     ckpt = bundle.directory / "pytorch"
-    torch_model = None
-    if pytorch:
-        if not ckpt.is_dir():
-            raise BenchError(f"{bundle.directory} has no pytorch/ checkpoint (pass --no-pytorch)")
-        try:
-            import torch
-
-            from export.model import load_checkpoint
-        except ImportError as exc:
-            raise BenchError(f"the PyTorch column needs the export extra: {exc}") from exc
-        torch.set_num_threads(1)
-        try:
-            torch_model = load_checkpoint(ckpt)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise BenchError(f"cannot load the PyTorch checkpoint in {ckpt}: {type(exc).__name__}: {exc}") from None
-
-    # Validation turns: for the quality rows, and as real text for the latency inputs.
-    try:
-        examples = _val_examples(bundle, data_dir)
-    except BenchError:
-        if quality:
-            raise
-        examples = []
+    torch_model = _torch_model(ckpt, bundle) if pytorch else None
+    examples = _examples_for(bundle, data_dir, quality)
     sample_text = " ".join(e.prompt for e in examples[:50]) if examples else "the quick brown fox " * 200
     int8 = routers["onnx_int8"]
     text_ids = int8.tokenizer.encode(sample_text, add_special_tokens=False).ids or [0]
 
     result: dict = {"bundle": str(bundle.directory), "repeats": repeats, "threads": 1, "latency_ms": {},
                     "size_mb": {}, "quality": {}, "quality_routellm_bins": {}}
-    for n in lengths:
-        feeds = _feeds_of_length(int8, text_ids, n)
-        row = {}
-        for name, router in routers.items():
-            sess, out = router.session, router._output
-            times = _time(lambda: sess.run([out], feeds), repeats)
-            row[name] = {"p50": 1e3 * _percentile(times, 50), "p95": 1e3 * _percentile(times, 95)}
-        if torch_model is not None:
-            import torch
-
-            args = [torch.from_numpy(feeds[k]) for k in bundle.manifest.inputs]
-
-            def call():
-                with torch.no_grad():
-                    torch_model(*args)
-
-            times = _time(call, repeats)
-            row["pytorch"] = {"p50": 1e3 * _percentile(times, 50), "p95": 1e3 * _percentile(times, 95)}
-        result["latency_ms"][str(n)] = row
-
-    # Tokenization: encode_turn (tokenizers, the device path) on real validation turns.
+    result["latency_ms"] = _latency(routers, torch_model, bundle, text_ids, lengths, repeats)
+    # Tokenization on real validation turns.
     turns = [(e.prompt, e.context) for e in examples[:500]] or [(sample_text[:500], ())]
-    tok_times = []
-    for p, c in turns:
-        t = time.perf_counter()
-        encode_turn(int8.tokenizer, p, c, max_len)
-        tok_times.append(time.perf_counter() - t)
-    result["tokenize_ms"] = {"p50": 1e3 * _percentile(tok_times, 50), "p95": 1e3 * _percentile(tok_times, 95),
-                             "turns": len(turns)}
-
-    result["size_mb"]["onnx_int8"] = bundle.model_path.stat().st_size / 1e6
-    result["size_mb"]["onnx_fp32"] = bundle.fp32_model_path.stat().st_size / 1e6
-    if ckpt.is_dir():
-        result["size_mb"]["pytorch"] = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) / 1e6
-
+    result["tokenize_ms"] = _tokenize_ms(int8, turns, max_len)
+    result["size_mb"] = _sizes_mb(bundle, ckpt)
     if quality and examples:
-        from export.evaluate import metrics_by_benchmark
-
-        for name, router in routers.items():
-            scores = router.score_batch([(e.prompt, e.context) for e in examples]) if router.batch_size > 1 else [
-                router.score(e.prompt, e.context) for e in _progress(examples, name)
-            ]
-            result["quality"][name] = metrics_by_benchmark(examples, scores)
-            result["quality_routellm_bins"][name] = metrics_by_benchmark(examples, scores, bins=10)
-        if torch_model is not None:
-            scores = _torch_scores(torch_model, int8, examples)
-            result["quality"]["pytorch"] = metrics_by_benchmark(examples, scores)
-            result["quality_routellm_bins"]["pytorch"] = metrics_by_benchmark(examples, scores, bins=10)
+        result["quality"], result["quality_routellm_bins"] = _quality(routers, torch_model, examples)
     return result
 
 
@@ -190,7 +234,7 @@ def _torch_scores(model, router, examples) -> list[float]:
 
 def _val_examples(bundle: Bundle, data_dir):
     """The bundle's validation turns (its recorded split rule and benchmarks)."""
-    from device_runtime.traces import TraceError
+    from device_runtime.sim.traces import TraceError
 
     try:
         from export.config import default_data_dir

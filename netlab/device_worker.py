@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Sequence
 
-from device_runtime.routers.base import Router
+from device_runtime.routing.routers.base import Router
 
 #: Policies of the validation benchmark (issue 5, item 5), plus ``constant:P``.
 POLICY_CHOICES = ("device", "edge", "random", "bert-noctx", "bert-ctx")
@@ -47,7 +47,7 @@ class ConstantRouter(Router):
 
 def _no_context_policy(router: Router, threshold: float):
     """BERT without context: the router reads only L_p (eq. 4 with C_t = 0)."""
-    from device_runtime.orchestrator import AutoPolicy
+    from device_runtime.routing.policies import AutoPolicy
 
     class NoContextPolicy(AutoPolicy):
         name = "auto-noctx"
@@ -60,11 +60,12 @@ def _no_context_policy(router: Router, threshold: float):
 
 
 def build(args: argparse.Namespace):
-    from device_runtime.edge_client import EdgeClient
-    from device_runtime.orchestrator import (
-        AutoPolicy, Orchestrator, OrchestratorSettings, create_policy, live_cost_params,
-    )
-    from device_runtime.slm import SLMSettings, create_slm
+    """The orchestrator, and its online estimation hook under ``--online`` (else None)."""
+    from device_runtime.link.edge_client import EdgeClient
+    from device_runtime.link.profile import live_cost_params
+    from device_runtime.llm.slm import SLM_BACKENDS, SLMSettings
+    from device_runtime.routing.policies import AutoPolicy, PolicySettings, create_policy
+    from device_runtime.runtime.orchestrator import Orchestrator, OrchestratorSettings
 
     params = live_cost_params(args.profile, benchmark="mt-bench")
     if args.alpha is not None:
@@ -72,23 +73,25 @@ def build(args: argparse.Namespace):
     if args.policy.startswith("constant:"):
         policy = AutoPolicy(ConstantRouter(float(args.policy.split(":", 1)[1])), args.threshold)
     elif args.policy in ("bert-ctx", "bert-noctx"):
-        from device_runtime.routers.base import create_router
+        from device_runtime.routing.routers.base import ROUTERS
 
-        router = create_router("bert", bundle=args.bundle)
+        router = ROUTERS.create("bert", bundle=args.bundle)
         policy = AutoPolicy(router, args.threshold) if args.policy == "bert-ctx" else _no_context_policy(router, args.threshold)
     else:
-        policy = create_policy(args.policy, threshold=args.threshold, seed=args.seed)
-    slm = create_slm("llama-cpp", SLMSettings(model_path=args.slm, n_threads=args.threads, seed=args.seed))
+        policy = create_policy(PolicySettings(policy=args.policy, threshold=args.threshold, seed=args.seed))
+    slm = SLM_BACKENDS.create("llama-cpp", SLMSettings(model_path=args.slm, n_threads=args.threads, seed=args.seed))
     edge = EdgeClient(args.edge, timeout_s=args.edge_timeout)
     # A device has its link up long before a turn: do not time the handshakes.
     edge.warm_up(timeout_s=args.edge_timeout)
-    orch = Orchestrator(slm, policy, params, edge=edge, settings=OrchestratorSettings(
-        max_tokens=args.max_tokens, temperature=0.0, seed=args.seed, system_prompt=args.system))
+    online = None
     if args.online:
-        from device_runtime.online import OnlineRouting, OnlineSettings
+        from device_runtime.runtime.online import OnlineRouting, OnlineSettings
 
-        return OnlineRouting(orch, OnlineSettings(track_gamma=not args.online_link_only))
-    return orch
+        online = OnlineRouting(params, OnlineSettings(track_gamma=not args.online_link_only))
+    orch = Orchestrator(slm, policy, params, edge=edge, settings=OrchestratorSettings(
+        max_tokens=args.max_tokens, temperature=0.0, seed=args.seed, system_prompt=args.system),
+        hooks=[online] if online is not None else [])
+    return orch, online
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,14 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    runner = build(args)
-    online = hasattr(runner, "estimator")
+    orch, online = build(args)
 
     def send(obj) -> None:
         out.write(json.dumps(obj) + "\n")
         out.flush()
 
-    send({"ready": True, "policy": args.policy, "online": online})
+    send({"ready": True, "policy": args.policy, "online": online is not None})
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -133,20 +135,20 @@ def main(argv: list[str] | None = None) -> int:
             if cmd == "quit":
                 break
             if cmd == "new_conversation":
-                runner.new_conversation()
+                orch.new_conversation()
                 send({"ok": True})
             elif cmd == "turn":
-                res = runner.turn(msg["prompt"])
+                res = orch.turn(msg["prompt"])
                 send({
                     "telemetry": res.telemetry.to_dict(),
-                    "estimates": runner.estimates if online else None,
-                    "comm_s": runner.last_comm_s if online else None,
+                    "estimates": online.estimates if online is not None else None,
+                    "comm_s": online.last_comm_s if online is not None else None,
                 })
             else:
                 send({"error": f"unknown cmd {cmd!r}"})
         except Exception as exc:  # noqa: BLE001 - reported to the driver, the worker lives on
             send({"error": f"{type(exc).__name__}: {exc}"})
-    runner.close()
+    orch.close()
     return 0
 
 

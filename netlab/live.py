@@ -17,7 +17,7 @@ EDGE_PORT = 50051
 
 def start_edge(lab: NetLab, port: int = EDGE_PORT, extra: list[str] | None = None, timeout_s: float = 300.0) -> subprocess.Popen:
     """``edgeroute serve`` on the edge's veth address; returns once it accepts connections."""
-    argv = [sys.executable, "-m", "device_runtime.cli", "serve", "--host", lab.edge_addr, "--port", str(port)]
+    argv = [sys.executable, "-m", "device_runtime.cli.main", "serve", "--host", lab.edge_addr, "--port", str(port)]
     proc = lab.popen(lab.edge_ns, argv + list(extra or []), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         lab.wait_port(lab.edge_ns, lab.edge_addr, port, timeout_s=timeout_s, proc=proc)

@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 def collect(args) -> list[dict]:
     from tqdm import tqdm
 
-    from device_runtime.edge_client import EdgeClient, GenerationParams, new_session_id
-    from device_runtime.slm import SLMSettings, create_slm
+    from device_runtime.link.edge_client import EdgeClient, GenerationParams, new_session_id
+    from device_runtime.llm.slm import SLM_BACKENDS, SLMSettings
     from edge_service.server import EdgeServerThread
     from edge_service.settings import EdgeSettings
 
@@ -54,7 +54,7 @@ def collect(args) -> list[dict]:
     rows = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
     rows = [r for r in rows if len(r.get("history", [])) >= 2]
     picked = random.Random(args.seed).sample(rows, min(args.dialogues, len(rows)))
-    slm = create_slm("llama-cpp", SLMSettings(n_ctx=2048, n_threads=args.threads))
+    slm = SLM_BACKENDS.create("llama-cpp", SLMSettings(n_ctx=2048, n_threads=args.threads))
     params = GenerationParams(max_tokens=args.max_tokens, temperature=0.0)
     out = []
     with EdgeServerThread(EdgeSettings(n_ctx=2048, n_slots=1, n_threads=args.threads)) as server, \

@@ -32,14 +32,16 @@ add_checkout_to_path()  # run from a checkout without installing
 
 
 def bench_grpc_vs_inprocess(model: Path, threads: int, trials: int, max_tokens: int) -> dict:
-    from device_runtime import llama_session
-    from device_runtime.edge_client import EdgeClient, GenerationParams
+    from device_runtime.link.edge_client import EdgeClient, GenerationParams
+    from device_runtime.llm.adapter import load_llama
+    from device_runtime.llm.conversation import LlamaConversation
+    from device_runtime.llm.prompt_format import resolve_prompt_format
     from edge_service.server import EdgeServerThread
     from edge_service.settings import EdgeSettings
 
     n_ctx = 1024
-    llama = llama_session.load_llama(model, n_ctx=n_ctx, n_threads=threads)
-    local = llama_session.LlamaConversation(llama, llama_session.resolve_prompt_format(llama))
+    llama = load_llama(model, n_ctx=n_ctx, n_threads=threads)
+    local = LlamaConversation(llama, resolve_prompt_format(llama))
     params = GenerationParams(max_tokens=max_tokens)
     rows = {"in-process": [], "grpc": []}
     settings = EdgeSettings(model_path=model, n_ctx=n_ctx, n_slots=1, n_threads=threads)
@@ -101,7 +103,7 @@ def bench_grpc_vs_inprocess(model: Path, threads: int, trials: int, max_tokens: 
 
 def bench_echo(model: Path, threads: int, repeats: int = 50) -> dict:
     """p50 Echo round trip on loopback: the link cost gRPC adds, without the model's noise."""
-    from device_runtime.edge_client import EdgeClient
+    from device_runtime.link.edge_client import EdgeClient
     from edge_service.server import EdgeServerThread
     from edge_service.settings import EdgeSettings
 
@@ -117,8 +119,7 @@ def bench_echo(model: Path, threads: int, repeats: int = 50) -> dict:
 
 
 def bench_history(model: Path, threads: int, trials: int, history_tokens: int) -> dict:
-    from device_runtime import llama_session
-    from device_runtime.edge_client import EdgeClient, GenerationParams
+    from device_runtime.link.edge_client import EdgeClient, GenerationParams
     from edge_service.server import EdgeServerThread
     from edge_service.settings import EdgeSettings
 

@@ -106,7 +106,7 @@ def summarize(records: list[dict]) -> dict:
 
 def run_profile(lab: NetLab, target: str, out: Path, parts: str, args) -> dict:
     cmd = lab.exec_prefix(lab.dev_ns) + [
-        sys.executable, "-m", "device_runtime.cli", "profile", "--edge", target, "--out", str(out),
+        sys.executable, "-m", "device_runtime.cli.main", "profile", "--edge", target, "--out", str(out),
         "--parts", parts, "--data-dir", str(args.data_dir), "--link-reps", "3",
         "--prompt-tokens", "32,128,256", "--max-tokens", str(args.max_tokens), "--reps", "1",
         "--threads", str(args.threads),
@@ -336,7 +336,7 @@ def profile_links(links: dict[str, LinkSettings], args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--dialogues", type=int, default=3, help="MT-Bench-101 dialogues per policy and link")
@@ -368,39 +368,32 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--alpha must be a finite number >= 0, got {args.alpha}")
     if not (math.isfinite(args.think_time) and args.think_time >= 0):
         ap.error(f"--think-time must be a finite number >= 0, got {args.think_time}")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
-    reason = unavailable_reason()
-    if reason:
-        print(f"bench_link: {reason}", file=sys.stderr)
-        return 2
-    if args.phases:
-        try:
-            parse_phases(args.phases)
-        except ValueError as exc:
-            ap.error(str(exc))
-    links = {name: LINKS[name] for name in args.links.split(",")}
+    return ap, args
+
+
+def usable_policies(args) -> list[str] | None:
+    """The ``--policies`` to run (BERT ones dropped, with a warning, when the bundle
+    cannot be loaded); None after printing the error for unknown names."""
     policies = [p for p in args.policies.split(",") if p]
     if bad := set(policies) - set(POLICIES):
         print(f"bench_link: unknown policies {sorted(bad)}", file=sys.stderr)
-        return 2
+        return None
     if any(p.startswith("bert") for p in policies):
-        from device_runtime.routers.base import RouterError, create_router
+        from device_runtime.routing.routers.base import ROUTERS, RouterError
 
         try:
-            create_router("bert", bundle=args.bundle)
+            ROUTERS.create("bert", bundle=args.bundle)
         except (RouterError, FileNotFoundError) as exc:
             log.warning("BERT policies skipped: %s", exc)
             policies = [p for p in policies if not p.startswith("bert")]
-    dialogues = pick_dialogues(args.data_dir / "mtbench101" / "mtbench101.jsonl", args.dialogues, args.max_turns)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.phases:
-        return run_phases(args, dialogues)
-    from netlab.live import EDGE_PORT, DeviceWorker, start_edge
+    return policies
 
-    from device_runtime.cost_model import paper_params
 
-    t_start = time.perf_counter()
-    results: dict = {
+def new_results(args, dialogues: list[dict], policies: list[str]) -> dict:
+    """``bench_link.json`` before any link is run: the run's settings and sizes."""
+    from device_runtime.routing.cost_model import paper_params
+
+    return {
         "threads": args.threads,
         "online": args.online,
         # The α of every run; alpha_from says whether --alpha set it.
@@ -414,53 +407,71 @@ def main(argv: list[str] | None = None) -> int:
         "policies": policies,
         "links": {},
     }
-    first = next(iter(links.values()))
-    if args.profile_only:
-        return profile_links(links, args)
-    with NetLab(settings=first) as lab:
+
+
+def link_profile(lab: NetLab, target: str, name: str, base_profile: dict | None, policies, args) -> dict:
+    """PROFILE.json for link ``name``: γ_s, γ_e, τ_r and the link the first time
+    (``base_profile`` None), then only the link, merged into ``base_profile``."""
+    profile_path = args.out / f"profile_{name}.json"
+    if base_profile is None:
+        log.info("profiling γ_s, γ_e, τ_r and the %s link", name)
+        parts = "link,edge,slm" + (",router" if any(p.startswith("bert") for p in policies) else "")
+        return run_profile(lab, target, profile_path, parts, args)
+    log.info("profiling the %s link", name)
+    link_only = run_profile(lab, target, profile_path, "link", args)
+    profile = {**base_profile, **{k: link_only[k] for k in ("overhead_s", "bandwidth_tokens_per_s", "bandwidth_bytes_per_s")}}
+    profile["fit"] = {**base_profile["fit"], "link": link_only["fit"]["link"]}
+    # This link's fit says whether its δ and B were measured or estimated.
+    profile["sources"] = {**base_profile.get("sources", {}),
+                          **{k: v for k, v in link_only.get("sources", {}).items()
+                             if k in ("overhead_s", "bandwidth_tokens_per_s")}}
+    profile_path.write_text(json.dumps(profile, indent=2))
+    return profile
+
+
+def replay(lab: NetLab, target: str, name: str, policy: str, dialogues: list[dict], args) -> list[dict]:
+    """Every dialogue under one policy on link ``name``: one record per turn."""
+    from netlab.live import DeviceWorker
+
+    extra = worker_args(args, args.out / f"profile_{name}.json", f"Conversation run {name}/{policy}.")
+    recs = []
+    with DeviceWorker(lab, target, policy, extra=extra) as dev:
+        for d in dialogues:
+            dev.new_conversation()
+            for prompt in d["prompts"]:
+                time.sleep(args.think_time)
+                reply = dev.turn(prompt)
+                recs.append({**reply["telemetry"], "estimates_after": reply.get("estimates"),
+                             "comm_s": reply.get("comm_s")})
+    return recs
+
+
+def run_links(args, links: dict[str, LinkSettings], policies: list[str], dialogues: list[dict], results: dict) -> None:
+    """Profile each link, then replay the dialogues under each policy; fills ``results["links"]``."""
+    from netlab.live import EDGE_PORT, start_edge
+
+    with NetLab(settings=next(iter(links.values()))) as lab:
         start_edge(lab, extra=["--n-slots", "1", "--threads", str(args.threads)])
         relay = lab.start_relay(EDGE_PORT, seed=args.seed)
         target = f"127.0.0.1:{relay}"
         base_profile = None
         for name, setting in links.items():
             lab.apply(setting)
-            profile_path = args.out / f"profile_{name}.json"
+            profile = link_profile(lab, target, name, base_profile, policies, args)
             if base_profile is None:
-                log.info("profiling γ_s, γ_e, τ_r and the %s link", name)
-                parts = "link,edge,slm" + (",router" if any(p.startswith("bert") for p in policies) else "")
-                base_profile = run_profile(lab, target, profile_path, parts, args)
-                profile = base_profile
-            else:
-                log.info("profiling the %s link", name)
-                link_only = run_profile(lab, target, profile_path, "link", args)
-                profile = {**base_profile, **{k: link_only[k] for k in ("overhead_s", "bandwidth_tokens_per_s", "bandwidth_bytes_per_s")}}
-                profile["fit"] = {**base_profile["fit"], "link": link_only["fit"]["link"]}
-                # This link's fit says whether its δ and B were measured or estimated.
-                profile["sources"] = {**base_profile.get("sources", {}),
-                                      **{k: v for k, v in link_only.get("sources", {}).items()
-                                         if k in ("overhead_s", "bandwidth_tokens_per_s")}}
-                profile_path.write_text(json.dumps(profile, indent=2))
+                base_profile = profile
             entry = {"setting": {"rate_mbit": setting.rate_mbit, "delay_ms": setting.delay_ms, "jitter_ms": setting.jitter_ms},
                      "profile": {k: v for k, v in profile.items() if not isinstance(v, dict)},
                      "records": {}, "summary": {}}
             for policy in policies:
                 log.info("%s / %s", name, policy)
-                extra = worker_args(args, profile_path, f"Conversation run {name}/{policy}.")
-                recs = []
-                with DeviceWorker(lab, target, policy, extra=extra) as dev:
-                    for d in dialogues:
-                        dev.new_conversation()
-                        for prompt in d["prompts"]:
-                            time.sleep(args.think_time)
-                            reply = dev.turn(prompt)
-                            recs.append({**reply["telemetry"], "estimates_after": reply.get("estimates"),
-                                         "comm_s": reply.get("comm_s")})
+                recs = replay(lab, target, name, policy, dialogues, args)
                 entry["records"][policy] = recs
                 entry["summary"][policy] = summarize(recs)
             results["links"][name] = entry
-    results["wall_s"] = time.perf_counter() - t_start
-    (args.out / "bench_link.json").write_text(json.dumps(results, indent=2))
-    figs = plot(results, args.out)
+
+
+def print_report(results: dict, dialogues: list[dict], figs: list[Path], args) -> None:
     print(f"online estimation: {'on' if args.online else 'off'}; threads per model: {args.threads}; "
           f"α = {results['alpha']:g} ({results['alpha_from']}), θ = {args.threshold:g}")
     print(f"dialogues: {len(dialogues)} (ids {results['sizes']['dialogue_ids']}), "
@@ -474,6 +485,37 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     print()
     print("figures: " + ", ".join(str(f.relative_to(REPO)) if f.is_relative_to(REPO) else str(f) for f in figs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap, args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    reason = unavailable_reason()
+    if reason:
+        print(f"bench_link: {reason}", file=sys.stderr)
+        return 2
+    if args.phases:
+        try:
+            parse_phases(args.phases)
+        except ValueError as exc:
+            ap.error(str(exc))
+    links = {name: LINKS[name] for name in args.links.split(",")}
+    policies = usable_policies(args)
+    if policies is None:
+        return 2
+    dialogues = pick_dialogues(args.data_dir / "mtbench101" / "mtbench101.jsonl", args.dialogues, args.max_turns)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.phases:
+        return run_phases(args, dialogues)
+    t_start = time.perf_counter()
+    results = new_results(args, dialogues, policies)
+    if args.profile_only:
+        return profile_links(links, args)
+    run_links(args, links, policies, dialogues, results)
+    results["wall_s"] = time.perf_counter() - t_start
+    (args.out / "bench_link.json").write_text(json.dumps(results, indent=2))
+    figs = plot(results, args.out)
+    print_report(results, dialogues, figs, args)
     return 0
 
 

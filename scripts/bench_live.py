@@ -37,8 +37,10 @@ def question(i: int) -> str:
 
 
 def bench_history(args) -> None:
-    from device_runtime.llama_session import LlamaConversation, load_llama, resolve_prompt_format
-    from device_runtime.models import default_slm_path
+    from device_runtime.llm.adapter import load_llama
+    from device_runtime.llm.conversation import LlamaConversation
+    from device_runtime.llm.prompt_format import resolve_prompt_format
+    from device_runtime.llm.models import default_slm_path
 
     path = Path(args.slm) if args.slm else default_slm_path()
     print(f"\n### Device SLM follow-up turn with ~{args.history_tokens} tokens of history "
@@ -83,11 +85,11 @@ def bench_history(args) -> None:
 
 
 def bench_session(args) -> None:
-    from device_runtime.edge_client import EdgeClient
-    from device_runtime.orchestrator import (
-        Orchestrator, OrchestratorSettings, Policy, PolicyDecision, live_cost_params,
-    )
-    from device_runtime.slm import SLMSettings, create_slm
+    from device_runtime.link.edge_client import EdgeClient
+    from device_runtime.link.profile import live_cost_params
+    from device_runtime.routing.policies import Policy, PolicyDecision
+    from device_runtime.runtime.orchestrator import Orchestrator, OrchestratorSettings
+    from device_runtime.llm.slm import SLM_BACKENDS, SLMSettings
     from edge_service.server import EdgeServerThread
     from edge_service.settings import EdgeSettings
 
@@ -103,14 +105,14 @@ def bench_session(args) -> None:
     server = EdgeServerThread(EdgeSettings(model_path=args.edge_model, n_ctx=4096, n_slots=1,
                                            n_threads=args.threads)).start()
     client = EdgeClient(server.target)
-    slm = create_slm("llama-cpp", SLMSettings(model_path=args.slm, n_threads=args.threads))
+    slm = SLM_BACKENDS.create("llama-cpp", SLMSettings(model_path=args.slm, n_threads=args.threads))
     plan = ["edge", "device", "device", "edge", "device"]
     prompts = ["Hello! Can you help me plan a picnic?", "What food should I bring?",
                "And what drinks?", "How many people can share one blanket?", "Thanks, goodbye."]
     orch = Orchestrator(slm, Plan(plan), live_cost_params(), edge=client,
                         settings=OrchestratorSettings(max_tokens=args.decode_tokens))
     recs = [orch.turn(p).telemetry for p in prompts]
-    sid = orch._edge_session
+    sid = orch.edge_session.id
     server.servicer.wait_for_record(
         lambda r: len([x for x in server.servicer.records if x.session_id == sid]) >= 2, 10)
     returning = [r for r in server.servicer.records if r.session_id == sid][1]

@@ -5,7 +5,7 @@ recorded response lengths; only the L̄_r the DECISION (eq. 11) sees changes:
 
 - average     the paper's Table II averages (136.3 / 460.1 words), the default
 - train-mean  this trace's train-split means (one number per target)
-- predicted   the ridge model of device_runtime.response_length, fitted on the train split
+- predicted   the ridge model of device_runtime.sim.response_length, fitted on the train split
 - true        the recorded lengths themselves: an oracle bound on length knowledge
 
 For each router (random over several seeds, bert) and split (val, all), it
@@ -38,7 +38,10 @@ def latency_at_quality(curve, target: float) -> float | None:
     return best
 
 
-def main(argv=None) -> int:
+MODES = ("average", "train-mean", "predicted", "true")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--seeds", type=int, default=5, help="random router seeds 0..N-1 (averaged)")
@@ -53,70 +56,79 @@ def main(argv=None) -> int:
         help="true: recorded lengths; scaled: recorded lengths rescaled to Table II's means",
     )
     ap.add_argument("--json", action="store_true", help="print only JSON on stdout")
-    args = ap.parse_args(argv)
-    targets = [float(t) for t in args.targets.split(",")]
+    return ap.parse_args(argv)
 
-    from device_runtime import cost_model
-    from device_runtime.metrics import router_metrics
-    from device_runtime.response_length import length_plan
-    from device_runtime.simulate import baseline, build_router, score_turns, sweep
-    from device_runtime.traces import load_trace, split_of
 
-    benchmark = "gsm8k"
-    dialogues = load_trace(benchmark, args.data_dir)
-    params = cost_model.preset("paper", benchmark)
-    modes = ("average", "train-mean", "predicted", "true")
-    plans = {m: length_plan(m, args.charge, dialogues, benchmark=benchmark, average=params.response) for m in modes}
+def scored_routers(args, dialogues) -> dict[str, list[tuple[object, list]]]:
+    """Router name -> [(router, its scores over all dialogues)]: one per random seed, one BERT."""
+    from device_runtime.sim.simulate import build_router, score_turns
 
-    routers: dict[str, list[tuple[object, list]]] = {}  # name -> [(router, scores over all dialogues)]
-    routers["random"] = []
+    routers: dict[str, list[tuple[object, list]]] = {"random": []}
     for seed in range(args.seeds):
         r = build_router("random", dialogues, seed=seed)
         routers["random"].append((r, score_turns(r, dialogues)))
     if not args.no_bert:
         r = build_router("bert", dialogues, bundle=args.bundle)
         routers["bert"] = [(r, score_turns(r, dialogues, progress=True, desc="bert: scoring"))]
+    return routers
 
+
+def mode_row(runs, params, sub, keep, plan, targets, points, dev_q, edge_q) -> tuple[float, dict]:
+    """(mean APGR, target -> mean latency or None) of one router's runs under one decision mode."""
+    from device_runtime.sim.metrics import router_metrics
+    from device_runtime.sim.simulate import sweep
+
+    apgrs, lats = [], {t: [] for t in targets}
+    for router, scores in runs:
+        curve = sweep(
+            router.cost_params(params),
+            sub,
+            [scores[i] for i in keep],
+            with_context=True,
+            points=points,
+            lengths=plan,
+        )
+        apgrs.append(router_metrics(curve, dev_q, edge_q).apgr)
+        for t in targets:
+            lats[t].append(latency_at_quality(curve, t))
+    latency_at = {
+        str(t): (None if any(v is None for v in lats[t]) else float(np.mean(lats[t]))) for t in targets
+    }
+    return float(np.mean(apgrs)), latency_at
+
+
+def split_rows(split, dialogues, routers, plans, params, targets, points) -> list[dict]:
+    """One row per router and decision mode on one split ("val" or "all")."""
+    from device_runtime.sim.simulate import baseline
+    from device_runtime.sim.traces import split_of
+
+    keep = [i for i, d in enumerate(dialogues) if split == "all" or split_of(d.turns[0].prompt) == split]
+    sub = [dialogues[i] for i in keep]
+    # Baselines depend only on the charge (recorded lengths), the same in every mode.
+    dev = baseline(params, sub, "device", lengths=plans["average"])
+    edge = baseline(params, sub, "edge", lengths=plans["average"])
     rows = []
-    for split in ("val", "all"):
-        keep = [i for i, d in enumerate(dialogues) if split == "all" or split_of(d.turns[0].prompt) == split]
-        sub = [dialogues[i] for i in keep]
-        # Baselines depend only on the charge (recorded lengths), the same in every mode.
-        dev = baseline(params, sub, "device", lengths=plans["average"])
-        edge = baseline(params, sub, "edge", lengths=plans["average"])
-        for name, runs in routers.items():
-            for mode in modes:
-                apgrs, lats = [], {t: [] for t in targets}
-                for router, scores in runs:
-                    curve = sweep(
-                        router.cost_params(params),
-                        sub,
-                        [scores[i] for i in keep],
-                        with_context=True,
-                        points=args.points,
-                        lengths=plans[mode],
-                    )
-                    apgrs.append(router_metrics(curve, dev.quality, edge.quality).apgr)
-                    for t in targets:
-                        lats[t].append(latency_at_quality(curve, t))
-                rows.append(
-                    {
-                        "split": split,
-                        "n": len(sub),
-                        "router": name,
-                        "decision": mode,
-                        "apgr": float(np.mean(apgrs)),
-                        "latency_at": {
-                            str(t): (None if any(v is None for v in lats[t]) else float(np.mean(lats[t])))
-                            for t in targets
-                        },
-                        "all_device": dev.to_dict(),
-                        "all_edge": edge.to_dict(),
-                    }
-                )
-    if args.json:
-        sys.stdout.write(json.dumps(rows) + "\n")
-        return 0
+    for name, runs in routers.items():
+        for mode in MODES:
+            apgr, latency_at = mode_row(
+                runs, params, sub, keep, plans[mode], targets, points, dev.quality, edge.quality
+            )
+            rows.append(
+                {
+                    "split": split,
+                    "n": len(sub),
+                    "router": name,
+                    "decision": mode,
+                    "apgr": apgr,
+                    "latency_at": latency_at,
+                    "all_device": dev.to_dict(),
+                    "all_edge": edge.to_dict(),
+                }
+            )
+    return rows
+
+
+def print_table(rows: list[dict], args, targets: list[float]) -> None:
     head = "".join(f"{'T@' + format(t, '.2f'):>9}" for t in targets)
     what = "recorded lengths" if args.charge == "true" else "recorded lengths rescaled to Table II means"
     print(f"GSM8K, charge = {what}; random = mean over seeds 0..{args.seeds - 1}")
@@ -134,6 +146,28 @@ def main(argv=None) -> int:
             f"{v:>9.2f}" if v is not None else f"{'-':>9}" for v in r["latency_at"].values()
         )
         print(f"{r['router']:<8}{r['decision']:<12}{r['apgr']:>7.3f}{cells}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    targets = [float(t) for t in args.targets.split(",")]
+
+    from device_runtime.routing import cost_model
+    from device_runtime.sim.length_plan import length_plan
+    from device_runtime.sim.traces import load_trace
+
+    benchmark = "gsm8k"
+    dialogues = load_trace(benchmark, args.data_dir)
+    params = cost_model.preset("paper", benchmark)
+    plans = {m: length_plan(m, args.charge, dialogues, benchmark=benchmark, average=params.response) for m in MODES}
+    routers = scored_routers(args, dialogues)
+    rows = []
+    for split in ("val", "all"):
+        rows += split_rows(split, dialogues, routers, plans, params, targets, args.points)
+    if args.json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return 0
+    print_table(rows, args, targets)
     return 0
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 
-from device_runtime.llama_session import GenerationStats
+from device_runtime.llm.conversation import GenerationStats
 from edge_service.backends.base import Backend, Slot
 
 

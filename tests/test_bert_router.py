@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from device_runtime.bundle import (
+from device_runtime.routing.bundle import (
     BundleError,
     BundleManifest,
     default_bundle_dir,
@@ -18,27 +18,14 @@ from device_runtime.bundle import (
     load_bundle,
     load_tokenizer,
 )
-from device_runtime.routers import RouterError, create_router
+from device_runtime.routing.routers import ROUTERS, RouterError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _router_artifacts import build_tokenizer  # noqa: E402
+from _router_artifacts import build_tokenizer
+from conftest import cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_DEFAULT = (default_bundle_dir() / "model.onnx").is_file()
 needs_default = pytest.mark.skipif(not HAS_DEFAULT, reason="default bundle not built")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _score_cli(stdin: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "device_runtime.cli", "router", "score", *extra],
-        input=stdin, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300,
-    )
 
 
 # --- manifest and bundle validation ---------------------------------------------
@@ -99,14 +86,14 @@ def test_load_bundle_errors(tmp_path):
 
 def test_router_rejects_bad_bundles(tmp_path):
     with pytest.raises(RouterError, match="does not exist"):
-        create_router("bert", bundle=tmp_path / "missing")
+        ROUTERS.create("bert", bundle=tmp_path / "missing")
     BundleManifest.from_dict(_head_manifest()).write(tmp_path)
     build_tokenizer(tmp_path / "tokenizer.json")
     (tmp_path / "model.onnx").write_bytes(b"this is not an onnx file")
     with pytest.raises(RouterError, match="cannot load"):
-        create_router("bert", bundle=tmp_path)
+        ROUTERS.create("bert", bundle=tmp_path)
     with pytest.raises(RouterError, match="threads"):
-        create_router("bert", bundle=tmp_path, threads=0)
+        ROUTERS.create("bert", bundle=tmp_path, threads=0)
 
 
 # --- input encoding (shared by training and device) -------------------------------
@@ -163,7 +150,7 @@ def test_default_bundle_is_int8_only_and_small():
 @needs_default
 @pytest.mark.slow
 def test_default_bundle_scores_in_order():
-    router = create_router("bert")
+    router = ROUTERS.create("bert")
     assert router.tau_r is None
     turns = [
         ("What is 2 + 2?", []),
@@ -174,7 +161,7 @@ def test_default_bundle_scores_in_order():
     assert all(0.0 <= p <= 1.0 for p in single)
     assert router.score_batch(turns) == pytest.approx(single, abs=1e-9)
     # Batched calls pad and share INT8 activation scales: close, not bit-equal.
-    batched = create_router("bert", batch_size=8).score_batch(turns)
+    batched = ROUTERS.create("bert", batch_size=8).score_batch(turns)
     assert batched == pytest.approx(single, abs=0.02)
 
 
@@ -183,18 +170,18 @@ def test_default_bundle_scores_in_order():
 def test_device_path_imports_no_torch():
     code = (
         "import sys\n"
-        "from device_runtime.routers import create_router\n"
-        "r = create_router('bert', threads=1)\n"
+        "from device_runtime.routing.routers import ROUTERS\n"
+        "r = ROUTERS.create('bert', threads=1)\n"
         "p = r.score('What is the capital of France?')\n"
         "ps = r.score_batch([('hi', []), ('and then?', [{'role': 'user', 'content': 'hi'}])])\n"
         "assert 0 <= p <= 1 and len(ps) == 2\n"
-        "from device_runtime.cli import main\n"
+        "from device_runtime.cli.main import main\n"
         "assert main(['router', 'score']) == 0\n"
         "bad = sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules)\n"
         "print('LOADED:' + ','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], input='{"prompt": "hi"}\n', capture_output=True,
-                         text=True, cwd=ROOT, env=_env(), timeout=300)
+                         text=True, cwd=ROOT, env=cli_env(), timeout=300)
     assert out.returncode == 0, out.stderr
     # The CLI's score line, then the list of heavy modules loaded: none.
     assert json.loads(out.stdout.splitlines()[0])["score"] >= 0
@@ -206,18 +193,18 @@ def test_device_path_imports_no_torch():
 
 @needs_default
 @pytest.mark.slow
-def test_cli_scores_jsonl_in_order():
+def test_cli_scores_jsonl_in_order(run_cli):
     lines = [
         {"prompt": "What is the capital of France?"},
         {"prompt": "Compute the integral of x^2 from 0 to 3.", "context": []},
         {"prompt": "Shorter please.", "context": [{"role": "user", "content": "Write a poem."},
                                                   {"role": "assistant", "content": "Roses are red."}]},
     ]
-    out = _score_cli("".join(json.dumps(x) + "\n" for x in lines))
+    out = run_cli("router", "score", stdin="".join(json.dumps(x) + "\n" for x in lines))
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) == 3 and all(set(r) == {"score"} for r in rows)
-    router = create_router("bert")
+    router = ROUTERS.create("bert")
     expected = [router.score(x["prompt"], x.get("context", [])) for x in lines]
     assert [r["score"] for r in rows] == pytest.approx(expected, abs=1e-6)
 
@@ -238,10 +225,10 @@ def test_cli_scores_jsonl_in_order():
         ('{"prompt": "hi", "context": [{"role": "user", "content": "\\udc00"}]}', "lone surrogate"),
     ],
 )
-def test_cli_malformed_line_names_its_number(bad_line, message):
+def test_cli_malformed_line_names_its_number(run_cli, bad_line, message):
     stdin = '{"prompt": "fine"}\n' + bad_line + "\n" + '{"prompt": "also fine"}\n'
     # A bundle that does not exist: validation happens before any model is loaded.
-    out = _score_cli(stdin, "--bundle", "/nonexistent/bundle")
+    out = run_cli("router", "score", "--bundle", "/nonexistent/bundle", stdin=stdin)
     assert out.returncode != 0
     assert "line 2" in out.stderr and message in out.stderr, out.stderr
     assert out.stdout == ""
@@ -249,8 +236,8 @@ def test_cli_malformed_line_names_its_number(bad_line, message):
 
 def test_cli_input_that_is_not_utf8_names_its_line():
     out = subprocess.run(
-        [sys.executable, "-m", "device_runtime.cli", "router", "score", "--bundle", "/nonexistent/bundle"],
-        input=b'{"prompt": "fine"}\n{"prompt": "\xff\xfe"}\n', capture_output=True, cwd=ROOT, env=_env(),
+        [sys.executable, "-m", "device_runtime.cli.main", "router", "score", "--bundle", "/nonexistent/bundle"],
+        input=b'{"prompt": "fine"}\n{"prompt": "\xff\xfe"}\n', capture_output=True, cwd=ROOT, env=cli_env(),
         timeout=300,
     )
     assert out.returncode == 2 and out.stdout == b""
@@ -263,8 +250,8 @@ def test_cli_stops_quietly_when_its_reader_goes_away():
     """`router score < big.jsonl | head -1`: no traceback when the pipe closes."""
     lines = "".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(3000))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "device_runtime.cli", "router", "score", "--batch-size", "64"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=_env(),
+        [sys.executable, "-m", "device_runtime.cli.main", "router", "score", "--batch-size", "64"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=cli_env(),
     )
     proc.stdin.write(lines.encode())
     proc.stdin.close()
@@ -276,15 +263,15 @@ def test_cli_stops_quietly_when_its_reader_goes_away():
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
-def test_a_manifest_that_is_not_utf8_is_a_bundle_error(tmp_path):
+def test_a_manifest_that_is_not_utf8_is_a_bundle_error(run_cli, tmp_path):
     for name in ("model.onnx", "tokenizer.json"):
         (tmp_path / name).write_text("x")
     (tmp_path / "manifest.json").write_bytes(b"\xff\xfe{}")
-    out = _score_cli('{"prompt": "hi"}\n', "--bundle", str(tmp_path))
+    out = run_cli("router", "score", "--bundle", str(tmp_path), stdin='{"prompt": "hi"}\n')
     assert out.returncode == 1 and "not UTF-8" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_cli_bad_bundle_is_an_error(tmp_path):
-    out = _score_cli('{"prompt": "hi"}\n', "--bundle", str(tmp_path))
+def test_cli_bad_bundle_is_an_error(run_cli, tmp_path):
+    out = run_cli("router", "score", "--bundle", str(tmp_path), stdin='{"prompt": "hi"}\n')
     assert out.returncode != 0
     assert "lacks manifest.json" in out.stderr

@@ -10,19 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from device_runtime.dialogues import ScriptError, default_dialogues_path, load_dialogues, parse_script
-from device_runtime.telemetry import validate_record
+from device_runtime.runtime.dialogues import ScriptError, default_dialogues_path, load_dialogues, parse_script
+from device_runtime.runtime.telemetry import validate_record
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-tokens", "6", "--threads", "1", "--n-ctx", "1024"]
-
-
-def edgeroute(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "device_runtime.cli", *args],
-        input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-    )
 
 
 def json_lines(stdout: str) -> list[dict]:
@@ -30,12 +22,6 @@ def json_lines(stdout: str) -> list[dict]:
     for r in records:
         validate_record(r)
     return records
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- script parsing (no models) ----------------------------------------------------
@@ -82,42 +68,32 @@ def test_shipped_dialogues_are_mtbench101_format():
         parse_script(['{"prompt": "x"}'], "d.jsonl", dialogues_only=True)
 
 
-def test_chat_rejects_a_malformed_script_before_loading_models(tmp_path):
+def test_chat_rejects_a_malformed_script_before_loading_models(run_cli, tmp_path):
     script = tmp_path / "bad.jsonl"
     script.write_text('{"prompt": "fine"}\n{"prompt": ""}\n')
-    proc = edgeroute("chat", "--script", str(script), "--json", timeout=60)
+    proc = run_cli("chat", "--script", str(script), "--json", timeout=60)
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert f"{script}:2" in proc.stderr
 
 
-def test_demo_rejects_a_missing_dialogues_file(tmp_path):
-    proc = edgeroute("demo", "--dialogues", str(tmp_path / "none.jsonl"), timeout=60)
+def test_demo_rejects_a_missing_dialogues_file(run_cli, tmp_path):
+    proc = run_cli("demo", "--dialogues", str(tmp_path / "none.jsonl"), timeout=60)
     assert proc.returncode == 2 and "cannot read" in proc.stderr and proc.stdout == ""
 
 
 # --- end to end -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def edge_server():
-    from edge_service.server import EdgeServerThread
-    from edge_service.settings import EdgeSettings
-
-    server = EdgeServerThread(EdgeSettings(n_ctx=2048, n_slots=1, n_threads=1)).start()
-    yield server
-    server.stop()
-
-
 @pytest.mark.slow
-def test_chat_replays_a_script_with_json_only_on_stdout(tmp_path, edge_server):
+def test_chat_replays_a_script_with_json_only_on_stdout(run_cli, tmp_path, edge_server):
     script = tmp_path / "turns.jsonl"
     script.write_text(
         '{"history": [{"user": "Hi there.", "bot": ""}, {"user": "Name a colour.", "bot": ""}]}\n'
         '{"prompt": "And a fruit?"}\n'
         '{"history": [{"user": "New topic: a city?"}]}\n'
     )
-    proc = edgeroute("chat", "--edge", edge_server.target, "--policy", "random", "--seed", "1",
+    proc = run_cli("chat", "--edge", edge_server.target, "--policy", "random", "--seed", "1",
                      "--script", str(script), "--json", *FAST)
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = json_lines(proc.stdout)
@@ -129,10 +105,10 @@ def test_chat_replays_a_script_with_json_only_on_stdout(tmp_path, edge_server):
 
 
 @pytest.mark.slow
-def test_chat_with_the_edge_down_falls_back_and_exits_zero(tmp_path):
+def test_chat_with_the_edge_down_falls_back_and_exits_zero(free_port, run_cli, tmp_path):
     script = tmp_path / "turns.jsonl"
     script.write_text('{"prompt": "Hello."}\n{"prompt": "Name a colour."}\n')
-    proc = edgeroute("chat", "--edge", f"127.0.0.1:{free_port()}", "--policy", "edge",
+    proc = run_cli("chat", "--edge", f"127.0.0.1:{free_port()}", "--policy", "edge",
                      "--script", str(script), "--json", *FAST)
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = json_lines(proc.stdout)
@@ -141,14 +117,14 @@ def test_chat_with_the_edge_down_falls_back_and_exits_zero(tmp_path):
 
 
 @pytest.mark.slow
-def test_interactive_chat_streams_and_starts_over_on_new(edge_server):
-    proc = edgeroute("chat", "--edge", edge_server.target, "--policy", "device", *FAST,
+def test_interactive_chat_streams_and_starts_over_on_new(run_cli, edge_server):
+    proc = run_cli("chat", "--edge", edge_server.target, "--policy", "device", *FAST,
                      stdin="Hello!\n\n/new\nHi again.\n/quit\nnever read\n")
     assert proc.returncode == 0, proc.stderr[-2000:]
     # Without --json the answers stream to stdout; status lines go to stderr.
     assert proc.stdout.strip()
     assert proc.stderr.count("[device p=-") == 2 and "[new conversation]" in proc.stderr
-    proc = edgeroute("chat", "--edge", edge_server.target, "--policy", "device", "--json", *FAST,
+    proc = run_cli("chat", "--edge", edge_server.target, "--policy", "device", "--json", *FAST,
                      stdin="Hello!\n/new\nHi again.\n")
     assert [r["turn"] for r in json_lines(proc.stdout)] == [1, 1]
 
@@ -160,7 +136,7 @@ def test_interactive_chat_keeps_going_after_a_line_it_cannot_send(edge_server):
     carries the estimates, as in script mode)."""
     long_prompt = "word " * 400
     proc = subprocess.run(
-        [sys.executable, "-m", "device_runtime.cli", "chat", "--edge", edge_server.target, "--policy", "device",
+        [sys.executable, "-m", "device_runtime.cli.main", "chat", "--edge", edge_server.target, "--policy", "device",
          "--json", "--online", "--context-window", "200", *FAST],
         input=b"Hello!\n\xff\xfe oops\n" + long_prompt.encode() + b"\nName a colour.\n",
         capture_output=True, timeout=300, cwd=ROOT,
@@ -173,16 +149,16 @@ def test_interactive_chat_keeps_going_after_a_line_it_cannot_send(edge_server):
     assert err.count("[not sent:") == 1 and "context window leaves" in err
 
 
-def test_chat_refuses_a_window_larger_than_the_model_s(tmp_path):
-    proc = edgeroute("chat", "--policy", "device", "--n-ctx", "512", "--context-window", "1024",
+def test_chat_refuses_a_window_larger_than_the_model_s(run_cli, tmp_path):
+    proc = run_cli("chat", "--policy", "device", "--n-ctx", "512", "--context-window", "1024",
                      "--max-tokens", "6", stdin="")
     assert proc.returncode == 2 and "cannot exceed the SLM's --n-ctx" in proc.stderr
-    proc = edgeroute("chat", "--policy", "device", "--n-ctx", "64", "--max-tokens", "64", stdin="")
+    proc = run_cli("chat", "--policy", "device", "--n-ctx", "64", "--max-tokens", "64", stdin="")
     assert proc.returncode == 2 and "must be larger than --max-tokens" in proc.stderr
 
 
 def test_script_files_with_a_bom_or_raw_line_separators_in_strings(tmp_path):
-    from device_runtime.dialogues import load_script
+    from device_runtime.runtime.dialogues import load_script
 
     path = tmp_path / "s.jsonl"
     path.write_bytes("\ufeff".encode() + '{"prompt": "one\u2028two"}\r\n{"prompt": "three"}\n'.encode())
@@ -191,9 +167,9 @@ def test_script_files_with_a_bom_or_raw_line_separators_in_strings(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_json_plays_the_shipped_dialogues(edge_server):
+def test_demo_json_plays_the_shipped_dialogues(run_cli, edge_server):
     # --edge reuses the module's server; the demo's own server start is covered below.
-    proc = edgeroute("demo", "--edge", edge_server.target, "--policy", "random", "--limit", "2",
+    proc = run_cli("demo", "--edge", edge_server.target, "--policy", "random", "--limit", "2",
                      "--max-turns", "2", "--json", *FAST)
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = json_lines(proc.stdout)
@@ -202,8 +178,8 @@ def test_demo_json_plays_the_shipped_dialogues(edge_server):
 
 
 @pytest.mark.slow
-def test_online_estimates_appear_in_the_telemetry(edge_server):
-    proc = edgeroute("demo", "--edge", edge_server.target, "--policy", "random", "--limit", "1",
+def test_online_estimates_appear_in_the_telemetry(run_cli, edge_server):
+    proc = run_cli("demo", "--edge", edge_server.target, "--policy", "random", "--limit", "1",
                      "--max-turns", "3", "--online", "--json", *FAST)
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = json_lines(proc.stdout)  # validates each record, the optional key included
@@ -215,10 +191,10 @@ def test_online_estimates_appear_in_the_telemetry(edge_server):
 
 
 @pytest.mark.slow
-def test_demo_starts_its_own_edge_and_prints_a_table(tmp_path):
+def test_demo_starts_its_own_edge_and_prints_a_table(run_cli, tmp_path):
     dialogues = tmp_path / "d.jsonl"
     dialogues.write_text('{"task": "T", "id": 1, "history": [{"user": "Hello.", "bot": ""}, {"user": "Bye.", "bot": ""}]}\n')
-    proc = edgeroute("demo", "--dialogues", str(dialogues), "--policy", "edge", "--edge-threads", "1",
+    proc = run_cli("demo", "--dialogues", str(dialogues), "--policy", "edge", "--edge-threads", "1",
                      "--edge-n-ctx", "1024", *FAST)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
@@ -229,12 +205,12 @@ def test_demo_starts_its_own_edge_and_prints_a_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_with_the_default_router_bundle(edge_server):
-    from device_runtime.bundle import default_bundle_dir
+def test_demo_with_the_default_router_bundle(run_cli, edge_server):
+    from device_runtime.routing.bundle import default_bundle_dir
 
     if not (default_bundle_dir() / "manifest.json").is_file():
         pytest.skip("the default router bundle is not built yet")
-    proc = edgeroute("demo", "--edge", edge_server.target, "--limit", "1", "--max-turns", "2", "--json", *FAST)
+    proc = run_cli("demo", "--edge", edge_server.target, "--limit", "1", "--max-turns", "2", "--json", *FAST)
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = json_lines(proc.stdout)
     assert len(recs) == 2 and all(r["policy"] == "auto" and r["p_fused"] is not None for r in recs)

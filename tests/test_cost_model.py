@@ -2,7 +2,7 @@
 
 import pytest
 
-from device_runtime import cost_model as cm
+from device_runtime.routing import cost_model as cm
 
 
 def test_single_turn_mmlu_by_hand():

@@ -5,10 +5,11 @@ from __future__ import annotations
 import socket
 import time
 
+import grpc
 import pytest
 
 from _edge_fakes import FaultBackend
-from device_runtime.edge_client import (
+from device_runtime.link.edge_client import (
     EdgeClient,
     EdgeError,
     EdgeUnavailable,
@@ -21,12 +22,6 @@ from edge_service.settings import EdgeSettings
 HI = [{"role": "user", "content": "Hi"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def fault_edge():
     backend = FaultBackend()
@@ -34,8 +29,8 @@ def fault_edge():
         yield server, backend
 
 
-def test_unreachable_edge_raises_edge_unavailable():
-    with EdgeClient(f"127.0.0.1:{_free_port()}", connect_timeout_s=0.5) as c:
+def test_unreachable_edge_raises_edge_unavailable(free_port):
+    with EdgeClient(f"127.0.0.1:{free_port()}", connect_timeout_s=0.5) as c:
         with pytest.raises(EdgeUnavailable):
             c.open_session()
         with pytest.raises(EdgeUnavailable):
@@ -44,9 +39,7 @@ def test_unreachable_edge_raises_edge_unavailable():
             c.ping(10)
 
 
-def test_client_connects_in_the_background_and_warms_up(fault_edge):
-    import grpc
-
+def test_client_connects_in_the_background_and_warms_up(free_port, fault_edge):
     server, _ = fault_edge
     with EdgeClient(server.target) as c:
         # No call made: the channel connects on its own (connect_now).
@@ -58,7 +51,7 @@ def test_client_connects_in_the_background_and_warms_up(fault_edge):
     with EdgeClient(server.target, connect_now=False) as lazy:
         time.sleep(0.2)
         assert lazy._state == grpc.ChannelConnectivity.IDLE
-    with EdgeClient(f"127.0.0.1:{_free_port()}", connect_timeout_s=0.3) as dead:
+    with EdgeClient(f"127.0.0.1:{free_port()}", connect_timeout_s=0.3) as dead:
         assert dead.warm_up() is None  # logged, not raised
 
 
@@ -69,34 +62,32 @@ def test_deadline_exceeded_is_edge_unavailable(fault_edge):
         stream = c.generate(sid, HI, timeout_s=0.5)
         with pytest.raises(EdgeUnavailable) as err:
             stream.consume()
-        assert err.value.code == "DEADLINE_EXCEEDED"
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         backend.gate.set()
         # The deadline cancelled the turn on the server; the session is usable.
         assert c.generate(sid, HI).consume().text == "chunk"
 
 
-def test_server_errors_carry_the_code_name(fault_edge):
+def test_server_errors_carry_the_status_code(fault_edge):
     server, _ = fault_edge
     with EdgeClient(server.target) as c:
         with pytest.raises(EdgeError) as err:
             c.generate("no-such-session", HI).consume()
-        assert err.value.code == "NOT_FOUND" and "no-such-session" in err.value.details
+        assert err.value.code == grpc.StatusCode.NOT_FOUND and "no-such-session" in err.value.details
         with pytest.raises(EdgeError) as err:
             c.close_session("no-such-session")
-        assert err.value.code == "NOT_FOUND"
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
         sid = new_session_id()
         assert c.open_session(sid) == sid
         with pytest.raises(EdgeError) as err:
             c.open_session(sid)
-        assert err.value.code == "ALREADY_EXISTS"
+        assert err.value.code == grpc.StatusCode.ALREADY_EXISTS
         with pytest.raises(EdgeError) as err:
             c.ping(0, response_bytes=c.server_info().max_message_bytes)
-        assert err.value.code == "INVALID_ARGUMENT"
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_generate_with_open_session_opens_the_session_in_the_same_call():
-    import grpc
-
     from edgeroute.v1 import edge_pb2, edge_pb2_grpc
 
     settings = EdgeSettings(n_slots=1, max_sessions=2)
@@ -110,7 +101,7 @@ def test_generate_with_open_session_opens_the_session_in_the_same_call():
         # Without the flag an unknown id is still NOT_FOUND.
         with pytest.raises(EdgeError) as err:
             c.generate(new_session_id(), HI).consume()
-        assert err.value.code == "NOT_FOUND"
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
         with pytest.raises(ValueError, match="session_id"):
             c.generate("", HI, open_session=True)
         # Bad ids and a full server are refused by the server, not crashed on.
@@ -130,7 +121,7 @@ def test_generate_with_open_session_opens_the_session_in_the_same_call():
         assert server.servicer.pool.session_evictions == 1
         with pytest.raises(EdgeError) as err:
             c.generate(sid, HI).consume()
-        assert err.value.code == "NOT_FOUND"  # ... whose client opens a new one
+        assert err.value.code == grpc.StatusCode.NOT_FOUND  # ... whose client opens a new one
         assert c.generate(other, HI).consume().text == "chunk"  # the server is fine
 
 
@@ -151,8 +142,8 @@ def test_bad_input_is_rejected_before_sending(fault_edge):
         c.open_session()
 
 
-def test_client_recovers_when_the_edge_comes_back():
-    port = _free_port()
+def test_client_recovers_when_the_edge_comes_back(free_port):
+    port = free_port()
     settings = EdgeSettings(n_slots=1)
     with EdgeClient(f"127.0.0.1:{port}", connect_timeout_s=1.0) as c:
         with pytest.raises(EdgeUnavailable):
@@ -166,7 +157,7 @@ def test_client_recovers_when_the_edge_comes_back():
             # A new server knows nothing of the old session.
             with pytest.raises(EdgeError) as err:
                 c.generate(sid, HI).consume()
-            assert err.value.code == "NOT_FOUND"
+            assert err.value.code == grpc.StatusCode.NOT_FOUND
             assert c.generate(c.open_session(), HI).consume().text == "chunk"
 
 
@@ -195,9 +186,7 @@ def test_stream_result_from_the_real_model():
 def test_a_status_that_fails_after_the_final_message_keeps_the_result():
     """The edge recorded the turn once it sent `done`; a failure after it (the
     link dropping as the stream closes) must not make the device redo it."""
-    import grpc
-
-    from device_runtime.edge_client import EdgeStream
+    from device_runtime.link.edge_client import EdgeStream
     from edgeroute.v1 import edge_pb2
 
     class LinkDropped(grpc.RpcError):

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from _edge_fakes import FaultBackend
-from device_runtime.edge_client import EdgeClient, EdgeError, GenerationParams
+from device_runtime.link.edge_client import EdgeClient, EdgeError, GenerationParams
 from edge_service.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfRange, ResourceExhausted
 from edge_service.server import SERVICE_NAME, EdgeServerThread
 from edge_service.sessions import SessionPool
@@ -259,7 +259,7 @@ def test_a_refused_request_gives_the_slot_back_to_the_session_it_displaced(clien
     slot_a, evictions = pool.slot_of(a), pool.evictions
     with pytest.raises(EdgeError) as err:  # too long for n_ctx: refused before the model runs
         client.generate(c, [_user("word " * (2 * N_CTX))], GREEDY).consume()
-    assert err.value.code == "INVALID_ARGUMENT"
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     # c took a's slot (least recently used) for the call, then gave it back.
     assert pool.slot_of(a) == slot_a and pool.slot_of(c) is None and pool.evictions == evictions
     r = client.generate(a, [_user("And rivers?")], GREEDY).consume()
@@ -316,7 +316,7 @@ def test_second_generate_on_a_busy_session_is_failed_precondition(client, edge):
     next(chunks)
     with pytest.raises(EdgeError) as err:
         client.generate(sid, [_user("Hi")], GREEDY).consume()
-    assert err.value.code == "FAILED_PRECONDITION"
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
     first.cancel()
     list(chunks)
 
@@ -443,7 +443,7 @@ def test_health_and_reflection(edge):
 
 @pytest.mark.slow
 def test_instruct_gguf_uses_its_chat_template():
-    from device_runtime.models import default_slm_path
+    from device_runtime.llm.models import default_slm_path
 
     settings = EdgeSettings(model_path=default_slm_path(), n_ctx=512, n_slots=1, n_threads=1)
     with EdgeServerThread(settings) as server, EdgeClient(server.target) as c:
@@ -469,7 +469,7 @@ def test_all_slots_busy_is_resource_exhausted():
             next(chunks)
             with pytest.raises(EdgeError) as err:
                 c.generate(b, [_user("y")]).consume()
-            assert err.value.code == "RESOURCE_EXHAUSTED"
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             backend.gate.set()
             assert list(chunks) == [] and first.result.output_tokens == 1
             assert c.generate(b, [_user("y")]).consume().text == "chunk"
@@ -486,7 +486,7 @@ def test_closing_a_session_mid_stream_aborts_it():
             c.close_session(sid)  # cancels the running generation
             with pytest.raises(EdgeError) as err:
                 list(chunks)
-            assert err.value.code == "ABORTED"
+            assert err.value.code == grpc.StatusCode.ABORTED
             # Its slot is free again for others.
             backend.gate.set()
             assert c.generate(c.open_session(), [_user("y")]).consume().text == "chunk"
@@ -516,7 +516,7 @@ def test_unexpected_errors_are_internal_without_details():
 @pytest.mark.slow
 def test_serve_cli_shuts_down_gracefully_on_sigterm():
     cmd = [
-        sys.executable, "-m", "device_runtime.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        sys.executable, "-m", "device_runtime.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
         "--n-slots", "1", "--n-ctx", "256", "--threads", "1", "--grace", "30",
     ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from device_runtime.cost_model import ContextLedger, Link, ModelTiming, decide, paper_params
-from device_runtime.estimation import (
+from device_runtime.routing.cost_model import ContextLedger, Link, ModelTiming, decide, paper_params
+from device_runtime.link.estimation import (
     EwmaSettings,
     FitError,
     LinkEstimator,
@@ -236,7 +236,7 @@ def test_online_estimator_learns_the_edge_per_call_time():
 
 
 def test_line_fit_follows_a_shift_and_rejects_a_lone_outlier():
-    from device_runtime.estimation import LineFit
+    from device_runtime.link.estimation import LineFit
 
     fit = LineFit(0.05, 0.002)
     for x in (10, 30, 20, 40, 15, 25):

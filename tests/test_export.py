@@ -12,15 +12,14 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from device_runtime.bundle import load_bundle  # noqa: E402
-from device_runtime.routers import create_router  # noqa: E402
+from device_runtime.routing.bundle import load_bundle  # noqa: E402
+from device_runtime.routing.routers import ROUTERS  # noqa: E402
 from export.config import ConfigError, ExportConfig, QuantizationConfig, TrainConfig  # noqa: E402
 from export.data import gain_label  # noqa: E402
 from export.onnx_export import ExportMismatchError, check_export, export_onnx, model_inputs, sample_feeds  # noqa: E402
-from export.train import neighbor_labels  # noqa: E402
+from export.neighbors import neighbor_labels  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _router_artifacts import build_bert, build_data_dir  # noqa: E402
+from _router_artifacts import build_bert, build_data_dir
 
 TURNS = [
     ("what is the capital of france", []),
@@ -59,7 +58,7 @@ def test_train_config_validates(tmp_path, kw, message):
 
 @pytest.mark.parametrize("grid", ["abc", ",", "1,-2"])
 def test_cli_rejects_a_bad_head_penalty_grid(tmp_path, grid, capsys):
-    from device_runtime.cli import main
+    from device_runtime.cli.main import main
 
     assert main(["export", "--out", str(tmp_path / "b"), "--base", str(tmp_path), "--data-dir", str(tmp_path),
                  "--head-l2", grid]) == 1
@@ -163,7 +162,7 @@ def test_adamw_head_reads_the_same_neighbour_inputs(tmp_path):
     assert model.neighbors.n_groups == len({e.benchmark for e in result.train_examples}) > 1
     assert model.head.linear.in_features == 32 + 1 + 1 + 2 * model.neighbors.n_groups
     assert [h["epoch"] for h in result.history] == [1, 2]
-    from device_runtime.bundle import encode_turn
+    from device_runtime.routing.bundle import encode_turn
 
     e = result.val_examples[0]
     enc = encode_turn(result.tokenizer, e.prompt, e.context, 64)
@@ -216,7 +215,7 @@ def test_export_mismatch_raises(tiny_classifier, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from device_runtime.bundle import load_tokenizer
+    from device_runtime.routing.bundle import load_tokenizer
     from export.model import ClassifierProbability
 
     hf = AutoModelForSequenceClassification.from_pretrained(str(tiny_classifier)).eval()
@@ -239,7 +238,7 @@ def test_from_classifier_export(tiny_classifier, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from device_runtime.cli import main
+    from device_runtime.cli.main import main
 
     out = tmp_path / "bundle"
     rc = main(["export", "--from-classifier", str(tiny_classifier), "--out", str(out), "--positive-label", "2"])
@@ -254,8 +253,8 @@ def test_from_classifier_export(tiny_classifier, tmp_path):
 
     # The device scorer (FP32) reproduces the classifier's P(label 2).
     hf = AutoModelForSequenceClassification.from_pretrained(str(tiny_classifier)).eval()
-    fp32 = create_router("bert", bundle=out, fp32=True)
-    int8 = create_router("bert", bundle=out)
+    fp32 = ROUTERS.create("bert", bundle=out, fp32=True)
+    int8 = ROUTERS.create("bert", bundle=out)
     for prompt, context in TURNS:
         feeds = fp32.feeds([(prompt, context)])
         with torch.no_grad():
@@ -284,7 +283,7 @@ def test_single_logit_classifier_exports_sigmoid_as_label_one(tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from device_runtime.cli import main
+    from device_runtime.cli.main import main
 
     clf = build_bert(tmp_path / "clf1", classifier=True, num_labels=1)
     out = tmp_path / "bundle"
@@ -292,7 +291,7 @@ def test_single_logit_classifier_exports_sigmoid_as_label_one(tmp_path):
     m = load_bundle(out).manifest
     assert m.num_labels == 1 and m.positive_label == 1 and "σ(logit)" in m.label and "1 −" not in m.label
     hf = AutoModelForSequenceClassification.from_pretrained(str(clf)).eval()
-    fp32 = create_router("bert", bundle=out, fp32=True)
+    fp32 = ROUTERS.create("bert", bundle=out, fp32=True)
     prompt, context = TURNS[0]
     with torch.no_grad():
         logit = hf(**{k: torch.from_numpy(v) for k, v in fp32.feeds([(prompt, context)]).items()}).logits
@@ -302,6 +301,36 @@ def test_single_logit_classifier_exports_sigmoid_as_label_one(tmp_path):
 
 
 # --- the full trained export, tiny --------------------------------------------------------
+
+
+def _assert_validation_rows(m, out, data, config):
+    """The manifest's validation rows are the routing metrics of the validation
+    split, one per benchmark in it (all three have a quality gap in the tiny
+    data); the ONNX rows are exactly what the device scorer gives on those turns."""
+    from collections import Counter
+
+    from device_runtime.routing.routers.bert import BertRouter
+    from export.data import load_examples
+    from export.evaluate import metrics_by_benchmark
+
+    examples = load_examples((data,), config.benchmarks, val_fraction=config.val_fraction)
+    val = [e for e in examples if e.split == "val"]
+    counts = Counter(e.benchmark for e in val)
+    assert set(counts) == {"mmlu", "gsm8k", "mt-bench"}
+    assert m.validation["turns"] == len(val) == m.training["val_turns"]
+    for precision in ("pytorch", "onnx_fp32", "onnx_int8"):
+        rows = m.validation[precision]
+        assert set(rows) == set(counts), precision
+        for bench, row in rows.items():
+            turns = [e for e in val if e.benchmark == bench]
+            assert row["n"] == counts[bench]
+            assert row["q_device"] == pytest.approx(np.mean([e.quality_device for e in turns]))
+            assert row["q_edge"] == pytest.approx(np.mean([e.quality_edge for e in turns]))
+            assert np.isfinite([row["apgr"], row["cpt50"], row["cpt80"]]).all()
+    for precision, fp32 in (("onnx_fp32", True), ("onnx_int8", False)):
+        router = BertRouter(out, threads=config.threads, fp32=fp32, batch_size=1)
+        want = metrics_by_benchmark(val, [router.score(e.prompt, e.context) for e in val])
+        assert m.validation[precision] == want, precision
 
 
 @pytest.mark.slow
@@ -320,8 +349,7 @@ def test_trained_export_tiny(tmp_path):
     assert m.lp_feature.unit == "words"
     assert "split_of" in m.split_rule
     assert any(k.endswith("mmlu/mmlu_algebra.csv") for k in m.data_sha256)
-    for precision in ("pytorch", "onnx_fp32", "onnx_int8"):
-        assert set(m.validation[precision]) <= {"mmlu", "gsm8k", "mt-bench"}
+    _assert_validation_rows(m, out, data, config)
     assert m.validation["onnx_vs_pytorch_max_abs_diff"] <= 1e-4
     agree = m.validation["int8_vs_fp32"]
     assert agree["max_abs_diff"] < 0.05
@@ -333,7 +361,7 @@ def test_trained_export_tiny(tmp_path):
     from export.model import load_checkpoint
 
     model = load_checkpoint(out / "pytorch")
-    fp32 = create_router("bert", bundle=out, fp32=True)
+    fp32 = ROUTERS.create("bert", bundle=out, fp32=True)
     feeds = fp32.feeds(TURNS)
     with torch.no_grad():
         expected = model(*(torch.from_numpy(feeds[k]) for k in m.inputs)).numpy()
@@ -341,13 +369,13 @@ def test_trained_export_tiny(tmp_path):
 
     shipped = ship(out, tmp_path / "shipped")
     assert sorted(p.name for p in shipped.iterdir()) == ["manifest.json", "model.onnx", "tokenizer.json"]
-    assert create_router("bert", bundle=shipped).score("what is the capital of france") == pytest.approx(
-        create_router("bert", bundle=out).score("what is the capital of france")
+    assert ROUTERS.create("bert", bundle=shipped).score("what is the capital of france") == pytest.approx(
+        ROUTERS.create("bert", bundle=out).score("what is the capital of france")
     )
     json.loads((shipped / "manifest.json").read_text())
 
     # The benchmark runs on a full export and refuses the INT8-only shipped bundle.
-    from device_runtime.router_bench import BenchError, format_tables, run_router_bench
+    from export.router_bench import BenchError, format_tables, run_router_bench
 
     r = run_router_bench(out, repeats=2, lengths=(16, 32))
     assert set(r["latency_ms"]) == {"16", "32"}
@@ -381,5 +409,5 @@ def test_trained_export_frozen_encoder_neighbor_feature(tmp_path):
     assert [row["l2_h"] for row in fit["cv"]] == m.training["head_l2_grid"]
     assert json.loads((out / "pytorch" / "encoder" / "config.json").read_text())["num_hidden_layers"] == 1
     assert m.validation["onnx_vs_pytorch_max_abs_diff"] <= 1e-4
-    p = create_router("bert", bundle=out).score(*TURNS[2])
+    p = ROUTERS.create("bert", bundle=out).score(*TURNS[2])
     assert 0.0 <= p <= 1.0

@@ -1,4 +1,5 @@
-"""The resident-KV conversation on the real device SLM (SmolLM2-135M-Instruct GGUF)."""
+"""The llm layer: stop filtering, prompt formats, and the resident-KV conversation on
+the real device SLM (SmolLM2-135M-Instruct GGUF)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,17 @@ import threading
 
 import pytest
 
-from device_runtime.llama_session import (
+from device_runtime.llm import adapter
+from device_runtime.llm.adapter import load_llama
+from device_runtime.llm.conversation import (
     ContextOverflowError,
     ConversationBusyError,
     InvalidMessagesError,
     LlamaConversation,
-    PlainFormat,
-    _StopFilter,
-    load_llama,
-    resolve_prompt_format,
 )
-from device_runtime.models import ModelNotFoundError, default_slm_path, resolve_model_path
+from device_runtime.llm.models import ModelNotFoundError, default_slm_path, resolve_model_path
+from device_runtime.llm.prompt_format import PlainFormat, prompt_format_choices, resolve_prompt_format
+from device_runtime.llm.stops import StopFilter
 
 MAX_TOKENS = 12
 
@@ -49,7 +50,7 @@ def run(conv, messages, **kw):
 
 
 def test_stop_filter_holds_back_partial_stop_and_cuts_at_it():
-    f = _StopFilter(["\nUser:"], lstrip=True)
+    f = StopFilter(["\nUser:"], lstrip=True)
     assert f.feed("  Hello") == "Hello"
     assert f.feed(" there\nUs") == " there"  # "\nUs" might start a stop string
     assert f.feed("er: next") == ""
@@ -59,16 +60,16 @@ def test_stop_filter_holds_back_partial_stop_and_cuts_at_it():
 def test_stop_filter_matches_a_stop_at_the_very_start_of_an_answer():
     """The plain format strips an answer's leading whitespace; an answer that
     opens with a made-up user turn must still stop there, not leak it."""
-    f = _StopFilter(["\nUser:"], lstrip=True)
+    f = StopFilter(["\nUser:"], lstrip=True)
     assert f.feed("\nUser: what is 2+2?\nAssistant: 4") == ""
     assert f.stopped and f.flush() == ""
-    g = _StopFilter(["\nUser:"], lstrip=True)
+    g = StopFilter(["\nUser:"], lstrip=True)
     assert g.feed("\n") == "" and g.feed("\n Hi") == "Hi"  # leading blanks still stripped
     assert g.feed("\nUser:") == "" and g.stopped
 
 
 def test_stop_filter_releases_held_text_that_was_not_a_stop():
-    f = _StopFilter(["\nUser:"], lstrip=False)
+    f = StopFilter(["\nUser:"], lstrip=False)
     assert f.feed("a\nU") == "a"
     assert f.feed("niverse") == "\nUniverse"
     assert f.flush() == ""
@@ -77,6 +78,10 @@ def test_stop_filter_releases_held_text_that_was_not_a_stop():
 def test_plain_format_renders_turns_and_cue():
     text = PlainFormat().render([user("Hi"), assistant(" Hello "), user("Bye")])
     assert text == "User: Hi\nAssistant: Hello\nUser: Bye\nAssistant:"
+
+
+def test_prompt_format_choices_are_auto_then_the_registered_formats():
+    assert prompt_format_choices() == ["auto", "chat-template", "plain"]
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
@@ -94,7 +99,8 @@ def test_auto_format_uses_the_gguf_chat_template(llama):
     fmt = resolve_prompt_format(llama, "auto")
     assert fmt.name == "chat-template"
     assert "<|im_start|>assistant" in fmt.render([user("hi")])
-    with pytest.raises(ValueError, match="unknown prompt format"):
+    expected = r"unknown prompt format 'nope'; expected one of \['auto', 'chat-template', 'plain'\]"
+    with pytest.raises(ValueError, match=expected):
         resolve_prompt_format(llama, "nope")
 
 
@@ -268,18 +274,16 @@ def test_base_model_plain_format_reuses_a_prefix_longer_than_the_sliding_window(
 def test_a_character_cut_by_the_length_limit_is_dropped_not_replaced(llama, monkeypatch):
     """The last token may end inside a multi-byte character: its bytes are
     dropped, no U+FFFD reaches the answer (or the transcript)."""
-    import device_runtime.llama_session as ls
-
     # A token whose bytes are only the first part of a character.
     vocab_size = llama.n_vocab()
     partial = next(t for t in range(vocab_size)
-                   if (b := ls._token_bytes(llama, t)) and b[-1] >= 0xC0 and len(b) <= 3)
+                   if (b := adapter.token_bytes(llama, t)) and b[-1] >= 0xC0 and len(b) <= 3)
 
     class Scripted:  # fault injection: the sampler picks the tokens
         def sample(self, ctx, idx):
             return partial
 
-    monkeypatch.setattr(ls, "_make_sampler", lambda *a: Scripted())
+    monkeypatch.setattr(adapter, "make_sampler", lambda *a: Scripted())
     conv = LlamaConversation(llama, resolve_prompt_format(llama))
     text, stats = run(conv, [user("Say something.")], max_tokens=1)
     assert stats.finish_reason == "length" and "\ufffd" not in text

@@ -9,12 +9,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import pytest
 
-from device_runtime import cost_model
-from device_runtime.metrics import CurvePoint, MetricError, apgr, cpt, pgr, router_metrics
-from device_runtime.routers import create_router
-from device_runtime.routers.base import Message, Router
-from device_runtime.simulate import SimConfig, oracle_labels, simulate
-from device_runtime.traces import Dialogue, TraceTurn
+from device_runtime.routing import cost_model
+from device_runtime.sim.metrics import CurvePoint, MetricError, apgr, cpt, pgr, router_metrics
+from device_runtime.routing.routers import ROUTERS
+from device_runtime.routing.routers.base import Message, Router
+from device_runtime.sim.simulate import SimConfig, oracle_labels, simulate
+from device_runtime.sim.traces import Dialogue, TraceTurn
 
 
 # --- by hand -----------------------------------------------------------------------
@@ -122,11 +122,11 @@ def test_oracle_is_at_least_as_good_as_any_router():
     rng = random.Random(3)
     noisy = {p: min(1.0, max(0.0, (labels[p] + 1) / 2 + rng.gauss(0, 0.3))) for p in prompts}
     routers = {
-        "oracle": lambda: create_router("oracle", labels=labels),
+        "oracle": lambda: ROUTERS.create("oracle", labels=labels),
         "noisy-oracle": lambda: FixedRouter(noisy),
         "anti-oracle": lambda: FixedRouter({p: (1 - labels[p]) / 2 for p in prompts}),
         "constant": lambda: FixedRouter({p: 0.5 for p in prompts}),
-        **{f"random{s}": (lambda s=s: create_router("random", seed=s)) for s in range(5)},
+        **{f"random{s}": (lambda s=s: ROUTERS.create("random", seed=s)) for s in range(5)},
     }
     result = _run(dialogues, routers)
     best = result.routers["oracle"].metrics
@@ -149,7 +149,7 @@ def test_oracle_is_at_least_as_good_as_any_router():
 
 def test_random_apgr_is_about_one_half_over_seeds():
     dialogues = synthetic_trace(n=300)
-    routers = {f"random{s}": (lambda s=s: create_router("random", seed=s)) for s in range(24)}
+    routers = {f"random{s}": (lambda s=s: ROUTERS.create("random", seed=s)) for s in range(24)}
     result = _run(dialogues, routers)
     values = [r.metrics.apgr for r in result.routers.values()]
     mean = statistics.fmean(values)

@@ -51,7 +51,7 @@ def test_online_estimation_follows_link_degradation_recovery_and_outage(tmp_path
         # machine swing by 10x and would decide the turns instead).
         subprocess.run(
             lab.exec_prefix(lab.dev_ns) + [
-                sys.executable, "-m", "device_runtime.cli", "profile", "--edge", f"127.0.0.1:{relay}",
+                sys.executable, "-m", "device_runtime.cli.main", "profile", "--edge", f"127.0.0.1:{relay}",
                 "--out", str(profile), "--parts", "link", "--link-reps", "3",
             ],
             check=True, capture_output=True, timeout=600, cwd=REPO_ROOT,

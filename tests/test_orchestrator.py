@@ -14,21 +14,20 @@ from typing import Sequence
 
 import pytest
 
-from device_runtime import cost_model
-from device_runtime.orchestrator import (
+from device_runtime.link.profile import ProfileError, live_cost_params
+from device_runtime.routing import cost_model
+from device_runtime.routing.policies import (
     AutoPolicy,
     FixedPolicy,
-    Orchestrator,
-    OrchestratorSettings,
     Policy,
     PolicyDecision,
-    ProfileError,
+    PolicySettings,
     RandomPolicy,
     create_policy,
-    live_cost_params,
 )
-from device_runtime.routers.base import Router
-from device_runtime.telemetry import TelemetryError, TurnTelemetry, validate_record
+from device_runtime.routing.routers.base import Router
+from device_runtime.runtime.orchestrator import Orchestrator, OrchestratorSettings
+from device_runtime.runtime.telemetry import TelemetryError, TurnTelemetry, validate_record
 
 MAX_TOKENS = 10
 
@@ -56,12 +55,6 @@ class FixedScoreRouter(Router):
     def score(self, prompt, context=()):
         self.seen.append((prompt, list(context)))
         return self.p
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- pure parts (no models) ------------------------------------------------------
@@ -157,7 +150,7 @@ def test_telemetry_post_hoc_prediction_is_optional_and_checked():
 
 def test_bad_settings_policies_and_profiles(tmp_path):
     with pytest.raises(ValueError, match="unknown policy"):
-        create_policy("nope")
+        create_policy(PolicySettings(policy="nope"))
     with pytest.raises(ValueError, match="max_tokens"):
         OrchestratorSettings(max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
@@ -187,28 +180,9 @@ def test_profile_overrides_the_preset(tmp_path):
 # --- real models over loopback gRPC -------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def edge_server():
-    from edge_service.server import EdgeServerThread
-    from edge_service.settings import EdgeSettings
-
-    server = EdgeServerThread(EdgeSettings(n_ctx=2048, n_slots=1, n_threads=1)).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def slm():
-    from device_runtime.slm import SLMSettings, create_slm
-
-    backend = create_slm("llama-cpp", SLMSettings(n_ctx=2048, n_threads=1))
-    yield backend
-    backend.close()
-
-
 @pytest.fixture
 def edge_client(edge_server):
-    from device_runtime.edge_client import EdgeClient
+    from device_runtime.link.edge_client import EdgeClient
 
     client = EdgeClient(edge_server.target, timeout_s=60)
     yield client
@@ -304,7 +278,7 @@ def test_edge_session_returning_after_two_device_turns_prefills_only_those(slm, 
     events = []
     orch = make(slm, SequencePolicy(["edge", "device", "device", "edge"]), edge_client)
     orch.turn("Hello, who are you?", on_event=lambda k, d: events.append((k, d)))
-    sid = orch._edge_session
+    sid = orch.edge_session.id
     assert events == [("edge_session", sid)]
     orch.turn("What is one plus one?")
     orch.turn("And two plus two?")
@@ -323,8 +297,8 @@ def test_edge_session_returning_after_two_device_turns_prefills_only_those(slm, 
 
 
 @pytest.mark.slow
-def test_edge_down_falls_back_to_the_device_and_keeps_the_conversation(slm):
-    from device_runtime.edge_client import EdgeClient
+def test_edge_down_falls_back_to_the_device_and_keeps_the_conversation(free_port, slm):
+    from device_runtime.link.edge_client import EdgeClient
 
     dead = EdgeClient(f"127.0.0.1:{free_port()}", connect_timeout_s=1.0)
     events = []
@@ -348,7 +322,7 @@ def test_edge_down_falls_back_to_the_device_and_keeps_the_conversation(slm):
 
 @pytest.mark.slow
 def test_edge_killed_mid_conversation_then_back(slm):
-    from device_runtime.edge_client import EdgeClient
+    from device_runtime.link.edge_client import EdgeClient
     from edge_service.server import EdgeServerThread
     from edge_service.settings import EdgeSettings
 
@@ -368,7 +342,7 @@ def test_edge_killed_mid_conversation_then_back(slm):
         server = EdgeServerThread(settings, port=port).start()
         back = orch.turn("Good, you are back.")
         assert back.telemetry.target == "edge" and not back.telemetry.fallback
-        sid = orch._edge_session
+        sid = orch.edge_session.id
         rec = server_record(server, sid, 1)
         assert rec.cached_tokens == 0 and rec.prefill_tokens == rec.prompt_tokens
         assert back.telemetry.prefill_tokens == rec.prompt_tokens
@@ -392,7 +366,7 @@ class DyingEdge:
         return getattr(self.real, name)
 
     def generate(self, session_id, new_messages, params, **kwargs):
-        from device_runtime.edge_client import EdgeUnavailable
+        from device_runtime.link.edge_client import EdgeUnavailable
 
         real_stream = self.real.generate(session_id, new_messages, params, **kwargs)
         after_done = self.after_done
@@ -418,7 +392,7 @@ def test_edge_dying_mid_stream_restarts_the_answer_on_the_device(slm, edge_clien
     events, texts = [], []
     orch = make(slm, SequencePolicy(["edge", "edge", "edge"]), edge_client, max_tokens=16)
     orch.turn("Hi there.")
-    sid = orch._edge_session
+    sid = orch.edge_session.id
     orch.edge = DyingEdge(edge_client)
     r = orch.turn("Tell me about rivers.", on_text=texts.append, on_event=lambda k, d: events.append(k))
     assert r.telemetry.target == "device" and r.telemetry.fallback
@@ -428,7 +402,7 @@ def test_edge_dying_mid_stream_restarts_the_answer_on_the_device(slm, edge_clien
     # device-answered turn it missed and reuses the rest.
     orch.edge = edge_client
     back = orch.turn("Thanks.")
-    assert back.telemetry.target == "edge" and orch._edge_session == sid
+    assert back.telemetry.target == "edge" and orch.edge_session.id == sid
     rec = [x for x in edge_server.servicer.records if x.session_id == sid and x.finish_reason != "cancelled"][-1]
     assert rec.cached_tokens > 0 and rec.prefill_tokens == back.telemetry.prefill_tokens
     orch.close()
@@ -439,12 +413,12 @@ def test_unknown_edge_session_is_reopened_with_the_whole_transcript(slm, edge_cl
     orch = make(slm, SequencePolicy(["edge", "device", "edge"]), edge_client)
     orch.turn("Hello.")
     orch.turn("Name a colour.")
-    edge_client.close_session(orch._edge_session)  # e.g. the edge evicted it
-    old = orch._edge_session
+    edge_client.close_session(orch.edge_session.id)  # e.g. the edge evicted it
+    old = orch.edge_session.id
     r = orch.turn("Name an animal.")
     assert r.telemetry.target == "edge" and not r.telemetry.fallback
-    assert orch._edge_session != old
-    rec = server_record(edge_server, orch._edge_session, 1)
+    assert orch.edge_session.id != old
+    rec = server_record(edge_server, orch.edge_session.id, 1)
     assert rec.prefill_tokens + rec.cached_tokens == rec.prompt_tokens
     assert rec.prompt_tokens > 3 * r.telemetry.prompt_tokens  # the whole conversation was sent
     orch.close()
@@ -497,7 +471,7 @@ def test_first_edge_turn_opens_its_session_in_the_generate_call(slm, edge_client
     for prompt in ("Hello.", "Name a colour."):
         r = orch.turn(prompt, on_event=lambda k, d: events.append((k, d)))
         assert r.telemetry.target == "edge" and not r.telemetry.fallback
-    sid = orch._edge_session
+    sid = orch.edge_session.id
     # One round trip for a conversation's first edge turn; an edge that ignores
     # the flag answers NOT_FOUND and the session is opened explicitly.
     assert spy.opened == (1 if old_server else 0)
@@ -509,8 +483,8 @@ def test_first_edge_turn_opens_its_session_in_the_generate_call(slm, edge_client
 
 @pytest.mark.slow
 def test_online_answer_length_follows_the_conversation_and_restarts_with_a_new_one(slm, edge_client):
-    from device_runtime.estimation import EwmaSettings
-    from device_runtime.online import OnlineRouting, OnlineSettings
+    from device_runtime.link.estimation import EwmaSettings
+    from device_runtime.runtime.online import OnlineRouting, OnlineSettings
 
     seen: list[float] = []
 
@@ -521,12 +495,13 @@ def test_online_answer_length_follows_the_conversation_and_restarts_with_a_new_o
 
     orch = make(slm, Spy(["edge"] * 4), edge_client, max_tokens=32)
     static = min(orch.params.response.edge, 32)
-    online = OnlineRouting(orch, OnlineSettings(ewma=EwmaSettings(weight=0.5), length_prior_answers=1.0))
+    online = OnlineRouting(orch.params, OnlineSettings(ewma=EwmaSettings(weight=0.5), length_prior_answers=1.0))
+    orch.add_hook(online)
     lengths = []
     for prompt in ("Count from one to ten.", "Say yes.", "Name a colour."):
         if prompt == "Name a colour.":
             orch.new_conversation()
-        r = online.turn(prompt)
+        r = orch.turn(prompt)
         assert r.telemetry.target == "edge"
         lengths.append(orch.slm.count_tokens(r.text))
     l0, l1, l2 = lengths
@@ -546,18 +521,19 @@ def test_online_answer_length_follows_the_conversation_and_restarts_with_a_new_o
 def test_online_routing_probes_the_link_once_per_pause_between_turns(slm, edge_client):
     import time
 
-    from device_runtime.online import OnlineRouting, OnlineSettings
+    from device_runtime.runtime.online import OnlineRouting, OnlineSettings
 
     orch = make(slm, SequencePolicy(["device"] * 4), edge_client)
-    online = OnlineRouting(orch, OnlineSettings(idle_probe_s=0.05, probe_after_device_turn=False))
-    online.turn("Hello.")
+    online = OnlineRouting(orch.params, OnlineSettings(idle_probe_s=0.05, probe_after_device_turn=False))
+    orch.add_hook(online)
+    orch.turn("Hello.")
     assert online.idle_probes == 0
     time.sleep(0.6)  # the user types: two Echos go out, fed in when the next turn starts
-    online.turn("Name a colour.")
+    orch.turn("Name a colour.")
     assert online.idle_probes == 2
-    online.turn("Name a fruit.")  # no pause: the probe is cancelled before it runs
+    orch.turn("Name a fruit.")  # no pause: the probe is cancelled before it runs
     assert online.idle_probes == 2
-    online.close()
+    orch.close()
     time.sleep(0.2)  # nothing runs after close
     assert online.idle_probes == 2 and online._idle_rtts == []
     with pytest.raises(ValueError, match="idle_probe_s"):
@@ -572,8 +548,8 @@ def test_closing_while_an_idle_probe_is_out_drops_it_quietly(slm, edge_server):
     import threading
     import time
 
-    from device_runtime.edge_client import EdgeClient
-    from device_runtime.online import OnlineRouting, OnlineSettings
+    from device_runtime.link.edge_client import EdgeClient
+    from device_runtime.runtime.online import OnlineRouting, OnlineSettings
 
     client = EdgeClient(edge_server.target, timeout_s=30.0)
     out = threading.Event()
@@ -591,11 +567,12 @@ def test_closing_while_an_idle_probe_is_out_drops_it_quietly(slm, edge_server):
             return getattr(self._edge, name)
 
     orch = make(slm, SequencePolicy(["device"]), client)
-    online = OnlineRouting(orch, OnlineSettings(idle_probe_s=0.01, probe_after_device_turn=False))
-    online.turn("Hello.")
-    orch.edge._client = SlowEcho(orch.edge._client)  # under the recording wrapper
+    online = OnlineRouting(orch.params, OnlineSettings(idle_probe_s=0.01, probe_after_device_turn=False))
+    orch.add_hook(online)
+    orch.turn("Hello.")
+    orch.edge = SlowEcho(orch.edge)  # the idle probe's Echo goes through orch.edge
     assert out.wait(5.0)  # the idle Echo is on its way
-    online.close()
+    orch.close()
     client.close()  # as an app does on exit
     time.sleep(0.5)  # the Echo comes back to a closed client
     assert online.idle_probes == 0 and online._idle_rtts == []
@@ -661,7 +638,7 @@ def test_cancelling_a_turn_keeps_the_partial_answer_and_the_edge_catches_up(slm,
 
     orch = make(slm, SequencePolicy(["edge", "edge", "device"]), edge_client, max_tokens=24)
     orch.turn("Hello.")
-    sid = orch._edge_session
+    sid = orch.edge_session.id
     cancel = threading.Event()
     r = orch.turn("Write a long poem about the sea.", on_text=lambda _c: cancel.set(), cancel=cancel)
     assert r.telemetry.target == "edge" and not r.telemetry.fallback
@@ -669,7 +646,7 @@ def test_cancelling_a_turn_keeps_the_partial_answer_and_the_edge_catches_up(slm,
     # The edge dropped the cancelled call, so the session still ends at turn 1:
     # the next edge-bound messages start from the cancelled user turn, and the
     # cost model knows the edge lacks them.
-    assert orch._edge_seen == 2
+    assert orch.edge_session.seen == 2
     assert orch.ledger.delta_c("edge") == r.telemetry.prompt_tokens + r.answer_tokens > 0
     cancelled = edge_server.servicer.wait_for_record(
         lambda x: x.session_id == sid and x.finish_reason == "cancelled", 30)
@@ -690,7 +667,7 @@ def _edge_transcript(edge_server, sid):
 def test_a_turn_whose_final_message_was_lost_is_dropped_by_the_edge(slm, edge_client, edge_server):
     orch = make(slm, SequencePolicy(["edge", "edge", "edge"]), edge_client, max_tokens=8)
     orch.turn("Hello.")
-    sid = orch._edge_session
+    sid = orch.edge_session.id
     orch.edge = DyingEdge(edge_client, after_done=True)
     lost = orch.turn("Name a colour.")
     # The device never saw the edge's answer end: it answered the turn itself ...
@@ -699,7 +676,7 @@ def test_a_turn_whose_final_message_was_lost_is_dropped_by_the_edge(slm, edge_cl
     assert len(_edge_transcript(edge_server, sid)) == 4
     orch.edge = edge_client
     back = orch.turn("Name a fruit.")
-    assert back.telemetry.target == "edge" and orch._edge_session == sid
+    assert back.telemetry.target == "edge" and orch.edge_session.id == sid
     # The edge dropped its unacknowledged turn: both sides hold one conversation,
     # with the device's answer to turn 2, each prompt once.
     assert _edge_transcript(edge_server, sid) == orch.transcript
@@ -709,41 +686,42 @@ def test_a_turn_whose_final_message_was_lost_is_dropped_by_the_edge(slm, edge_cl
 
 @pytest.mark.slow
 def test_ctrl_c_during_an_edge_answer_cancels_the_call_and_keeps_both_sides_alike(slm, edge_client, edge_server):
-    from device_runtime.online import OnlineRouting, OnlineSettings
+    from device_runtime.runtime.online import OnlineRouting, OnlineSettings
 
     orch = make(slm, SequencePolicy(["edge", "edge", "edge"]), edge_client, max_tokens=16)
     # Online estimation keeps the last stream (a reference that would keep an
     # uncancelled call running to its end on the edge).
-    online = OnlineRouting(orch, OnlineSettings(idle_probe_s=None))
-    online.turn("Hello.")
-    sid = orch._edge_session
+    online = OnlineRouting(orch.params, OnlineSettings(idle_probe_s=None))
+    orch.add_hook(online)
+    orch.turn("Hello.")
+    sid = orch.edge_session.id
     before = list(orch.transcript)
 
     def interrupt(_chunk):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        online.turn("Write a long poem about the sea.", on_text=interrupt)
+        orch.turn("Write a long poem about the sea.", on_text=interrupt)
     assert orch.transcript == before  # the caller drops the turn (as `chat` does)
     assert edge_server.servicer.wait_for_record(
         lambda x: x.session_id == sid and x.finish_reason == "cancelled", 30) is not None
     assert _edge_transcript(edge_server, sid) == orch.transcript
-    after = online.turn("Name a fruit.")
+    after = orch.turn("Name a fruit.")
     assert after.telemetry.target == "edge" and not after.telemetry.fallback
     assert _edge_transcript(edge_server, sid) == orch.transcript
-    online.close()
+    orch.close()
 
 
 @pytest.mark.slow
 def test_an_edge_session_holding_less_than_the_device_sent_is_reopened(slm, edge_client, edge_server):
     orch = make(slm, SequencePolicy(["edge", "edge"]), edge_client, max_tokens=8)
     orch.turn("Hello.")
-    old = orch._edge_session
-    orch._edge_seen += 2  # fault injection: this side believes the edge holds more
+    old = orch.edge_session.id
+    orch.edge_session.seen += 2  # fault injection: this side believes the edge holds more
     r = orch.turn("Name a colour.")
     assert r.telemetry.target == "edge" and not r.telemetry.fallback
-    assert orch._edge_session != old  # OUT_OF_RANGE: a new session with everything
-    assert _edge_transcript(edge_server, orch._edge_session) == orch.transcript
+    assert orch.edge_session.id != old  # OUT_OF_RANGE: a new session with everything
+    assert _edge_transcript(edge_server, orch.edge_session.id) == orch.transcript
     orch.close()
 
 
@@ -782,7 +760,7 @@ def test_the_router_reads_the_dialogue_without_the_system_message(slm):
 
 
 def test_a_prompt_too_long_for_the_window_alone_is_refused_with_the_conversation_kept(slm):
-    from device_runtime.llama_session import ContextOverflowError
+    from device_runtime.llm.conversation import ContextOverflowError
 
     orch = make(slm, SequencePolicy(["device", "device"]), context_window=64, max_tokens=8)
     orch.turn("Hello.")
@@ -795,12 +773,13 @@ def test_a_prompt_too_long_for_the_window_alone_is_refused_with_the_conversation
 
 @pytest.mark.slow
 def test_online_estimates_count_what_a_cut_window_really_sent(slm, edge_client):
-    from device_runtime.online import OnlineRouting, OnlineSettings
+    from device_runtime.runtime.online import OnlineRouting, OnlineSettings
 
     events = []
     orch = make(slm, SequencePolicy(["edge", "device"] * 3), edge_client,
                 system_prompt="Be brief.", context_window=160)
-    online = OnlineRouting(orch, OnlineSettings(idle_probe_s=None, probe_after_device_turn=False))
+    online = OnlineRouting(orch.params, OnlineSettings(idle_probe_s=None, probe_after_device_turn=False))
+    orch.add_hook(online)
     fed = []  # what the estimator was given, turn by turn
     for name in ("observe_edge_turn", "observe_device_turn"):
         real = getattr(online.estimator, name)
@@ -810,7 +789,7 @@ def test_online_estimates_count_what_a_cut_window_really_sent(slm, edge_client):
     cut = 0
     for i in range(6):
         n, m = len(events), len(fed)
-        r = online.turn(f"{i}. {long}", on_event=lambda k, d: events.append(k))
+        r = orch.turn(f"{i}. {long}", on_event=lambda k, d: events.append(k))
         assert not r.telemetry.fallback and len(fed) == m + 1
         assert r.answer_tokens == slm.count_tokens(r.text)
         if "truncated" in events[n:]:
@@ -825,14 +804,14 @@ def test_online_estimates_count_what_a_cut_window_really_sent(slm, edge_client):
             assert kw["prefill_tokens"] == sent and kw["output_tokens"] == r.answer_tokens - 1
     assert cut >= 2
     assert all(math.isfinite(v) for v in online.estimates.values())
-    online.close()
+    orch.close()
 
 
 def test_during_an_outage_the_echo_after_a_device_turn_waits_less(slm):
     """An unreachable edge must not hold up every device turn for the full
     probe timeout; a link that is back is still seen."""
-    from device_runtime.edge_client import EdgeUnavailable
-    from device_runtime.online import OnlineRouting, OnlineSettings
+    from device_runtime.link.edge_client import EdgeUnavailable
+    from device_runtime.runtime.online import OnlineRouting, OnlineSettings
 
     class Link:  # fault injection: an edge that is down, then back
         def __init__(self):
@@ -851,41 +830,84 @@ def test_during_an_outage_the_echo_after_a_device_turn_waits_less(slm):
     link = Link()
     orch = make(slm, SequencePolicy(["device"] * 4), link, max_tokens=4)
     settings = OnlineSettings(idle_probe_s=None, probe_timeout_s=2.0, outage_probe_timeout_s=0.3)
-    online = OnlineRouting(orch, settings)
-    online.turn("Hello.")  # not known to be down yet: the full timeout, then a confirming Echo
+    online = OnlineRouting(orch.params, settings)
+    orch.add_hook(online)
+    orch.turn("Hello.")  # not known to be down yet: the full timeout, then a confirming Echo
     assert link.timeouts == [2.0, 0.3]
-    online.turn("Name a colour.")
+    orch.turn("Name a colour.")
     assert link.timeouts[2:] == [0.3]
     link.up = True
-    online.turn("Name a fruit.")  # back: seen by the short Echo, then confirmed
+    orch.turn("Name a fruit.")  # back: seen by the short Echo, then confirmed
     assert link.timeouts[3:] == [0.3, 2.0]
     assert online.estimates["overhead_s"] < 0.1
-    online.turn("Name a tree.")  # and the Echo waits the full time again
+    orch.turn("Name a tree.")  # and the Echo waits the full time again
     assert link.timeouts[5:] == [2.0]
-    online.close()
+    orch.close()
     with pytest.raises(ValueError, match="outage_probe_timeout_s"):
         OnlineSettings(probe_timeout_s=1.0, outage_probe_timeout_s=2.0)
 
 
-def test_an_edge_with_a_smaller_window_sets_the_conversation_window(slm):
+def test_an_edge_with_a_smaller_window_sets_the_conversation_window(free_port, slm):
     import argparse
 
     from _edge_fakes import FaultBackend
-    from device_runtime.runner import connect_edge
+    from device_runtime.cli.runner import DeviceSide, assemble, fit_edge_window
+    from device_runtime.link.edge_client import EdgeClient
     from edge_service.server import EdgeServerThread
     from edge_service.settings import EdgeSettings
 
+    settings = OrchestratorSettings(max_tokens=MAX_TOKENS)
     with EdgeServerThread(EdgeSettings(n_slots=1), backend=FaultBackend(gate_open=True)) as server:
         assert server.servicer.backend.n_ctx == 64 < slm.context_window
-        orch = make(slm, FixedPolicy("edge"))
-        connect_edge(orch, server.target, argparse.Namespace(edge_timeout=30, context_window=None))
-        assert orch.settings.context_window == 64
-        orch.edge.close()
-        chosen = make(slm, FixedPolicy("edge"), context_window=512)
-        connect_edge(chosen, server.target, argparse.Namespace(edge_timeout=30, context_window=512))
-        assert chosen.settings.context_window == 512  # the user's choice stands
-        chosen.edge.close()
-    down = make(slm, FixedPolicy("edge"))
-    connect_edge(down, f"127.0.0.1:{free_port()}", argparse.Namespace(edge_timeout=30, context_window=None))
-    assert down.settings.context_window is None  # unreachable: the SLM's window
-    down.edge.close()
+        with EdgeClient(server.target, timeout_s=30) as edge:
+            # The window is settled before the orchestrator exists.
+            device = DeviceSide(slm, FixedPolicy("edge"), live_cost_params(), settings)
+            orch = assemble(device, edge, argparse.Namespace(online=False))
+            assert orch.settings.context_window == 64 and orch.edge is edge
+            chosen = dataclasses.replace(settings, context_window=512)
+            assert fit_edge_window(edge, chosen, slm.context_window) == chosen  # the user's choice stands
+    with EdgeClient(f"127.0.0.1:{free_port()}", timeout_s=30) as down:
+        # Unreachable: the SLM's window.
+        assert fit_edge_window(down, settings, slm.context_window).context_window is None
+
+
+def test_the_reopen_rule_reads_the_status_code_only():
+    import grpc
+
+    from device_runtime.link.edge_client import EdgeError, EdgeUnavailable
+    from device_runtime.runtime.orchestrator import _must_reopen_session
+
+    for code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE):
+        assert _must_reopen_session(EdgeError(code, "whatever the server says"))
+    # The message text does not matter: only the code does.
+    assert not _must_reopen_session(EdgeError(grpc.StatusCode.INTERNAL, "session NOT_FOUND OUT_OF_RANGE"))
+    assert not _must_reopen_session(EdgeUnavailable("NOT_FOUND"))
+    assert not _must_reopen_session(RuntimeError("NOT_FOUND"))
+
+
+def test_hooks_hear_every_turn_and_set_params_through_the_orchestrator(slm):
+    from device_runtime.runtime.orchestrator import TurnHook
+
+    heard = []
+    cheaper = live_cost_params().with_(alpha=0.5)
+
+    class Spy(TurnHook):
+        def before_turn(self, orch):
+            heard.append(("before", orch.turn_index))
+
+        def after_turn(self, orch, result):
+            heard.append(("after", None if result is None else result.telemetry.turn))
+            orch.set_params(cheaper)
+
+        def close(self, orch):
+            heard.append(("close", orch.turn_index))
+
+    orch = make(slm, FixedPolicy("device"), None, max_tokens=4)
+    orch.add_hook(Spy())
+    r = orch.turn("Hello.")
+    assert r.edge_result is None  # a device answer carries no edge account
+    with pytest.raises(ValueError, match="non-empty"):
+        orch.turn("   ")
+    orch.close()
+    assert heard == [("before", 0), ("after", 1), ("before", 1), ("after", None), ("close", 1)]
+    assert orch.params == cheaper

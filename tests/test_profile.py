@@ -8,13 +8,12 @@ import sys
 
 import pytest
 
-from device_runtime.cost_model import paper_params
-from device_runtime.profile import (
+from device_runtime.routing.cost_model import paper_params
+from device_runtime.link.profile import (
     PARAM_KEYS,
+    Profile,
     ProfileError,
-    apply_profile,
-    cost_params_from_profile,
-    load_profile,
+    live_cost_params,
     write_profile,
 )
 from netlab.namespaces import REPO_ROOT, LinkSettings, NetLab, unavailable_reason
@@ -26,10 +25,10 @@ GOOD = {
 }
 
 
-def test_cost_params_from_profile_replaces_measured_values(tmp_path):
+def test_a_profile_replaces_measured_values(tmp_path):
     path = write_profile(tmp_path / "p.json", GOOD)
     base = paper_params("mt-bench", upload_mode="session")
-    params = cost_params_from_profile(path, base)
+    params = Profile.read(path).cost_params(base)
     assert params.gamma_s.prefill_s_per_token == 0.002 and params.gamma_s.decode_s_per_token == 0.03
     assert params.gamma_e.prefill_s_per_token == 0.001 and params.gamma_e.decode_s_per_token == 0.02
     assert params.tau_r == 1e-4
@@ -38,25 +37,23 @@ def test_cost_params_from_profile_replaces_measured_values(tmp_path):
     assert params.alpha == base.alpha and params.response == base.response
     assert params.upload_mode == "session"
     # A partial profile replaces only what it has.
-    partial = apply_profile({"overhead_s": 0.3}, base)
+    partial = Profile.read({"overhead_s": 0.3}).cost_params(base)
     assert partial.link.overhead_s == 0.3 and partial.gamma_s == base.gamma_s
     # No per-call time in the profile: the paper's model (0).
     assert params.gamma_e.call_s == 0.0 and params.gamma_s.call_s == 0.0
-    timed = apply_profile({**GOOD, "call_s_edge": 0.07}, base)
+    timed = Profile.read({**GOOD, "call_s_edge": 0.07}).cost_params(base)
     assert timed.gamma_e.call_s == 0.07 and timed.gamma_s.call_s == 0.0
     # Measured answer lengths: for live routing only (simulate keeps its benchmark's).
     measured = {**GOOD, "response_tokens_device": 21.0, "response_tokens_edge": 12.5}
-    assert apply_profile(measured, base).response == base.response
-    live = apply_profile(measured, base, response_lengths=True)
+    assert Profile.read(measured).cost_params(base).response == base.response
+    live = Profile.read(measured).cost_params(base, response_lengths=True)
     assert (live.response.device, live.response.edge) == (21.0, 12.5)
-    from device_runtime.orchestrator import live_cost_params
-
     assert live_cost_params(measured).response.edge == 12.5
     assert live_cost_params(GOOD).response == live_cost_params().response
 
 
 def test_sample_prompts_spread_over_the_data_and_fall_back_to_the_demo(tmp_path):
-    from device_runtime.profile_cli import sample_prompts
+    from device_runtime.runtime.dialogues import sample_prompts
 
     (tmp_path / "mtbench101").mkdir()
     rows = [{"id": i, "history": [{"user": f"question {i}", "bot": "answer"}]} for i in range(1, 41)]
@@ -69,9 +66,10 @@ def test_sample_prompts_spread_over_the_data_and_fall_back_to_the_demo(tmp_path)
 
 
 def test_call_time_is_what_gamma_leaves_of_the_server_time():
-    from device_runtime.profile_cli import call_time
+    from device_runtime.link.profiler import EdgeRun, call_time
 
-    runs = [{"server_ttft_s": 0.05 + 0.002 * p, "decode_s": 0.02 * (r - 1), "prompt_tokens": p, "output_tokens": r}
+    runs = [EdgeRun(edge_prefill_tokens=p, prefill_s=0.002 * p, decode_s=0.02 * (r - 1),
+                    server_ttft_s=0.05 + 0.002 * p, edge_output_tokens=r, prompt_tokens=p, output_tokens=r)
             for p, r in ((16, 8), (64, 12), (128, 24))]
     # γ_d · L_r charges one decode step more than decode_s holds: 0.05 - 0.02.
     assert call_time(runs, 0.002, 0.02) == pytest.approx(0.03)
@@ -96,25 +94,48 @@ def test_call_time_is_what_gamma_leaves_of_the_server_time():
 def test_bad_profiles_are_rejected(tmp_path, bad):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(bad))
-    with pytest.raises(ProfileError):
-        load_profile(path)
-    with pytest.raises(ProfileError):
+    if all(k in bad for k in PARAM_KEYS):
+        with pytest.raises(ProfileError):
+            Profile.read(path)
+    else:  # a partial profile is fine for --profile (the preset fills in) ...
+        Profile.read(path)
+    with pytest.raises(ProfileError):  # ... but `edgeroute profile` writes them all
         write_profile(tmp_path / "out.json", bad)
 
 
 def test_unreadable_profiles_are_rejected(tmp_path):
     with pytest.raises(ProfileError, match="cannot read"):
-        cost_params_from_profile(tmp_path / "missing.json", paper_params())
+        Profile.read(tmp_path / "missing.json")
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(ProfileError, match="not valid JSON"):
-        cost_params_from_profile(tmp_path / "x.json", paper_params())
+        Profile.read(tmp_path / "x.json")
     (tmp_path / "y.json").write_text("[1, 2]")
     with pytest.raises(ProfileError, match="object"):
-        cost_params_from_profile(tmp_path / "y.json", paper_params())
+        Profile.read(tmp_path / "y.json")
+
+
+def test_the_word_factor_needs_bytes_per_token():
+    """simulate restates a profile per word of its traces: tokens per word is
+    the traces' bytes per word over the profile's bytes per token."""
+    assert Profile.read(GOOD).tokens_per_word(6.3) == pytest.approx(6.3 / 4.2)
+    no_bytes = {k: v for k, v in GOOD.items() if k != "bytes_per_token"}
+    with pytest.raises(ProfileError, match="p.json: no bytes_per_token"):
+        Profile(Profile.read(no_bytes).values, "p.json").tokens_per_word(6.3)
+
+
+def test_live_parameters_start_from_the_session_preset(tmp_path):
+    from device_runtime.link.profile import LiveCostSettings
+
+    assert live_cost_params() == paper_params("mt-bench", upload_mode="session")
+    assert live_cost_params(benchmark="gsm8k").alpha == paper_params("gsm8k").alpha
+    path = write_profile(tmp_path / "p.json", GOOD)
+    settings = LiveCostSettings(alpha=0.2, profile=str(path), benchmark="mmlu")
+    assert settings.cost_params() == live_cost_params(path, benchmark="mmlu").with_(alpha=0.2)
+    assert LiveCostSettings().cost_params() == live_cost_params()
 
 
 def _profile_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "device_runtime.cli", "profile", *args]
+    return [sys.executable, "-m", "device_runtime.cli.main", "profile", *args]
 
 
 def test_profile_cli_rejects_bad_arguments():
@@ -165,7 +186,7 @@ def test_profile_cli_on_loopback_writes_the_contract(tmp_path):
     for side in ("device", "edge"):  # two answers each, of at most 8 tokens
         assert 0 < printed[f"response_tokens_{side}"] <= 16
         assert len(printed["fit"][f"{'slm' if side == 'device' else 'edge'}_answer_tokens"]) == 2
-    cost_params_from_profile(out, paper_params())  # usable as --profile
+    live_cost_params(out)  # usable as --profile
 
 
 _REASON = unavailable_reason()
@@ -182,7 +203,7 @@ def test_profiler_recovers_configured_rtt_and_rate_over_emulated_link():
         edge_port = 50051
         server = lab.popen(
             lab.edge_ns,
-            [sys.executable, "-m", "device_runtime.cli", "serve", "--host", lab.edge_addr,
+            [sys.executable, "-m", "device_runtime.cli.main", "serve", "--host", lab.edge_addr,
              "--port", str(edge_port), "--n-slots", "1", "--n-ctx", "512"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -210,7 +231,7 @@ def test_profiler_recovers_configured_rtt_and_rate_over_emulated_link():
 
 
 def test_in_words_restates_per_token_parameters_per_word():
-    from device_runtime.profile import ProfileError, in_words
+    from device_runtime.link.profile import ProfileError, in_words
 
     base = paper_params().with_(tau_r=0.001)
     words = in_words(base, 1.5)

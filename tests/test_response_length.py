@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_runtime import cost_model
-from device_runtime.cli import main
-from device_runtime.response_length import (
+from device_runtime.routing import cost_model
+from device_runtime.cli.main import main
+from device_runtime.sim.response_length import (
     FEATURES,
     FitSettings,
     LengthModel,
@@ -20,11 +20,11 @@ from device_runtime.response_length import (
     evaluate,
     fit,
     fit_trace,
-    length_plan,
     prompt_features,
 )
-from device_runtime.simulate import LengthPlan, SimulationError, play_dialogue, recorded_lengths
-from device_runtime.traces import Dialogue, TraceTurn, load_trace, split_of, word_count
+from device_runtime.sim.length_plan import length_plan
+from device_runtime.sim.simulate import LengthPlan, SimulationError, play_dialogue, recorded_lengths
+from device_runtime.sim.traces import Dialogue, TraceTurn, load_trace, split_of, word_count
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "routellm_tiny"
 

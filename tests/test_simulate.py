@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from device_runtime import cost_model
-from device_runtime.cli import main
-from device_runtime.simulate import play_dialogue, sweep_thresholds
-from device_runtime.traces import Dialogue, TraceTurn, load_trace, word_count
+from device_runtime.routing import cost_model
+from device_runtime.cli.main import main
+from device_runtime.sim.simulate import play_dialogue, sweep_thresholds
+from device_runtime.sim.traces import Dialogue, TraceTurn, load_trace, word_count
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "routellm_tiny"
@@ -128,7 +128,7 @@ def check_summary(summary: dict, benchmark: str, routers: list[str]) -> None:
 def test_cli_subprocess_prints_only_json_and_writes_plots(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "device_runtime.cli", "simulate", "--benchmark", "mt-bench",
+        [sys.executable, "-m", "device_runtime.cli.main", "simulate", "--benchmark", "mt-bench",
          "--data-dir", str(FIXTURES), "--routers", "random,oracle", "--preset", "paper",
          "--out", str(out), "--json"],
         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
@@ -244,7 +244,7 @@ def test_cli_on_a_slice_of_the_shared_data(benchmark, tmp_path, capsys):
 
 def _default_bundle_exists() -> bool:
     try:
-        from device_runtime.bundle import default_bundle_dir
+        from device_runtime.routing.bundle import default_bundle_dir
     except ImportError:
         return False
     return default_bundle_dir().is_dir()

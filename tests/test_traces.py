@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from device_runtime.traces import TraceError, load_trace, split_of, word_count
+from device_runtime.sim.traces import TraceError, load_trace, split_of, word_count
 
 FIXTURES = Path(__file__).parent / "fixtures" / "routellm_tiny"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "routellm"

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from device_runtime.runner import add_runtime_args
+    from device_runtime.cli.runner import add_runtime_args
 
     p = subparsers.add_parser(
         "chat",
@@ -37,8 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from device_runtime.dialogues import ScriptError, load_script
-    from device_runtime.runner import Output, build_orchestrator, format_summary, play, with_online_estimation
+    from device_runtime.runtime.dialogues import ScriptError, load_script
+    from device_runtime.cli.runner import Output, build_orchestrator, format_summary, play
 
     items = None
     if args.script:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.edge and args.policy != "device":
         log.warning("no --edge given: turns routed to the edge run on the device")
     try:
-        orch = with_online_estimation(build_orchestrator(args, args.edge), args)
+        orch = build_orchestrator(args, args.edge)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"edgeroute chat: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from device_runtime.runner import add_runtime_args
+    from device_runtime.cli.runner import add_runtime_args
 
     p = subparsers.add_parser(
         "demo",
@@ -53,10 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from device_runtime.dialogues import ScriptError, load_dialogues
-    from device_runtime.runner import (
-        Output, build_orchestrator, connect_edge, format_summary, play, with_online_estimation,
-    )
+    from device_runtime.runtime.dialogues import ScriptError, load_dialogues
+    from device_runtime.cli.runner import Output, assemble, build_device, connect_edge, format_summary, play
 
     for name in ("limit", "max_turns"):
         v = getattr(args, name)
@@ -69,23 +67,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgeroute demo: {exc}", file=sys.stderr)
         return 2
 
-    edge_server = None
-    orch = None
+    edge_server = edge = orch = None
     try:
         # The device side first: a missing router bundle or SLM fails before
         # the edge model loads.
         t0 = time.perf_counter()
-        orch = build_orchestrator(args, None)
+        device = build_device(args)
         log.info("device runtime ready in %.1f s (policy %s)", time.perf_counter() - t0, args.policy)
         target = args.edge
         if target is None:
             edge_server = _start_edge(args)
             target = edge_server.target
             log.info("edge service on %s", target)
-        connect_edge(orch, target, args)
+        edge = connect_edge(target, args)
+        orch = assemble(device, edge, args)
         if not args.no_warmup:
             _warm_up(orch)
-        orch = with_online_estimation(orch, args)
         out = Output(json_mode=args.json, show_text=args.show_text, table=True)
         from tqdm import tqdm
 
@@ -101,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if orch is not None:
             orch.close()
-            if orch.edge is not None:
-                orch.edge.close()
+        if edge is not None:
+            edge.close()
         if edge_server is not None:
             edge_server.stop()
     return 0
@@ -111,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 def _warm_up(orch) -> None:
     """One 1-token request to each model, so that the first row of the table
     does not carry the page-in of the weights.  Its counts are not recorded."""
-    from device_runtime.edge_client import EdgeError, EdgeUnavailable, GenerationParams
+    from device_runtime.link.edge_client import EdgeError, EdgeUnavailable, GenerationParams
 
     hello = [{"role": "user", "content": "Hello."}]
     list(orch.slm.stream(hello, max_tokens=1))

@@ -15,14 +15,14 @@ import sys
 
 # Subcommand name -> module that defines it.  Order is the order in --help.
 COMMANDS: dict[str, str] = {
-    "simulate": "device_runtime.simulate_cli",
-    "router": "device_runtime.routers.cli",
+    "simulate": "device_runtime.cli.simulate",
+    "router": "device_runtime.cli.router",
     "export": "export.cli",
     "serve": "edge_service.cli",
-    "chat": "device_runtime.chat_cli",
-    "demo": "device_runtime.demo_cli",
-    "profile": "device_runtime.profile_cli",
-    "bench": "device_runtime.bench_cli",
+    "chat": "device_runtime.cli.chat",
+    "demo": "device_runtime.cli.demo",
+    "profile": "device_runtime.cli.profile",
+    "bench": "device_runtime.cli.bench",
 }
 
 

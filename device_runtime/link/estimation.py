@@ -10,7 +10,7 @@ Pure: numbers in, numbers out; no clocks, no I/O.  Two uses:
 - **Online estimation**: :class:`OnlineEstimator` keeps robust EWMAs of γ_s
   and of the link (eq. 3), and robust lines (:class:`LineFit`) for the edge's
   γ_e and per-call time (eqs. 1, 5), updated from every turn's telemetry, and
-  turns them into :class:`~device_runtime.cost_model.CostParams` for the next
+  turns them into :class:`~device_runtime.routing.cost_model.CostParams` for the next
   decision (eqs. 6-12).  Outliers (a GC pause, one lost packet)
   are rejected by a k·MAD rule; a run of consecutive outliers is taken as a
   change of regime (the link degraded or recovered) and adopted at once, so
@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from device_runtime.cost_model import CostParams, Link, ModelTiming
+from device_runtime.routing.cost_model import CostParams, Link, ModelTiming
 
 #: MAD -> standard deviation for normally distributed samples.
 _MAD_TO_SIGMA = 1.4826

@@ -1,8 +1,10 @@
 """PROFILE.json: the measured cost parameters, and how they enter the cost model.
 
-``edgeroute profile`` writes it; ``--profile`` on chat, demo and simulate reads
-it through :func:`cost_params_from_profile`.  Units are seconds and tokens
-(device-SLM tokens, the unit of the runtime's L_p, C_t and ΔC):
+``edgeroute profile`` writes it; :meth:`Profile.read` is its one reader:
+``--profile`` on chat and demo reads it through :func:`live_cost_params`, and on
+simulate through :class:`Profile` restated per word (:func:`in_words`).  Units
+are seconds and tokens (device-SLM tokens, the unit of the runtime's L_p, C_t
+and ΔC):
 
 ==========================  =====================================================
 ``gamma_s_prefill``         γ_s for prefill, s/token (eq. 1)
@@ -30,9 +32,9 @@ Optional (an extension of eq. (1), absent = 0 as in the paper):
 ``response_tokens_edge``    L̄_r^e: the same for the edge LLM
 ==========================  =====================================================
 
-The answer lengths are applied by the live runtime (:func:`live_cost_params`
-in :mod:`device_runtime.orchestrator`, chat, demo) but not by ``simulate``,
-whose traces come with their own benchmark's lengths.
+The answer lengths are applied by the live runtime (:func:`live_cost_params`:
+chat, demo) but not by ``simulate``, whose traces come with their own
+benchmark's lengths.
 
 Other keys (``fit``, ``sources``, ``meta``) describe how the numbers were made
 and are ignored by the cost model.
@@ -42,10 +44,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from device_runtime.cost_model import CostParams, Link, ModelTiming, ResponseLengths
+from device_runtime.core.flags import flag
+from device_runtime.routing import cost_model
+from device_runtime.routing.cost_model import CostParams, Link, ModelTiming, ResponseLengths
 
 #: The contract's keys (issue 5), all required in a written profile.
 PARAM_KEYS: tuple[str, ...] = (
@@ -94,16 +99,6 @@ def validate_profile(data: Any, *, require_all: bool = True) -> dict[str, Any]:
     return data
 
 
-def load_profile(path: str | Path, *, require_all: bool = True) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ProfileError(f"cannot read profile {path}: {exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"profile {path} is not valid JSON: {exc}") from None
-    return validate_profile(data, require_all=require_all)
-
-
 def write_profile(path: str | Path, profile: Mapping[str, Any]) -> Path:
     data = validate_profile(dict(profile))
     path = Path(path)
@@ -113,13 +108,55 @@ def write_profile(path: str | Path, profile: Mapping[str, Any]) -> Path:
     return path
 
 
-def apply_profile(profile: Mapping[str, Any], base: CostParams, *, response_lengths: bool = False) -> CostParams:
-    """``base`` with every measured parameter in ``profile`` replaced (missing keys keep base's).
+@dataclass(frozen=True)
+class Profile:
+    """The measured parameters of one PROFILE.json, checked.
 
-    ``response_lengths``: also take the measured L̄_r (``response_tokens_*``),
-    for live routing with the profiled models.
+    :meth:`read` is the one reader of the format, for the live runtime and
+    ``simulate`` alike; a partial profile is allowed (the keys it lacks keep
+    the base parameters' values), a bad value is a :class:`ProfileError`.
     """
-    data = validate_profile(dict(profile), require_all=False)
+
+    values: Mapping[str, Any]
+    #: Where the profile came from (the path as given), for messages.
+    source: str
+
+    @classmethod
+    def read(cls, source: str | Path | Mapping[str, Any]) -> "Profile":
+        """A PROFILE.json path, or a mapping with its keys."""
+        if isinstance(source, Mapping):
+            return cls(validate_profile(dict(source), require_all=False), "<mapping>")
+        try:
+            data = json.loads(Path(source).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ProfileError(f"cannot read profile {source}: {exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ProfileError(f"profile {source} is not valid JSON: {exc}") from None
+        return cls(validate_profile(data, require_all=False), str(source))
+
+    def cost_params(self, base: CostParams, *, response_lengths: bool = False) -> CostParams:
+        """``base`` with every measured parameter replaced (γ_s, γ_e, τ_r, B, δ
+        and per-call times, eqs. 1-7); ``response_lengths``: the measured L̄_r
+        too, for live routing with the profiled models."""
+        try:
+            return _apply(self.values, base, response_lengths)
+        except ProfileError:
+            raise
+        except ValueError as exc:  # e.g. a value cost_model rejects
+            raise ProfileError(f"bad profile: {exc}") from None
+
+    def tokens_per_word(self, bytes_per_word: float) -> float:
+        """Device-SLM tokens per word of text with ``bytes_per_word`` UTF-8
+        bytes per word: the factor :func:`in_words` restates the profile by."""
+        if "bytes_per_token" not in self.values:
+            raise ProfileError(
+                f"{self.source}: no bytes_per_token, which converts its per-token times "
+                "to the traces' words"
+            )
+        return bytes_per_word / float(self.values["bytes_per_token"])
+
+
+def _apply(data: Mapping[str, Any], base: CostParams, response_lengths: bool) -> CostParams:
     g = lambda k, default: float(data.get(k, default))  # noqa: E731
     if response_lengths:
         base = base.with_(response=ResponseLengths(
@@ -163,8 +200,45 @@ def in_words(params: CostParams, tokens_per_word: float) -> CostParams:
     )
 
 
-def cost_params_from_profile(path: str | Path, base: CostParams, *, response_lengths: bool = False) -> CostParams:
-    """The cost parameters of ``base`` (α, L̄_r, upload mode) with the measured
-    γ_s, γ_e, τ_r, B, δ (and per-call times, if present) of the profile at
-    ``path`` (eqs. 1-7); with ``response_lengths``, its measured L̄_r too."""
-    return apply_profile(load_profile(path, require_all=False), base, response_lengths=response_lengths)
+# --- live routing ---------------------------------------------------------------
+
+
+def live_cost_params(
+    profile: str | Path | Mapping[str, Any] | None = None,
+    *,
+    benchmark: str = "mt-bench",
+) -> CostParams:
+    """Cost parameters for live routing.
+
+    Starts from the paper's Table I preset (``benchmark`` picks L̄_r and α) in
+    ``session`` upload mode, since the edge keeps the session and only unseen
+    turns travel.  A profile (a PROFILE.json path from ``edgeroute profile``,
+    or a mapping with its keys) replaces the measured γ_s, γ_e, τ_r, B, δ,
+    per-call times and answer lengths L̄_r; missing keys keep the preset's.
+    """
+    params = cost_model.paper_params(benchmark, upload_mode="session")
+    if profile is None:
+        return params
+    return Profile.read(profile).cost_params(params, response_lengths=True)
+
+
+@dataclass(frozen=True)
+class LiveCostSettings:
+    """Where the live runtime's cost parameters come from (``chat``, ``demo``)."""
+
+    alpha: float | None = field(default=None, metadata=flag("α of eq. (11) (default: the preset's)"))
+    profile: str | None = field(default=None, metadata=flag(
+        "PROFILE.json from `edgeroute profile`: measured gamma_s_prefill, gamma_s_decode, "
+        "gamma_e_prefill, gamma_e_decode, tau_r, bandwidth_tokens_per_s, overhead_s "
+        "(missing keys keep the paper preset)",
+        metavar="JSON",
+    ))
+    benchmark: str = field(default="mt-bench", metadata=flag(
+        "paper preset for L̄_r and α (Tables I-III)",
+        choices=lambda: list(cost_model.PAPER_RESPONSE_LENGTHS),
+    ))
+
+    def cost_params(self) -> CostParams:
+        """:func:`live_cost_params`, with α replaced when given."""
+        params = live_cost_params(self.profile, benchmark=self.benchmark)
+        return params if self.alpha is None else params.with_(alpha=self.alpha)

@@ -11,22 +11,23 @@ missing turns prefills only those turns (Fig. 2, turn 3).
 The counts in :class:`GenerationStats` are read from the context itself
 (``n_tokens`` before and after), never assumed.
 
-``llama_cpp`` is imported only inside the functions that need it.
+Prompt formats live in :mod:`.prompt_format`, stop strings in :mod:`.stops`,
+and every call into llama-cpp-python internals in :mod:`.adapter`.
 """
 
 from __future__ import annotations
 
 import codecs
-import ctypes
 import logging
 import threading
 import time
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from device_runtime.messages import CHAT_ROLES, check_message
+from device_runtime.core.messages import CHAT_ROLES, check_message
+from device_runtime.llm import adapter
+from device_runtime.llm.prompt_format import PromptFormat
+from device_runtime.llm.stops import StopFilter
 
 if TYPE_CHECKING:  # pragma: no cover
     import llama_cpp
@@ -72,9 +73,6 @@ class GenerationStats:
     finish_reason: str = "stop"
 
 
-# --- prompt formats -----------------------------------------------------------
-
-
 def validate_messages(messages: Sequence[dict]) -> list[dict]:
     """Check a chat message list; the last message must be the user's."""
     if not messages:
@@ -86,201 +84,6 @@ def validate_messages(messages: Sequence[dict]) -> list[dict]:
     if out[-1]["role"] != "user":
         raise InvalidMessagesError("the last message must have role 'user'")
     return out
-
-
-class PromptFormat(ABC):
-    """Turns a message list into prompt tokens that end with the answer's cue."""
-
-    name: str = ""
-    #: Stop strings: the answer ends before the first one and excludes it.
-    stop: tuple[str, ...] = ()
-    #: Strip whitespace at the start of an answer (a plain "Assistant:" cue
-    #: makes the model begin with a space).
-    lstrip_answer: bool = False
-
-    @abstractmethod
-    def render(self, messages: Sequence[dict]) -> str:
-        """The prompt text, ending where the assistant's answer begins."""
-
-    @abstractmethod
-    def tokenize(self, llama: "llama_cpp.Llama", messages: Sequence[dict]) -> list[int]:
-        """The prompt tokens."""
-
-
-class ChatTemplateFormat(PromptFormat):
-    """The GGUF's own ``tokenizer.chat_template`` (Jinja2), e.g. SmolLM2-Instruct."""
-
-    name = "chat-template"
-
-    def __init__(self, llama: "llama_cpp.Llama") -> None:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = llama.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise ValueError("this GGUF has no tokenizer.chat_template; use the 'plain' format")
-        eos_id, bos_id = llama.token_eos(), llama.token_bos()
-        eos = llama._model.token_get_text(eos_id) if eos_id != -1 else ""
-        bos = llama._model.token_get_text(bos_id) if bos_id != -1 else ""
-        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-        self.stop = (eos,) if eos else ()
-
-    def render(self, messages: Sequence[dict]) -> str:
-        return self._formatter(messages=list(messages)).prompt
-
-    def tokenize(self, llama: "llama_cpp.Llama", messages: Sequence[dict]) -> list[int]:
-        # The template writes its own special tokens (BOS included if it wants
-        # one), as llama-cpp-python's chat handlers do.
-        return llama.tokenize(self.render(messages).encode("utf-8"), add_bos=False, special=True)
-
-
-class PlainFormat(PromptFormat):
-    """``User: ...\\nAssistant: ...`` turns, for base models without a template.
-
-    Special tokens in user text are not parsed (``special=False``), so a user
-    cannot inject control tokens.  Generation stops at the next ``\\nUser:``.
-    """
-
-    name = "plain"
-    stop = ("\nUser:",)
-    lstrip_answer = True
-    _LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-    def render(self, messages: Sequence[dict]) -> str:
-        parts = [f"{self._LABELS[m['role']]}: {m['content'].strip()}\n" for m in messages]
-        return "".join(parts) + "Assistant:"
-
-    def tokenize(self, llama: "llama_cpp.Llama", messages: Sequence[dict]) -> list[int]:
-        add_bos = llama.token_bos() != -1
-        return llama.tokenize(self.render(messages).encode("utf-8"), add_bos=add_bos, special=False)
-
-
-PromptFormatFactory = Callable[["llama_cpp.Llama"], PromptFormat]
-PROMPT_FORMATS: dict[str, PromptFormatFactory] = {
-    "chat-template": ChatTemplateFormat,
-    "plain": lambda llama: PlainFormat(),
-}
-
-
-def available_prompt_formats() -> list[str]:
-    return ["auto", *sorted(PROMPT_FORMATS)]
-
-
-def resolve_prompt_format(llama: "llama_cpp.Llama", name: str = "auto") -> PromptFormat:
-    """``auto``: the GGUF's chat template if it has one, else ``plain``."""
-    if name == "auto":
-        name = "chat-template" if llama.metadata.get("tokenizer.chat_template") else "plain"
-    try:
-        factory = PROMPT_FORMATS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown prompt format {name!r}; expected one of {available_prompt_formats()}"
-        ) from None
-    return factory(llama)
-
-
-# --- model loading --------------------------------------------------------------
-
-
-def load_llama(
-    model_path: str | Path,
-    *,
-    n_ctx: int = 4096,
-    n_threads: int | None = None,
-    seed: int = 0,
-    verbose: bool = False,
-) -> "llama_cpp.Llama":
-    """Load a GGUF for single-sequence chat with prefix reuse."""
-    path = Path(model_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF not found: {path}")
-    if n_ctx < 16:
-        raise ValueError(f"n_ctx must be >= 16, got {n_ctx}")
-    import llama_cpp
-
-    return llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=n_ctx,
-        n_threads=n_threads,
-        n_threads_batch=n_threads,
-        seed=seed,
-        verbose=verbose,
-        # Sliding-window models (Gemma 3): a full-size SWA cache keeps every
-        # position of a prefix we reuse, not only the last window.
-        swa_full=True,
-    )
-
-
-def _token_bytes(llama: "llama_cpp.Llama", token: int) -> bytes:
-    """The raw piece of one token (with its leading space, if any)."""
-    import llama_cpp
-
-    size = 64
-    buf = ctypes.create_string_buffer(size)
-    n = llama_cpp.llama_token_to_piece(llama._model.vocab, token, buf, size, 0, False)
-    if n < 0:  # piece longer than the buffer: llama.cpp reports the size needed
-        size = -n
-        buf = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_token_to_piece(llama._model.vocab, token, buf, size, 0, False)
-    return buf.raw[: max(n, 0)]
-
-
-def _make_sampler(temperature: float, top_p: float, seed: int):
-    from llama_cpp import _internals
-
-    sampler = _internals.LlamaSampler()
-    if temperature <= 0.0:
-        sampler.add_greedy()
-    else:
-        sampler.add_top_p(top_p, 1)
-        sampler.add_temp(temperature)
-        sampler.add_dist(seed)
-    return sampler
-
-
-class _StopFilter:
-    """Holds back text that could be the start of a stop string.
-
-    Stop strings are matched in the text as generated; ``lstrip`` strips the
-    answer's leading whitespace from what is emitted only (a stop string that
-    starts with a newline, such as the plain format's ``"\nUser:"``, must
-    still match at the very start of an answer).
-    """
-
-    def __init__(self, stop: Sequence[str], lstrip: bool) -> None:
-        self.stop = tuple(s for s in stop if s)
-        self.pending = ""
-        self.lstrip = lstrip
-        self.stopped = False
-
-    def _emit(self, out: str) -> str:
-        if self.lstrip:
-            out = out.lstrip()
-            if not out:
-                return ""
-            self.lstrip = False
-        return out
-
-    def feed(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        self.pending += text
-        cut = min((i for i in (self.pending.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.pending, self.stopped = self.pending[:cut], "", True
-            return self._emit(out)
-        hold = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
-        return self._emit(out)
-
-    def flush(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
-        return self._emit(out)
 
 
 class LlamaConversation:
@@ -316,7 +119,7 @@ class LlamaConversation:
     def reset(self) -> None:
         """Forget the KV cache; the next turn prefills everything."""
         self.llama.reset()
-        self.llama._ctx.kv_cache_clear()
+        adapter.clear_kv(self.llama)
 
     def stream(
         self,
@@ -347,76 +150,109 @@ class LlamaConversation:
         return self._stream(messages, max_tokens, temperature, top_p, seed, stop, cancel)
 
     def _stream(self, messages, max_tokens, temperature, top_p, seed, stop, cancel) -> Iterator[str]:
-        import llama_cpp
-
         if not self._busy.acquire(blocking=False):
             raise ConversationBusyError("this conversation is already generating")
-        llama = self.llama
-        t_first = None
         try:
             t0 = time.perf_counter()
             self.last_stats = None
-            tokens = self.prompt_format.tokenize(llama, validate_messages(messages))
-            n_ctx = self.n_ctx
-            if len(tokens) >= n_ctx:
-                raise ContextOverflowError(
-                    f"the conversation is {len(tokens)} tokens but the context window is "
-                    f"{n_ctx}; start a new conversation or load the model with a larger n_ctx"
-                )
-            budget = min(max_tokens, n_ctx - len(tokens))
-
-            # Longest common prefix with what the context already holds.  At
-            # least one token is always evaluated, to get fresh logits.
-            held = llama._input_ids
-            reuse = 0
-            for a, b in zip(held, tokens):
-                if a != b:
-                    break
-                reuse += 1
-            reuse = min(reuse, len(tokens) - 1)
-            if reuse < llama.n_tokens and not llama._ctx.kv_cache_seq_rm(-1, reuse, -1):
-                reuse = 0  # partial removal unsupported (recurrent models): start over
-            if reuse == 0:
-                self.reset()
-            llama.n_tokens = reuse
-            stats = GenerationStats(
-                prompt_tokens=len(tokens), prefill_tokens=0, cached_tokens=reuse,
-                output_tokens=0, prefill_s=0.0, decode_s=0.0, ttft_s=0.0,
-            )
-            self.last_stats = stats
-
-            suffix = tokens[reuse:]
-            n_batch = max(1, int(llama.n_batch))
-            for i in range(0, len(suffix), n_batch):
-                if cancel is not None and cancel.is_set():
-                    stats.finish_reason = "cancelled"
-                    stats.prefill_tokens = llama.n_tokens - reuse
-                    stats.prefill_s = time.perf_counter() - t0
-                    return
-                llama.eval(suffix[i : i + n_batch])
-            t_prefilled = time.perf_counter()
-            stats.prefill_tokens = llama.n_tokens - reuse
-            stats.prefill_s = t_prefilled - t0
-
-            sampler = _make_sampler(temperature, top_p, seed)
-            vocab = llama._model.vocab
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            tokens = self._prompt_tokens(messages)
+            budget = min(max_tokens, self.n_ctx - len(tokens))
+            stats = self.last_stats = self._reuse_prefix(tokens)
+            if not self._prefill(tokens[stats.cached_tokens:], stats, t0, cancel):
+                return
+            sampler = adapter.make_sampler(temperature, top_p, seed)
             stops = list(self.prompt_format.stop) + [s for s in (stop or ()) if s]
-            text_filter = _StopFilter(stops, self.prompt_format.lstrip_answer)
-            stats.finish_reason = "length"
+            text_filter = StopFilter(stops, self.prompt_format.lstrip_answer)
+            yield from self._decode(sampler, text_filter, stats, budget, t0, cancel)
+        except GeneratorExit:
+            # The caller stopped reading: as good as a cancel.
+            if self.last_stats is not None:
+                self.last_stats.finish_reason = "cancelled"
+            raise
+        finally:
+            self._busy.release()
+
+    def _prompt_tokens(self, messages: list[dict]) -> list[int]:
+        """The whole conversation's tokens; it must leave room for one answer token."""
+        tokens = self.prompt_format.tokenize(self.llama, validate_messages(messages))
+        n_ctx = self.n_ctx
+        if len(tokens) >= n_ctx:
+            raise ContextOverflowError(
+                f"the conversation is {len(tokens)} tokens but the context window is "
+                f"{n_ctx}; start a new conversation or load the model with a larger n_ctx"
+            )
+        return tokens
+
+    def _reuse_prefix(self, tokens: list[int]) -> GenerationStats:
+        """Keep the longest common prefix of ``tokens`` and the context; evict the rest.
+
+        At least one token is always left to evaluate, to get fresh logits.
+        """
+        llama = self.llama
+        reuse = 0
+        for a, b in zip(adapter.held_tokens(llama), tokens):
+            if a != b:
+                break
+            reuse += 1
+        reuse = min(reuse, len(tokens) - 1)
+        if reuse < llama.n_tokens and not adapter.drop_kv_from(llama, reuse):
+            reuse = 0  # partial removal unsupported (recurrent models): start over
+        if reuse == 0:
+            self.reset()
+        llama.n_tokens = reuse
+        return GenerationStats(
+            prompt_tokens=len(tokens), prefill_tokens=0, cached_tokens=reuse,
+            output_tokens=0, prefill_s=0.0, decode_s=0.0, ttft_s=0.0,
+        )
+
+    def _prefill(
+        self, suffix: list[int], stats: GenerationStats, t0: float, cancel: threading.Event | None
+    ) -> bool:
+        """Evaluate ``suffix`` in batches; False if cancelled before the end.
+
+        A cancel is checked between batches, so a long prompt stops early.
+        """
+        llama = self.llama
+        n_batch = max(1, int(llama.n_batch))
+        done = True
+        for i in range(0, len(suffix), n_batch):
+            if cancel is not None and cancel.is_set():
+                stats.finish_reason = "cancelled"
+                done = False
+                break
+            llama.eval(suffix[i : i + n_batch])
+        stats.prefill_tokens = llama.n_tokens - stats.cached_tokens
+        stats.prefill_s = time.perf_counter() - t0
+        return done
+
+    def _decode(
+        self,
+        sampler: Any,
+        text_filter: StopFilter,
+        stats: GenerationStats,
+        budget: int,
+        t0: float,
+        cancel: threading.Event | None,
+    ) -> Iterator[str]:
+        """Sample up to ``budget`` tokens, yielding the text the stop filter lets through."""
+        llama = self.llama
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        t_first = None
+        stats.finish_reason = "length"
+        try:
             while stats.output_tokens < budget:
                 if cancel is not None and cancel.is_set():
                     stats.finish_reason = "cancelled"
                     break
-                token = sampler.sample(llama._ctx, -1)
+                token = adapter.sample(sampler, llama)
                 if t_first is None:
                     t_first = time.perf_counter()
                     stats.ttft_s = t_first - t0
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                if adapter.is_end_of_generation(llama, token):
                     stats.finish_reason = "stop"
                     break
                 stats.output_tokens += 1
-                chunk = text_filter.feed(decoder.decode(_token_bytes(llama, token)))
+                chunk = text_filter.feed(decoder.decode(adapter.token_bytes(llama, token)))
                 # The answer's tokens go into the context, so the next turn
                 # finds them there.  The last one (or an EOG token) is not
                 # evaluated: the next turn's prefill covers it.
@@ -432,12 +268,6 @@ class LlamaConversation:
             tail = text_filter.flush()
             if tail:
                 yield tail
-        except GeneratorExit:
-            # The caller stopped reading: as good as a cancel.
-            if self.last_stats is not None:
-                self.last_stats.finish_reason = "cancelled"
-            raise
         finally:
-            if self.last_stats is not None and t_first is not None:
-                self.last_stats.decode_s = time.perf_counter() - t_first
-            self._busy.release()
+            if t_first is not None:
+                stats.decode_s = time.perf_counter() - t_first

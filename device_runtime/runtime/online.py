@@ -1,11 +1,16 @@
 """Online estimation in the live runtime: every turn updates γ, B and δ.
 
-:class:`OnlineRouting` wraps an :class:`~device_runtime.orchestrator.Orchestrator`.
+:class:`OnlineRouting` is a :class:`~device_runtime.runtime.orchestrator.TurnHook`
+of an :class:`~device_runtime.runtime.orchestrator.Orchestrator`:
+
+    online = OnlineRouting(orch.params)
+    orch.add_hook(online)        # or Orchestrator(..., hooks=[online])
+
 After each turn it feeds the turn's measurements to an
-:class:`~device_runtime.estimation.OnlineEstimator` and gives the orchestrator
-the updated :class:`~device_runtime.cost_model.CostParams` for the next
-decision (eqs. 6-12), so that a degraded link moves turns to the device within
-a few turns.
+:class:`~device_runtime.link.estimation.OnlineEstimator` and gives the orchestrator
+the updated :class:`~device_runtime.routing.cost_model.CostParams` for the next
+decision (eqs. 6-12, through ``Orchestrator.set_params``), so that a degraded
+link moves turns to the device within a few turns.
 
 - An edge turn gives γ_e from the edge's own timings and the link's cost as
   the client's wall time of the call minus the server's time (eq. 3).
@@ -32,29 +37,17 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from device_runtime.estimation import EwmaSettings, OnlineEstimator
+from device_runtime.link.estimation import EwmaSettings, OnlineEstimator
+from device_runtime.routing.cost_model import CostParams
+from device_runtime.runtime.orchestrator import TurnHook
 
 if TYPE_CHECKING:  # pragma: no cover
-    from device_runtime.orchestrator import Orchestrator, TurnResult
+    from device_runtime.link.edge_client import EdgeClient, EdgeTurnResult
+    from device_runtime.runtime.orchestrator import Orchestrator, TurnResult
 
 log = logging.getLogger(__name__)
-
-
-class _RecordingEdge:
-    """The orchestrator's edge client, remembering the last Generate stream."""
-
-    def __init__(self, client) -> None:
-        self._client = client
-        self.last_stream = None
-
-    def generate(self, *args, **kwargs):
-        self.last_stream = self._client.generate(*args, **kwargs)
-        return self.last_stream
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
 
 
 @dataclass(frozen=True)
@@ -104,17 +97,19 @@ class OnlineSettings:
             raise ValueError("idle_probe_s must be > 0 or None")
 
 
-class OnlineRouting:
-    """``orch`` with its cost parameters kept current from every turn's telemetry."""
+class OnlineRouting(TurnHook):
+    """Keeps an orchestrator's cost parameters current from every turn's telemetry.
 
-    def __init__(self, orch: "Orchestrator", settings: OnlineSettings | None = None) -> None:
-        self.orch = orch
+    ``params``: the starting parameters (the orchestrator's, from the preset or
+    a profile).  The estimates after each turn are also written into the
+    turn's telemetry (its optional ``estimates`` key).
+    """
+
+    def __init__(self, params: CostParams, settings: OnlineSettings | None = None) -> None:
         self.settings = settings or OnlineSettings()
-        self.estimator = OnlineEstimator(orch.params, self.settings.ewma)
+        self.estimator = OnlineEstimator(params, self.settings.ewma)
         self._response = {"device": None, "edge": None}
         self._conversation: dict[str, list[int]] = {"device": [], "edge": []}
-        if orch.edge is not None and not isinstance(orch.edge, _RecordingEdge):
-            orch.edge = _RecordingEdge(orch.edge)
         self.estimates: dict[str, float] = self.estimator.snapshot()
         self.last_comm_s: float | None = None
         #: Echo round trips taken while idle and fed to the estimator so far.
@@ -126,30 +121,38 @@ class OnlineRouting:
         #: The last link sample was a failure: probes then wait less.
         self._link_down = False
 
-    def turn(self, prompt: str, **kwargs) -> "TurnResult":
-        self._take_idle_probes()
-        try:
-            return self._turn(prompt, **kwargs)
-        finally:
-            self._schedule_idle_probe()
+    # -- the hook
 
-    def close(self) -> None:
-        self._take_idle_probes()
-        self.orch.close()
+    def before_turn(self, orch: "Orchestrator") -> None:
+        self._take_idle_probes(orch)
+        if orch.turn_index == 0:
+            # A new conversation: its answers' lengths are not known yet.
+            self._conversation = {"device": [], "edge": []}
+            self._apply_params(orch)
+
+    def after_turn(self, orch: "Orchestrator", result: "TurnResult | None") -> None:
+        try:
+            if result is not None:
+                self._after_answer(orch, result)
+        finally:
+            self._schedule_idle_probe(orch)
+
+    def close(self, orch: "Orchestrator") -> None:
+        self._take_idle_probes(orch)
 
     # -- probes while idle
 
-    def _schedule_idle_probe(self) -> None:
-        if self.settings.idle_probe_s is None or self.orch.edge is None:
+    def _schedule_idle_probe(self, orch: "Orchestrator") -> None:
+        if self.settings.idle_probe_s is None or orch.edge is None:
             return
         with self._idle_lock:
             gap = self._idle_gap
-        timer = threading.Timer(self.settings.idle_probe_s, self._idle_probe, args=(gap,))
+        timer = threading.Timer(self.settings.idle_probe_s, self._idle_probe, args=(gap, orch))
         timer.daemon = True
         self._idle_timer = timer
         timer.start()
 
-    def _idle_probe(self, gap: int) -> None:
+    def _idle_probe(self, gap: int, orch: "Orchestrator") -> None:
         """Runs on the timer's thread: two Echos, kept only if no turn started
         (and nothing was closed) since."""
         for _ in range(2):
@@ -157,7 +160,7 @@ class OnlineRouting:
                 if gap != self._idle_gap:
                     return
             try:
-                rtt = self._echo()
+                rtt = self._echo(orch.edge)
             except RuntimeError as exc:  # the client was closed while this Echo was out
                 log.debug("idle link probe dropped: %s", exc)
                 return
@@ -166,7 +169,7 @@ class OnlineRouting:
                     return
                 self._idle_rtts.append(rtt)
 
-    def _take_idle_probes(self) -> None:
+    def _take_idle_probes(self, orch: "Orchestrator") -> None:
         """Stop the pending probe; feed what it measured (one thread touches the estimator)."""
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -179,69 +182,64 @@ class OnlineRouting:
         if rtts:
             self._link_down = rtts[-1] >= self.settings.probe_timeout_s
             self.idle_probes += len(rtts)
-            self._apply_params()
+            self._apply_params(orch)
             self.estimates = self.estimator.snapshot()
 
     # -- one turn
 
-    def _turn(self, prompt: str, **kwargs) -> "TurnResult":
-        orch = self.orch
-        edge = orch.edge if isinstance(orch.edge, _RecordingEdge) else None
-        if edge is not None:
-            edge.last_stream = None
-        if orch.turn_index == 0:
-            # A new conversation: its answers' lengths are not known yet.
-            self._conversation = {"device": [], "edge": []}
-            self._apply_params()
-        result = orch.turn(prompt, **kwargs)
+    def _after_answer(self, orch: "Orchestrator", result: "TurnResult") -> None:
         try:
-            self._observe(result, edge)
+            self._observe(orch, result)
         except ValueError as exc:
             # The turn is answered and recorded; a sample the estimator
             # refuses must not lose it.  The estimates stay as they were.
             log.warning("turn %d: measurements not used for the estimates: %s", result.telemetry.turn, exc)
-        self._apply_params()
+        self._apply_params(orch)
         self.estimates = self.estimator.snapshot()
         # The telemetry contract's optional key: the estimates after this turn.
         result.telemetry.estimates = dict(self.estimates)
-        return result
 
-    def _observe(self, result: "TurnResult", edge: "_RecordingEdge | None") -> None:
+    def _observe(self, orch: "Orchestrator", result: "TurnResult") -> None:
         """Feed one turn's measurements to the estimator (and probe the link)."""
-        orch = self.orch
         rec = result.telemetry
         # The cost model's own counts of what the turn sent and produced (after
         # a sliding-window cut or a new edge session, not as first predicted).
         answer_tokens = result.answer_tokens
         prefill_tokens = result.delta_c_tokens + rec.prompt_tokens
         self.last_comm_s = None
-        if rec.target == "edge" and edge is not None and edge.last_stream is not None:
+        if rec.target == "edge":
             self._link_down = False
-            self._observe_edge(edge.last_stream, prefill_tokens, answer_tokens)
+            if result.edge_result is not None:  # None: cancelled, no server timings
+                self._observe_edge(result.edge_result, prefill_tokens, answer_tokens)
         elif rec.target == "device":
-            stats = orch.slm.last_stats
-            if stats is not None and self.settings.track_gamma:
-                # Eq. (1) charges ΔC_s + L_p: a new edge session is irrelevant here.
-                self.estimator.observe_device_turn(
-                    prefill_tokens=prefill_tokens,
-                    prefill_s=stats.prefill_s,
-                    output_tokens=max(0, answer_tokens - 1),
-                    decode_s=stats.decode_s,
-                )
-            self._track("device", answer_tokens)
-            if rec.fallback:
-                # The edge was chosen and failed: the link is, for now, unusable.
-                self._link_down = True
-                self.estimator.observe_ping(self.settings.probe_timeout_s)
-            elif self.settings.probe_after_device_turn and orch.edge is not None:
-                self._probe()
+            self._observe_device(orch, prefill_tokens, answer_tokens, fallback=rec.fallback)
         if (
             self.settings.confirm_probe
             and self.estimator.link.pending_outliers
             and orch.edge is not None
             and not rec.fallback
         ):
-            self._probe()
+            self._probe(orch.edge)
+
+    def _observe_device(
+        self, orch: "Orchestrator", prefill_tokens: int, answer_tokens: int, *, fallback: bool
+    ) -> None:
+        stats = orch.slm.last_stats
+        if stats is not None and self.settings.track_gamma:
+            # Eq. (1) charges ΔC_s + L_p: a new edge session is irrelevant here.
+            self.estimator.observe_device_turn(
+                prefill_tokens=prefill_tokens,
+                prefill_s=stats.prefill_s,
+                output_tokens=max(0, answer_tokens - 1),
+                decode_s=stats.decode_s,
+            )
+        self._track("device", answer_tokens)
+        if fallback:
+            # The edge was chosen and failed: the link is, for now, unusable.
+            self._link_down = True
+            self.estimator.observe_ping(self.settings.probe_timeout_s)
+        elif self.settings.probe_after_device_turn and orch.edge is not None:
+            self._probe(orch.edge)
 
     def response_length(self, target: str) -> float | None:
         """L̄_r for the next turn on ``target``: this conversation's mean answer
@@ -254,7 +252,7 @@ class OnlineRouting:
         k = self.settings.length_prior_answers
         return (sum(own) + k * overall) / (len(own) + k)
 
-    def _apply_params(self) -> None:
+    def _apply_params(self, orch: "Orchestrator") -> None:
         """The orchestrator's parameters for the next turn: the estimates, with
         this conversation's answer lengths."""
         params = self.estimator.params()
@@ -265,13 +263,9 @@ class OnlineRouting:
                 device if device is not None else resp.device,
                 edge if edge is not None else resp.edge,
             ))
-        self.orch.params = params
+        orch.set_params(params)
 
-    def _observe_edge(self, stream, upload_tokens: int, answer_tokens: int) -> None:
-        try:
-            res = stream.result
-        except RuntimeError:  # cancelled: no server timings
-            return
+    def _observe_edge(self, res: "EdgeTurnResult", upload_tokens: int, answer_tokens: int) -> None:
         # Server time from the request to the last token; queueing shows as link.
         first_token_s = res.server_ttft_s or res.prefill_s
         server_s = first_token_s + res.decode_s
@@ -295,25 +289,22 @@ class OnlineRouting:
         self._response[target] = answer_tokens if prev is None else (1 - w) * prev + w * answer_tokens
         self._conversation[target].append(answer_tokens)
 
-    def _echo(self, timeout_s: float | None = None) -> float:
+    def _echo(self, edge: "EdgeClient", timeout_s: float | None = None) -> float:
         """One empty Echo's round trip, waiting at most ``timeout_s`` (default
         ``probe_timeout_s``); a failed or slower one counts as ``probe_timeout_s``."""
-        from device_runtime.edge_client import EdgeError, EdgeUnavailable
+        from device_runtime.link.edge_client import EdgeError, EdgeUnavailable
 
         limit = self.settings.probe_timeout_s
         try:
-            rtt = self.orch.edge.ping(0, 0, timeout_s=timeout_s or limit)
+            rtt = edge.ping(0, 0, timeout_s=timeout_s or limit)
         except (EdgeUnavailable, EdgeError) as exc:
             log.debug("link probe failed: %s", exc)
             return limit
         return min(rtt, limit)
 
-    def _probe(self) -> None:
+    def _probe(self, edge: "EdgeClient") -> None:
         s = self.settings
-        rtt = self._echo(s.outage_probe_timeout_s if self._link_down else None)
+        rtt = self._echo(edge, s.outage_probe_timeout_s if self._link_down else None)
         self._link_down = rtt >= s.probe_timeout_s
         self.estimator.observe_ping(rtt)
         self.last_comm_s = rtt
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.orch, name)

@@ -11,26 +11,26 @@ linear in L_r (eqs. 5-7), so the decision needs the *mean* length, not the
 median that exp(ŷ) estimates.  Duan's smearing factor, the train mean of
 exp(residual), turns one into the other.
 
-Run as a script to fit on a trace's train split and report R²/MAE on its val
-split against the per-benchmark average baselines::
+The simulator's use of these lengths is :mod:`device_runtime.sim.length_plan`;
+fitting on a trace's train split and reporting R²/MAE on its val split against
+the per-benchmark average baselines is :mod:`device_runtime.cli.response_length`::
 
-    python -m device_runtime.response_length --data-dir ../shared/data/routellm [--out M.json] [--json]
+    python -m device_runtime.cli.response_length --data-dir ../shared/data/routellm [--out M.json] [--json]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from device_runtime.cost_model import ResponseLengths
+from device_runtime.core.flags import flag
+from device_runtime.routing.cost_model import ResponseLengths
 
 #: Bump when the feature set or the JSON layout changes.
 FORMAT_VERSION = 1
@@ -89,9 +89,9 @@ class FitSettings:
     """Settings of :func:`fit`."""
 
     #: Ridge penalty on the standardized coefficients (the intercept is not penalized).
-    l2: float = 1.0
+    l2: float = field(default=1.0, metadata=flag("ridge penalty"))
     #: Fewest training rows accepted.
-    min_rows: int = 3
+    min_rows: int = field(default=3, metadata=flag("fewest training rows", cli=False))
 
     def __post_init__(self) -> None:
         if not isinstance(self.l2, (int, float)) or math.isnan(self.l2) or self.l2 < 0:
@@ -287,9 +287,9 @@ def length_rows(dialogues, split: str | None = None, val_fraction: float = 0.2):
     """(prompts, device words, edge words) of the turns that carry both lengths.
 
     ``split`` ("train"/"val") keeps turns whose dialogue's first prompt falls in
-    that hash split (:func:`device_runtime.traces.split_of`), as ``simulate --split`` does.
+    that hash split (:func:`device_runtime.sim.traces.split_of`), as ``simulate --split`` does.
     """
-    from device_runtime.traces import split_of
+    from device_runtime.sim.traces import split_of
 
     prompts, dev, edge = [], [], []
     for d in dialogues:
@@ -336,7 +336,7 @@ def regression_scores(y: Sequence[float], y_hat: Sequence[float]) -> dict[str, f
 
 def evaluate(model: LengthModel, dialogues, *, val_fraction: float = 0.2) -> dict:
     """R²/MAE on the val split: the model, the train-split mean, and the paper's Table II average."""
-    from device_runtime.cost_model import PAPER_RESPONSE_LENGTHS
+    from device_runtime.routing.cost_model import PAPER_RESPONSE_LENGTHS
 
     _, tr_dev, tr_edge = length_rows(dialogues, "train", val_fraction)
     prompts, dev, edge = length_rows(dialogues, "val", val_fraction)
@@ -358,138 +358,3 @@ def evaluate(model: LengthModel, dialogues, *, val_fraction: float = 0.2) -> dic
             rows["paper_average"] = regression_scores(y, np.full(len(y), avg))
         out[target] = {"val_mean_words": float(np.mean(y)), "train_mean_words": train_mean, **rows}
     return out
-
-
-#: Where the decision's L̄_r comes from (``simulate --response-lengths``).
-DECISION_MODES: tuple[str, ...] = ("average", "train-mean", "predicted", "true")
-#: Where the charge's L_r comes from (``simulate --charge-lengths``).
-CHARGE_MODES: tuple[str, ...] = ("average", "true", "scaled")
-
-
-def length_plan(
-    decision: str,
-    charge: str,
-    dialogues,
-    *,
-    benchmark: str,
-    model: LengthModel | None = None,
-    val_fraction: float = 0.2,
-    average: ResponseLengths | None = None,
-):
-    """A :class:`device_runtime.simulate.LengthPlan` for the simulator.
-
-    ``decision``: ``average`` (the preset's L̄_r, the paper), ``train-mean``
-    (this trace's train-split mean, one number per target), ``predicted``
-    (``model``, or one fitted on the train split of ``dialogues``), ``true``
-    (the recorded lengths: an oracle upper bound on length knowledge).
-    ``charge``: ``average``, ``true``, or ``scaled``: the recorded lengths
-    times (``average`` / the trace's mean), per target, so that the charge
-    keeps each query's relative length but has the preset's mean.  Under
-    ``scaled`` the non-average decisions are scaled by the same factors: the
-    world, not the predictor, is rescaled.  ``dialogues`` should be the whole
-    trace, before any ``--split``, so the fit sees only train rows.
-    """
-    from device_runtime.simulate import LengthPlan, recorded_lengths
-
-    if decision not in DECISION_MODES:
-        raise LengthModelError(f"decision lengths must be one of {DECISION_MODES}, got {decision!r}")
-    if charge not in CHARGE_MODES:
-        raise LengthModelError(f"charge lengths must be one of {CHARGE_MODES}, got {charge!r}")
-    has_lengths = any(
-        t.response_words_device is not None and t.response_words_edge is not None
-        for d in dialogues
-        for t in d.turns
-    )
-    if (charge != "average" or decision != "average") and not has_lengths:
-        raise LengthModelError(
-            f"{benchmark}: the trace has no recorded response lengths (only GSM8K's responses file "
-            "has them); use --response-lengths average --charge-lengths average"
-        )
-    scale = None
-    if charge == "scaled":
-        if average is None:
-            raise LengthModelError("charge 'scaled' needs the preset's average lengths")
-        _, all_dev, all_edge = length_rows(dialogues)
-        m_dev, m_edge = float(np.mean(all_dev)), float(np.mean(all_edge))
-        if m_dev <= 0 or m_edge <= 0:
-            raise LengthModelError("charge 'scaled': the recorded mean response length is 0")
-        scale = (average.device / m_dev, average.edge / m_edge)
-    decide = None
-    if decision == "train-mean":
-        _, dev, edge = length_rows(dialogues, "train", val_fraction)
-        if not dev:
-            raise LengthModelError(f"{benchmark}: no recorded response lengths on the train split")
-        mean = ResponseLengths(float(np.mean(dev)), float(np.mean(edge)))
-        decide = lambda turn: mean  # noqa: E731
-    elif decision == "predicted":
-        if model is None:
-            model = fit_trace(dialogues, benchmark=benchmark, val_fraction=val_fraction)
-        elif model.benchmark != benchmark:
-            raise LengthModelError(
-                f"length model was fitted on {model.benchmark!r}, not {benchmark!r}: "
-                "response lengths do not transfer across benchmarks"
-            )
-        # Predict every prompt once, up front: the sweep replays turns per θ.
-        prompts = list(dict.fromkeys(t.prompt for d in dialogues for t in d.turns))
-        dev, edge = model.predict_many(prompts)
-        table = {p: ResponseLengths(float(a), float(b)) for p, a, b in zip(prompts, dev, edge)}
-        decide = lambda turn: table.get(turn.prompt) or model.predict(turn.prompt)  # noqa: E731
-    elif decision == "true":
-        decide = recorded_lengths
-    charged = recorded_lengths if charge != "average" else None
-    if scale is not None:
-        decide = _scaled(decide, scale) if decide is not None else None
-        charged = _scaled(charged, scale)
-    return LengthPlan(decide=decide, charge=charged)
-
-
-def _scaled(source, scale: tuple[float, float]):
-    def scaled(turn) -> ResponseLengths:
-        r = source(turn)
-        return ResponseLengths(r.device * scale[0], r.edge * scale[1])
-
-    return scaled
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from device_runtime.traces import TraceError, load_trace
-
-    ap = argparse.ArgumentParser(
-        prog="python -m device_runtime.response_length",
-        description="Fit the per-query response-length model on a trace's train split and "
-        "report R²/MAE on its val split.",
-    )
-    ap.add_argument("--data-dir", required=True, help="RouteLLM-format data directory")
-    ap.add_argument("--benchmark", default="gsm8k", choices=["gsm8k"], help="trace with recorded responses")
-    ap.add_argument("--val-fraction", type=float, default=0.2)
-    ap.add_argument("--l2", type=float, default=1.0, help="ridge penalty")
-    ap.add_argument("--out", default=None, help="write the fitted model JSON here")
-    ap.add_argument("--json", action="store_true", help="print only the JSON report on stdout")
-    args = ap.parse_args(argv)
-    try:
-        dialogues = load_trace(args.benchmark, args.data_dir)
-        model = fit_trace(
-            dialogues, benchmark=args.benchmark, val_fraction=args.val_fraction, settings=FitSettings(l2=args.l2)
-        )
-        report = evaluate(model, dialogues, val_fraction=args.val_fraction)
-    except (TraceError, LengthModelError, ValueError) as exc:
-        print(f"response_length: error: {exc}", file=sys.stderr)
-        return 2
-    if args.out:
-        model.save(args.out)
-        print(f"wrote {args.out}", file=sys.stderr)
-    if args.json:
-        sys.stdout.write(json.dumps(report) + "\n")
-        return 0
-    print(f"{args.benchmark}: train n={report['n_train']}, val n={report['n_val']} (words)")
-    print(f"{'target':<8}{'predictor':<15}{'R²':>8}{'MAE':>8}")
-    for target in ("device", "edge"):
-        for name in ("predicted", "train_mean", "paper_average"):
-            if name in report[target]:
-                r = report[target][name]
-                print(f"{target:<8}{name:<15}{r['r2']:>8.3f}{r['mae']:>8.1f}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

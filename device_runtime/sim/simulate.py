@@ -11,7 +11,7 @@ and p̃ lies far below 0; a θ restricted to [0, 1] would send everything to
 one side.  The sweep takes quantiles of the observed p̃, plus one θ below and
 one above all of them, so the curve runs from all-edge to all-device.
 
-Multi-turn (Fig. 6).  A :class:`~device_runtime.cost_model.ContextLedger`
+Multi-turn (Fig. 6).  A :class:`~device_runtime.routing.cost_model.ContextLedger`
 follows the actual decisions of each dialogue, so the charged latency always
 uses the true ΔC and C_t:
 
@@ -38,10 +38,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from device_runtime import cost_model
-from device_runtime.metrics import CurvePoint, RouterMetrics, router_metrics
-from device_runtime.routers.base import Message, Router, RouterError, check_score
-from device_runtime.traces import BENCHMARKS, Dialogue, TraceTurn, word_count
+from device_runtime.routing import cost_model
+from device_runtime.sim.metrics import CurvePoint, RouterMetrics, router_metrics
+from device_runtime.routing.routers.base import Message, Router, RouterError, check_score
+from device_runtime.sim.traces import BENCHMARKS, Dialogue, TraceTurn, word_count
 
 log = logging.getLogger(__name__)
 
@@ -398,16 +398,16 @@ def build_router(
     bundle: str | None = None,
 ) -> Router:
     """Construct a router by registry name with what the simulator knows."""
-    from device_runtime.routers import create_router
+    from device_runtime.routing.routers import ROUTERS
 
     try:
         if name == "random":
-            return create_router("random", seed=seed)
+            return ROUTERS.create("random", seed=seed)
         if name == "oracle":
-            return create_router("oracle", labels=oracle_labels(dialogues))
+            return ROUTERS.create("oracle", labels=oracle_labels(dialogues))
         if name == "bert":
-            return create_router("bert", bundle=bundle) if bundle else create_router("bert")
-        return create_router(name)
+            return ROUTERS.create("bert", bundle=bundle) if bundle else ROUTERS.create("bert")
+        return ROUTERS.create(name)
     except (RouterError, OSError, ImportError, ValueError) as exc:
         hint = " (pass --bundle DIR with a trained router bundle)" if name == "bert" else ""
         raise SimulationError(f"cannot build router {name!r}: {exc}{hint}") from exc

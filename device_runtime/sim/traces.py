@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
-from device_runtime.routers.base import Message
+from device_runtime.routing.routers.base import Message
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A backend loads one model file; each :class:`Slot` is one context with its own
 KV cache, holding one conversation at a time.  The session pool decides which
 session a slot serves; the slot reuses whatever prefix of the new prompt its
 cache already holds, and reports what it computed in
-:class:`~device_runtime.llama_session.GenerationStats`.
+:class:`~device_runtime.llm.conversation.GenerationStats`.
 
 Backends raise :class:`edge_service.errors.InvalidArgument` for requests they
 cannot serve (a prompt longer than the context window, ...), and only before
@@ -14,16 +14,16 @@ held, and goes back to it.  Anything else is an internal error.
 
 from __future__ import annotations
 
-import importlib
 import threading
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from edgeroute.v1.types import GenerationParams
+from device_runtime.core.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from device_runtime.llama_session import GenerationStats
+    from device_runtime.llm.conversation import GenerationStats
     from edge_service.settings import EdgeSettings
+    from edgeroute.v1.types import GenerationParams
 
 
 class Slot(ABC):
@@ -79,32 +79,11 @@ class Backend(ABC):
 
 BackendFactory = Callable[["EdgeSettings"], Backend]
 
-_REGISTRY: dict[str, BackendFactory] = {}
-# Imported only when asked for, so the service can list backends whose
-# dependencies are absent.
-_LAZY: dict[str, str] = {"llama_cpp": "edge_service.backends.llama_cpp"}
-
-
-def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
-    """Class decorator: make a backend constructible by name."""
-
-    def wrap(factory: BackendFactory) -> BackendFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def available_backends() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_LAZY))
-
-
-def create_backend(name: str, settings: "EdgeSettings") -> Backend:
-    """Build the backend registered as ``name``."""
-    if name not in _REGISTRY and name in _LAZY:
-        importlib.import_module(_LAZY[name])
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; expected one of {available_backends()}") from None
-    return factory(settings)
+#: Edge backends by name (``edgeroute serve --backend``).  Backends with
+#: optional dependencies are named here and imported only when asked for, so
+#: the service lists them (and this module stays free of protobuf and
+#: llama_cpp, the CLI's ``choices`` reading it).  An unknown name is a
+#: ``ValueError``, which ``edgeroute serve`` reports in one line.
+BACKENDS: Registry[BackendFactory] = Registry(
+    "backend", lazy={"llama_cpp": "edge_service.backends.llama_cpp"}, error=ValueError
+)

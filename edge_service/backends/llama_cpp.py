@@ -1,7 +1,7 @@
 """The llama-cpp-python backend: one ``Llama`` context per slot on one GGUF.
 
 Prompt formatting, prefix reuse of the KV cache, streaming with cancel and
-the per-turn counts all come from :mod:`device_runtime.llama_session`, the
+the per-turn counts all come from :mod:`device_runtime.llm.conversation`, the
 same code the device SLM runs, so both sides count prefill and cached tokens
 the same way.  Slots load the same file; llama.cpp maps the weights with
 mmap, so each extra slot costs its KV cache and compute buffers, not another
@@ -15,8 +15,15 @@ import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from device_runtime import llama_session
-from edge_service.backends.base import Backend, Slot, register_backend
+from device_runtime.llm.adapter import load_llama
+from device_runtime.llm.conversation import (
+    ContextOverflowError,
+    GenerationStats,
+    InvalidMessagesError,
+    LlamaConversation,
+)
+from device_runtime.llm.prompt_format import resolve_prompt_format
+from edge_service.backends.base import BACKENDS, Backend, Slot
 from edge_service.errors import InvalidArgument
 from edge_service.settings import EdgeSettings
 from edgeroute.v1.types import GenerationParams
@@ -25,11 +32,11 @@ log = logging.getLogger(__name__)
 
 
 class LlamaSlot(Slot):
-    def __init__(self, conversation: llama_session.LlamaConversation) -> None:
+    def __init__(self, conversation: LlamaConversation) -> None:
         self.conversation = conversation
 
     @property
-    def last_stats(self) -> llama_session.GenerationStats | None:  # type: ignore[override]
+    def last_stats(self) -> GenerationStats | None:  # type: ignore[override]
         return self.conversation.last_stats
 
     def stream(
@@ -45,14 +52,14 @@ class LlamaSlot(Slot):
                 stop=params.stop,
                 cancel=cancel,
             )
-        except (llama_session.ContextOverflowError, llama_session.InvalidMessagesError) as exc:
+        except (ContextOverflowError, InvalidMessagesError) as exc:
             raise InvalidArgument(str(exc)) from exc
 
     def close(self) -> None:
         self.conversation.llama.close()
 
 
-@register_backend("llama_cpp")
+@BACKENDS.register("llama_cpp")
 class LlamaCppBackend(Backend):
     """Serves a GGUF with llama.cpp; instruct models use their chat template, base models ``plain``."""
 
@@ -75,14 +82,14 @@ class LlamaCppBackend(Backend):
         self._first: LlamaSlot | None = self._load_slot()
 
     def _load_slot(self) -> LlamaSlot:
-        llama = llama_session.load_llama(
+        llama = load_llama(
             self.model_path,
             n_ctx=self.settings.n_ctx,
             n_threads=self.settings.n_threads,
             seed=self.settings.seed,
         )
-        fmt = llama_session.resolve_prompt_format(llama, self.settings.prompt_format)
-        slot = LlamaSlot(llama_session.LlamaConversation(llama, fmt))
+        fmt = resolve_prompt_format(llama, self.settings.prompt_format)
+        slot = LlamaSlot(LlamaConversation(llama, fmt))
         self._slots.append(slot)
         return slot
 

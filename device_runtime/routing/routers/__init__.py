@@ -5,20 +5,6 @@ The fusion with latency (eq. 11) and the threshold (eq. 12) live once, in
 :func:`Router.decide`, so every router shares them.
 """
 
-from device_runtime.routers.base import (
-    Message,
-    Router,
-    RouterError,
-    available_routers,
-    create_router,
-    register_router,
-)
+from device_runtime.routing.routers.base import ROUTERS, Message, Router, RouterError
 
-__all__ = [
-    "Message",
-    "Router",
-    "RouterError",
-    "available_routers",
-    "create_router",
-    "register_router",
-]
+__all__ = ["ROUTERS", "Message", "Router", "RouterError"]

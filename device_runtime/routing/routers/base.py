@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
-from typing import Callable, Iterable, Mapping, Sequence, TypedDict
+from typing import Callable, Iterable, Sequence, TypedDict
 
-from device_runtime import cost_model
+from device_runtime.core.registry import Registry
+from device_runtime.routing import cost_model
 
 
 class Message(TypedDict):
@@ -54,41 +54,19 @@ class Router(ABC):
 
 RouterFactory = Callable[..., Router]
 
-_REGISTRY: dict[str, RouterFactory] = {}
-# Routers whose module is imported only when asked for, so that a device
-# without the optional dependencies can still list and use the others.
-_LAZY: dict[str, str] = {
-    "random": "device_runtime.routers.random_router",
-    "oracle": "device_runtime.routers.oracle",
-    "bert": "device_runtime.routers.bert",
-}
-
-
-def register_router(name: str) -> Callable[[RouterFactory], RouterFactory]:
-    """Class decorator: make a router constructible by name."""
-
-    def wrap(factory: RouterFactory) -> RouterFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def available_routers() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_LAZY))
-
-
-def create_router(name: str, **kwargs) -> Router:
-    """Build a router by registry name; keyword arguments go to its constructor."""
-    if name not in _REGISTRY and name in _LAZY:
-        importlib.import_module(_LAZY[name])
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise RouterError(
-            f"unknown router {name!r}; available: {', '.join(available_routers())}"
-        ) from None
-    return factory(**kwargs)
+#: Name -> router class (keyword arguments go to its constructor).  The
+#: built-in routers' modules are imported only when asked for, so that a
+#: device without the optional dependencies (onnxruntime for ``bert``) can
+#: still list and use the others.
+ROUTERS: Registry[RouterFactory] = Registry(
+    "router",
+    lazy={
+        "random": "device_runtime.routing.routers.random_router",
+        "oracle": "device_runtime.routing.routers.oracle",
+        "bert": "device_runtime.routing.routers.bert",
+    },
+    error=RouterError,
+)
 
 
 def check_score(p: float, router: str) -> float:

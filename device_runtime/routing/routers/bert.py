@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from device_runtime.bundle import (
+from device_runtime.routing.bundle import (
     Bundle,
     BundleError,
     batch_arrays,
@@ -19,7 +19,7 @@ from device_runtime.bundle import (
     load_tokenizer,
     pad_id_of,
 )
-from device_runtime.routers.base import Message, Router, RouterError, register_router
+from device_runtime.routing.routers.base import ROUTERS, Message, Router, RouterError
 
 #: Turns per onnxruntime call.  1 by default: dynamic INT8 quantization
 #: scales activations per call (and padding enters those scales), so with
@@ -30,7 +30,7 @@ from device_runtime.routers.base import Message, Router, RouterError, register_r
 DEFAULT_BATCH = 1
 
 
-@register_router("bert")
+@ROUTERS.register("bert")
 class BertRouter(Router):
     """p_t = σ(Wᵀ[h_CLS; L_p] + b) (eq. 10), or a classifier's P(label k).
 

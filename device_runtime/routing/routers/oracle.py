@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from device_runtime.routers.base import Message, Router, RouterError, register_router
+from device_runtime.routing.routers.base import ROUTERS, Message, Router, RouterError
 
 
-@register_router("oracle")
+@ROUTERS.register("oracle")
 class OracleRouter(Router):
     """Scores a prompt by its true benefit from the edge.
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from device_runtime.routers.base import Message, Router, register_router
+from device_runtime.routing.routers.base import ROUTERS, Message, Router
 
 
-@register_router("random")
+@ROUTERS.register("random")
 class RandomRouter(Router):
     name = "random"
     tau_r = 0.0

@@ -1,0 +1,1 @@
+"""The device runtime: the orchestrator and its hooks (online routing), telemetry, dialogues."""

@@ -1,0 +1,1 @@
+"""Trace-driven simulation: traces, the simulator, metrics, response lengths, plots."""
