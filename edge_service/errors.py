@@ -16,7 +16,13 @@ from typing import Any, Callable
 
 import grpc
 
+from edge_service.auth import cap
+
 log = logging.getLogger(__name__)
+
+#: Longest status detail sent (and logged): details may quote what a client
+#: sent, which must not be echoed back or into the log at any length.
+MAX_DETAIL_CHARS = 512
 
 # Only methods of this service are wrapped; health and reflection keep their own handling.
 SERVICE_PREFIX = "/edgeroute.v1.EdgeLLM/"
@@ -81,7 +87,7 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception."""
     if isinstance(exc, EdgeServiceError):
-        return exc.code, str(exc) or exc.code.name
+        return exc.code, cap(str(exc) or exc.code.name, MAX_DETAIL_CHARS)
     ref = uuid.uuid4().hex[:12]
     log.error("internal error (ref %s)", ref, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref})"

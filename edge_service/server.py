@@ -6,7 +6,13 @@ per slot), and each Generate streams the worker's chunks through an
 stops at the next token, and the slot is reused only after it has stopped.
 
 Besides EdgeLLM the server exposes ``grpc.health.v1.Health`` (NOT_SERVING
-while shutting down) and server reflection.
+while shutting down; open to anyone, for load balancers) and, with
+``--reflection``, server reflection.
+
+Security (docs/security.md): TLS and mTLS from the settings' files, the
+:class:`~edge_service.auth.AuthInterceptor` outermost (every call but health
+authenticated, one audit line per call), sessions bound to the caller's
+principal, and a refusal to serve a non-loopback address unprotected.
 
     server, port = create_server("127.0.0.1:0", settings)
     await server.start()
@@ -21,12 +27,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, NoReturn
+from typing import TYPE_CHECKING, AsyncIterator, Callable, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from edge_service.auth import AuthInterceptor, TokenFileError, current_principal
 from edge_service.backends import BACKENDS, Backend, Slot
 from edge_service.errors import (
     Aborted,
@@ -35,6 +42,7 @@ from edge_service.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
+from edge_service.security import ServerSecurity, check_exposure
 from edge_service.sessions import Lease, SessionPool
 from edge_service.settings import EdgeSettings
 from edgeroute.v1 import edge_pb2, edge_pb2_grpc
@@ -103,7 +111,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         slots: list[Slot] = [backend.new_slot() for _ in range(n_slots)]
         self.backend = backend
         self.settings = settings
-        self.pool: SessionPool[Slot] = SessionPool(slots, max_sessions=settings.max_sessions)
+        self.pool: SessionPool[Slot] = SessionPool(
+            slots, max_sessions=settings.max_sessions, kv_sharing=settings.kv_sharing
+        )
         self.health = health.aio.HealthServicer()
         self.records: deque[GenerationRecord] = deque(maxlen=256)
         # One worker per slot: a lease owns its slot, so there are never more
@@ -139,11 +149,15 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
 
     # --- RPCs ---------------------------------------------------------------
 
+    # Every session call is made as the caller's principal (set by the auth
+    # interceptor): another principal's sessions are invisible to it.
+
     async def OpenSession(self, request, context):
-        return edge_pb2.OpenSessionResponse(session_id=self.pool.open(request.session_id or None))
+        sid = self.pool.open(request.session_id or None, owner=current_principal())
+        return edge_pb2.OpenSessionResponse(session_id=sid)
 
     async def CloseSession(self, request, context):
-        self.pool.close(request.session_id)
+        self.pool.close(request.session_id, owner=current_principal())
         return edge_pb2.CloseSessionResponse()
 
     async def GetServerInfo(self, request, context):
@@ -158,10 +172,10 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
     async def Generate(self, request, context) -> AsyncIterator[edge_pb2.GenerateResponse]:
         t_arrival = time.perf_counter()
         messages, params = _parse_turn(request)
+        owner = current_principal()
         if request.open_session:
-            self.pool.ensure(request.session_id)
-        transcript_length = request.transcript_length if request.HasField("transcript_length") else None
-        lease = await self._acquire(request.session_id, transcript_length)
+            self.pool.ensure(request.session_id, owner=owner)
+        lease = await self._acquire(request, owner)
         future: asyncio.Future | None = None
         turn: list[Message] | None = None  # the finished turn, once the answer is complete
         # Every way out (finished, refused, failed, cancelled by the client or
@@ -199,7 +213,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         """Raise the model thread's error for the interceptor to map."""
         if isinstance(error, InvalidArgument) and not answered:
             # Refused before the model ran: the slot's KV is still the
-            # displaced session's.
+            # displaced session's, and a transcript cut for this call is undone.
             self.pool.give_back(lease)
         raise error
 
@@ -221,11 +235,13 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         else:
             future.add_done_callback(lambda _: self.pool.done(lease))
 
-    async def _acquire(self, session_id: str, transcript_length: int | None) -> Lease:
+    async def _acquire(self, request: edge_pb2.GenerateRequest, owner: str) -> Lease:
+        length = request.transcript_length if request.HasField("transcript_length") else None
+        digest = request.transcript_digest if request.HasField("transcript_digest") else None
         deadline = time.monotonic() + _CANCEL_WAIT_S
         while True:
             try:
-                return self.pool.acquire(session_id, transcript_length)
+                return self.pool.acquire(request.session_id, length, digest=digest, owner=owner)
             except (FailedPrecondition, ResourceExhausted):
                 # A cancelled generation stops within a token; wait for it
                 # rather than refuse a client that cancelled and moved on.
@@ -241,7 +257,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
         stats = None
         try:
-            for chunk in slot.stream(prompt, params, lease.cancel):
+            for chunk in slot.stream(prompt, params, lease.cancel, lease.kv_owner):
                 put(Chunk(chunk))
             stats = slot.last_stats
             if stats is None:
@@ -363,29 +379,46 @@ def build_servicer(settings: EdgeSettings, backend: Backend | None = None) -> Ed
 
 
 def create_server(
-    address: str, settings: EdgeSettings, *, servicer: EdgeServicer | None = None
+    address: str,
+    settings: EdgeSettings,
+    *,
+    servicer: EdgeServicer | None = None,
+    security: ServerSecurity | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """A ``grpc.aio`` server with EdgeLLM, health and reflection, bound to ``address``.
+    """A ``grpc.aio`` server with EdgeLLM, health and (if asked for)
+    reflection, bound to ``address``: with TLS when the settings name a
+    certificate, and refused on a non-loopback address without TLS and auth
+    (:func:`~edge_service.security.check_exposure`).
 
     Call from inside the event loop that will run it.  ``servicer`` defaults to
     :func:`build_servicer` (which loads the model); pass your own to keep a
     handle on it: ``await servicer.mark_serving()`` after ``await
     server.start()``, and ``await servicer.shutdown(server)`` to stop.
+    ``security`` defaults to the one the settings describe.
     """
+    check_exposure(address, settings)
+    security = security if security is not None else ServerSecurity.from_settings(settings)
     servicer = servicer if servicer is not None else build_servicer(settings)
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=options)
+    # Auth first: nothing (not even the error mapping) runs for a caller
+    # without credentials, and the audit line sees the final status code.
+    interceptors = [AuthInterceptor(security.policy), ErrorMappingInterceptor()]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     edge_pb2_grpc.add_EdgeLLMServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(servicer.health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
     try:
-        port = server.add_insecure_port(address)
+        if security.credentials is not None:
+            port = server.add_secure_port(address, security.credentials)
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc reports a failed bind this way
         raise OSError(f"could not bind the edge service to {address}: {exc}") from None
     if port == 0:
@@ -393,17 +426,59 @@ def create_server(
     return server, port
 
 
-async def serve(settings: EdgeSettings, address: str, stop: asyncio.Event, ready=None) -> None:
-    """Run until ``stop`` is set, then shut down gracefully.
+def reload_tokens(security: ServerSecurity) -> None:
+    """SIGHUP: re-read the token file; a bad file keeps the old principals."""
+    if security.policy.tokens is None:
+        log.warning("SIGHUP: this server has no --auth-tokens file to reload")
+        return
+    try:
+        n = security.reload_tokens()
+    except TokenFileError as exc:
+        log.error("token file not reloaded, the previous principals stay in force: %s", exc)
+        return
+    log.info("token file reloaded: %d principal(s)", n)
 
-    ``ready(port)`` is called once the server is accepting calls.
+
+def _watch_sighup(security: ServerSecurity) -> Callable[[], None]:
+    """Reload the token file on SIGHUP (main thread only); returns the undo.
+    Installed without a token file too, so that a stray SIGHUP (the default
+    action ends the process) is logged rather than fatal."""
+    import signal
+
+    if not hasattr(signal, "SIGHUP"):
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload_tokens, security)
+    except (RuntimeError, ValueError, NotImplementedError):  # not the main thread
+        log.warning("SIGHUP cannot reload the token file here (not the main thread)")
+        return lambda: None
+    return lambda: loop.remove_signal_handler(signal.SIGHUP)
+
+
+async def serve(
+    settings: EdgeSettings,
+    address: str,
+    stop: asyncio.Event,
+    ready=None,
+    *,
+    security: ServerSecurity | None = None,
+) -> None:
+    """Run until ``stop`` is set, then shut down gracefully; SIGHUP reloads
+    the token file.
+
+    ``ready(port)`` is called once the server is accepting calls.  The
+    exposure rule and the security files are checked before the model loads.
     """
+    check_exposure(address, settings)
+    security = security if security is not None else ServerSecurity.from_settings(settings)
     servicer = build_servicer(settings)
     try:
-        server, port = create_server(address, settings, servicer=servicer)
+        server, port = create_server(address, settings, servicer=servicer, security=security)
     except BaseException:
         servicer.close()
         raise
+    unwatch = _watch_sighup(security)
     try:
         await server.start()
         await servicer.mark_serving()
@@ -412,6 +487,7 @@ async def serve(settings: EdgeSettings, address: str, stop: asyncio.Event, ready
         await stop.wait()
         log.info("shutting down (grace %.1f s)", settings.shutdown_grace_s)
     finally:
+        unwatch()
         await servicer.shutdown(server)
 
 
@@ -435,6 +511,7 @@ class EdgeServerThread:
         self._backend = backend
         self.port: int | None = None
         self.servicer: EdgeServicer | None = None
+        self.security: ServerSecurity | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -467,11 +544,14 @@ class EdgeServerThread:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        address = f"{host}:{self._requested_port}"
+        # Checked before the model loads, as ``serve`` does.
+        check_exposure(address, self.settings)
+        self.security = ServerSecurity.from_settings(self.settings)
         self.servicer = build_servicer(self.settings, self._backend)
         try:
-            server, port = create_server(
-                f"{self.host}:{self._requested_port}", self.settings, servicer=self.servicer
-            )
+            server, port = create_server(address, self.settings, servicer=self.servicer, security=self.security)
         except BaseException:
             self.servicer.close()
             raise
@@ -483,6 +563,13 @@ class EdgeServerThread:
             await self._stop.wait()
         finally:
             await self.servicer.shutdown(server)
+
+    def reload_tokens(self) -> int:
+        """Re-read the token file, as SIGHUP does for ``edgeroute serve``: the
+        number of principals; ``TokenFileError`` (old principals kept) otherwise."""
+        if self.security is None:
+            raise RuntimeError("the edge server is not running")
+        return self.security.reload_tokens()
 
     def stop(self, timeout_s: float = 60.0) -> None:
         if self._loop is not None and self._stop is not None and not self._loop.is_closed():

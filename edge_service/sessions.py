@@ -12,7 +12,10 @@ those turns and the edge prefills only them.
 
 A client may say how many transcript messages it holds (``transcript_length``):
 a turn the server recorded but whose final message never reached the client
-is then dropped, so both sides hold the same conversation.
+is then dropped, so both sides hold the same conversation.  With the digest of
+those messages (``transcript_digest``) the cut is made only if the server's
+prefix has the same content; a call refused before the model runs gets its
+cut back (:meth:`SessionPool.give_back`).
 
 At ``max_sessions``, opening a session closes the least-recently-used idle
 one (a device that crashed or lost its link never closes its sessions); its
@@ -27,11 +30,24 @@ client that cancels and immediately sends its next turn is not refused).
 A slot is reused only when both the request handler and the model thread of
 the previous lease are done, so a cancelled generation can never race the next.
 
+Sessions belong to the principal that opened them: every method takes the
+caller's ``owner`` and looks sessions up by ``(owner, session_id)``, so another
+principal's session is simply not there (NOT_FOUND with the detail of an id
+nobody holds), two principals may use the same client-chosen id, and neither
+ALREADY_EXISTS nor OUT_OF_RANGE can say anything about another's sessions.
+
+A slot's KV cache is reused only by whoever computed it: each lease carries
+a ``kv_owner`` (the session, or with ``kv_sharing="principal"`` the
+principal), and the backend drops a slot's KV before the prefix match when it
+was computed for another, so ``cached_tokens`` never depends on another
+principal's prompts.
+
 Thread-safe: the model runs in worker threads, the handlers on the event loop.
 """
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import re
 import threading
@@ -39,6 +55,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Generic, Sequence, TypeVar
 
+from device_runtime.core.messages import transcript_digest
+from edge_service.auth import ANONYMOUS, cap
 from edge_service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -52,11 +70,18 @@ from edgeroute.v1.types import Message
 SlotT = TypeVar("SlotT")
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+KV_SHARING = ("session", "principal")
+_uids = itertools.count(1)
 
 
 @dataclass
 class Session:
     session_id: str
+    #: The principal that opened it; only that principal finds it.
+    owner: str = ANONYMOUS
+    #: Unique for the life of the process, unlike ``session_id`` (an id may be
+    #: closed and opened again): whose KV a slot holds.
+    uid: int = field(default_factory=lambda: next(_uids))
     transcript: list[Message] = field(default_factory=list)
     #: Index of the slot holding this session's KV, or None (never had one, or evicted).
     slot: int | None = None
@@ -88,6 +113,11 @@ class Lease(Generic[SlotT]):
     cancel: threading.Event = field(default_factory=threading.Event)
     #: The idle session whose KV this lease's slot held (taken from it), or None.
     displaced: "Session | None" = None
+    #: Whose KV the slot may reuse for this turn; the backend drops KV computed for anyone else.
+    kv_owner: object = None
+    #: Messages cut off the transcript by ``transcript_length`` for this call,
+    #: put back by :meth:`SessionPool.give_back` if the call is refused.
+    cut: list[Message] = field(default_factory=list)
     _holders: int = 2
     _commit: list[Message] | None = None
 
@@ -95,16 +125,19 @@ class Lease(Generic[SlotT]):
 class SessionPool(Generic[SlotT]):
     """Sessions mapped onto a fixed set of slots, least-recently-used first out."""
 
-    def __init__(self, slots: Sequence[SlotT], *, max_sessions: int) -> None:
+    def __init__(self, slots: Sequence[SlotT], *, max_sessions: int, kv_sharing: str = "session") -> None:
         if not slots:
             raise ValueError("a session pool needs at least one slot")
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        if kv_sharing not in KV_SHARING:
+            raise ValueError(f"kv_sharing must be one of {', '.join(KV_SHARING)}, got {kv_sharing!r}")
+        self.kv_sharing = kv_sharing
         self.slots: list[SlotT] = list(slots)
         self.max_sessions = max_sessions
         # Slot index -> the session whose KV it holds.
         self._owners: list[Session | None] = [None] * len(self.slots)
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[tuple[str, str], Session] = {}
         self._clock = itertools.count(1)
         self._lock = threading.Lock()
         #: Counters for logs and tests: KV slots taken from idle sessions, idle
@@ -114,22 +147,23 @@ class SessionPool(Generic[SlotT]):
 
     # --- sessions -------------------------------------------------------------
 
-    def open(self, session_id: str | None = None) -> str:
+    def open(self, session_id: str | None = None, *, owner: str = ANONYMOUS) -> str:
+        """Open a session of ``owner``; ALREADY_EXISTS only for an id ``owner`` holds."""
         if session_id:
             if not _SESSION_ID.match(session_id):
                 raise InvalidArgument(
                     "session_id must be 1-128 characters from A-Z a-z 0-9 . _ : -"
                 )
         with self._lock:
-            if session_id and session_id in self._sessions:
-                raise AlreadyExists(f"session {session_id!r} already exists")
+            if session_id and (owner, session_id) in self._sessions:
+                raise AlreadyExists(f"session {cap(session_id)!r} already exists")
             if len(self._sessions) >= self.max_sessions:
                 self._evict_idle_session()
             sid = session_id or uuid.uuid4().hex
-            self._sessions[sid] = Session(sid, last_used=next(self._clock))
+            self._sessions[(owner, sid)] = Session(sid, owner=owner, last_used=next(self._clock))
             return sid
 
-    def ensure(self, session_id: str) -> bool:
+    def ensure(self, session_id: str, *, owner: str = ANONYMOUS) -> bool:
         """Open ``session_id`` unless it is open already; True if it was opened.
 
         For ``Generate`` with ``open_session``: the client chose the id and sends
@@ -138,19 +172,19 @@ class SessionPool(Generic[SlotT]):
         if not session_id:
             raise InvalidArgument("open_session needs the session_id to open")
         with self._lock:
-            if session_id in self._sessions:
+            if (owner, session_id) in self._sessions:
                 return False
         try:
-            self.open(session_id)
+            self.open(session_id, owner=owner)
         except AlreadyExists:  # opened by a concurrent call in between
             return False
         return True
 
-    def close(self, session_id: str) -> None:
+    def close(self, session_id: str, *, owner: str = ANONYMOUS) -> None:
         """Forget a session.  A Generate still running on it is cancelled."""
         with self._lock:
-            session = self._get(session_id)
-            del self._sessions[session_id]
+            session = self._get(session_id, owner)
+            del self._sessions[(owner, session_id)]
             session.closed = True
             if session.lease is not None:
                 session.lease.cancel.set()  # its slot is freed when the lease ends
@@ -166,24 +200,24 @@ class SessionPool(Generic[SlotT]):
                 f"the server holds its maximum of {self.max_sessions} sessions, all generating; retry shortly"
             )
         victim = min(idle, key=lambda s: s.last_used)
-        del self._sessions[victim.session_id]
+        del self._sessions[(victim.owner, victim.session_id)]
         victim.closed = True
         if victim.slot is not None:
             self._owners[victim.slot] = None
             victim.slot = None
         self.session_evictions += 1
 
-    def transcript(self, session_id: str) -> list[Message]:
+    def transcript(self, session_id: str, *, owner: str = ANONYMOUS) -> list[Message]:
         with self._lock:
-            return list(self._get(session_id).transcript)
+            return list(self._get(session_id, owner).transcript)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._sessions)
 
-    def slot_of(self, session_id: str) -> int | None:
+    def slot_of(self, session_id: str, *, owner: str = ANONYMOUS) -> int | None:
         with self._lock:
-            return self._get(session_id).slot
+            return self._get(session_id, owner).slot
 
     def cancel_all(self) -> None:
         """Cancel every running generation (shutdown)."""
@@ -202,29 +236,31 @@ class SessionPool(Generic[SlotT]):
 
     # --- leases ---------------------------------------------------------------
 
-    def acquire(self, session_id: str, transcript_length: int | None = None) -> Lease[SlotT]:
+    def acquire(
+        self,
+        session_id: str,
+        transcript_length: int | None = None,
+        *,
+        digest: bytes | None = None,
+        owner: str = ANONYMOUS,
+    ) -> Lease[SlotT]:
         """Take the session's slot (or the LRU idle one) for one Generate.
 
         ``transcript_length``: the messages the client holds; a longer
-        transcript is cut back to it, a shorter one is OUT_OF_RANGE.
+        transcript is cut back to it (the cut is kept on the lease, for
+        :meth:`give_back`).  ``digest``: the client's
+        :func:`~device_runtime.core.messages.transcript_digest` of those
+        messages; the cut is made only if the server's prefix has the same
+        one.  A shorter transcript or another digest is OUT_OF_RANGE.
         """
         with self._lock:
-            session = self._get(session_id)
+            session = self._get(session_id, owner)
             if session.busy:
                 raise FailedPrecondition(
-                    f"a Generate is already running on session {session_id!r}; "
+                    f"a Generate is already running on session {cap(session_id)!r}; "
                     "wait for it to finish or cancel it"
                 )
-            if transcript_length is not None:
-                held = len(session.transcript)
-                if transcript_length > held:
-                    raise OutOfRange(
-                        f"session {session_id!r} holds {held} messages, not {transcript_length}; "
-                        "open a new session and send the whole conversation"
-                    )
-                # A turn whose final message the client never received: its
-                # KV is overwritten by the prefix match of the next prompt.
-                del session.transcript[transcript_length:]
+            cut = self._check_transcript(session, transcript_length, digest)
             kv_restored = False
             previous = None
             if session.slot is None:
@@ -244,16 +280,54 @@ class SessionPool(Generic[SlotT]):
                 kv_restored=kv_restored,
                 transcript=tuple(session.transcript),
                 displaced=previous,
+                kv_owner=self._kv_owner(session),
+                cut=cut,
             )
             session.lease = lease
             return lease
 
+    def _kv_owner(self, session: Session) -> tuple[str, object]:
+        if self.kv_sharing == "principal":
+            return ("principal", session.owner)
+        return ("session", session.uid)
+
+    @staticmethod
+    def _check_transcript(session: Session, length: int | None, digest: bytes | None) -> list[Message]:
+        """Cut ``session``'s transcript back to the client's ``length`` (lock
+        held) and return what was cut.  The OUT_OF_RANGE detail is the same
+        whatever the mismatch, and names nothing the client did not send."""
+        if length is None:
+            if digest is not None:
+                raise InvalidArgument("transcript_digest needs transcript_length")
+            return []
+        if digest is not None and len(digest) != 32:
+            raise InvalidArgument(f"transcript_digest must be 32 bytes (SHA-256), got {len(digest)}")
+        held = session.transcript
+        matches = length <= len(held)
+        if matches and digest is not None:
+            mine = transcript_digest([m.to_dict() for m in held[:length]])
+            matches = hmac.compare_digest(mine, bytes(digest))
+        if not matches:
+            raise OutOfRange(
+                f"session {cap(session.session_id)!r} does not hold the {length} messages this "
+                "client holds; open a new session and send the whole conversation"
+            )
+        # A turn whose final message the client never received: its KV is
+        # overwritten by the prefix match of the next prompt.
+        cut = held[length:]
+        del held[length:]
+        return cut
+
     def give_back(self, lease: Lease[SlotT]) -> None:
-        """The lease's request was refused before its slot's KV was touched:
-        the session it displaced gets the slot back (its KV is still there)."""
+        """The lease's request was refused before the model ran: the transcript
+        gets back the messages cut for it, and the session it displaced gets the
+        slot back (the backend touches no KV before refusing, so it is intact)."""
         with self._lock:
             previous, session, index = lease.displaced, lease.session, lease.slot_index
             lease.displaced = None
+            if lease.cut:
+                session.transcript.extend(lease.cut)
+                lease.cut = []
             if previous is None or previous.closed or previous.slot is not None:
                 return
             if self._owners[index] is not session:
@@ -298,8 +372,10 @@ class SessionPool(Generic[SlotT]):
             )
         return min(idle)[1]
 
-    def _get(self, session_id: str) -> Session:
+    def _get(self, session_id: str, owner: str) -> Session:
+        """``owner``'s session; another principal's is not found, with the
+        detail of an id nobody holds."""
         try:
-            return self._sessions[session_id]
+            return self._sessions[(owner, session_id)]
         except KeyError:
-            raise NotFound(f"unknown session {session_id!r}; open one first") from None
+            raise NotFound(f"unknown session {cap(session_id)!r}; open one first") from None

@@ -17,6 +17,8 @@ from device_runtime.llm.prompt_format import prompt_format_choices
 from edge_service.backends.base import BACKENDS
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Who may reuse a slot's cached prompt prefix (``--kv-sharing``).
+KV_SHARING_CHOICES = ("session", "principal")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,49 @@ class EdgeSettings:
         metadata=flag("seconds running streams get to finish on shutdown", name="--grace", metavar="GRACE"),
     )
     seed: int = field(default=0, metadata=flag("llama.cpp context seed", cli=False))
+    # --- security (docs/security.md) ------------------------------------------
+    tls_cert: Path | None = field(
+        default=None, metadata=flag("serve TLS with this PEM certificate (chain)", metavar="FILE")
+    )
+    tls_key: Path | None = field(
+        default=None, metadata=flag("the PEM private key of --tls-cert", metavar="FILE")
+    )
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata=flag(
+            "mTLS: clients must present a certificate signed by this PEM CA; its subject "
+            "becomes the caller's principal (needs --tls-cert)",
+            metavar="FILE",
+        ),
+    )
+    auth_tokens: Path | None = field(
+        default=None,
+        metadata=flag(
+            "bearer-token file, one 'principal<TAB>sha256-hex-of-token' per line "
+            "(edgeroute token new NAME); SIGHUP reloads it",
+            metavar="FILE",
+        ),
+    )
+    insecure: bool = field(
+        default=False,
+        metadata=flag(
+            "serve on a non-loopback address without TLS and authentication "
+            "(anyone who reaches the port can use, read and close every session)"
+        ),
+    )
+    reflection: bool = field(
+        default=False, metadata=flag("serve gRPC server reflection (needs auth when auth is on)")
+    )
+    kv_sharing: str = field(
+        default="session",
+        metadata=flag(
+            "who may reuse a slot's cached prompt prefix: 'session' (only the session that "
+            "computed it) or 'principal' (any session of the same principal; faster when one "
+            "user has several sessions, but those sessions can then see each other's "
+            "prompts through cached_tokens)",
+            choices=KV_SHARING_CHOICES,
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.model_path is not None:
@@ -85,6 +130,29 @@ class EdgeSettings:
         if not (_finite(self.shutdown_grace_s) and self.shutdown_grace_s >= 0):
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s!r}")
         _check_int("seed", self.seed, 0)
+        self._check_security()
+
+    def _check_security(self) -> None:
+        """Combinations only; the files are read by :mod:`edge_service.security`."""
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value).expanduser())
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        if self.kv_sharing not in KV_SHARING_CHOICES:
+            raise ValueError(f"kv_sharing must be one of {', '.join(KV_SHARING_CHOICES)}, got {self.kv_sharing!r}")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def authenticated(self) -> bool:
+        """Every call but health needs a principal (a token or a client certificate)."""
+        return self.auth_tokens is not None or self.tls_client_ca is not None
 
     def with_(self, **changes) -> "EdgeSettings":
         return replace(self, **changes)

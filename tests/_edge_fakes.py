@@ -19,7 +19,7 @@ class GatedSlot(Slot):
         self.backend = backend
         self.last_stats = None
 
-    def stream(self, messages, params, cancel):
+    def stream(self, messages, params, cancel, kv_owner=None):
         self.last_stats = None
         self.backend.started.set()
         yield "chunk"

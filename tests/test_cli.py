@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "demo": ["--dialogues"],
     "profile": ["--out"],
     "bench": ["router"],
+    "token": ["new"],
 }
 
 

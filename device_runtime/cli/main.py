@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "demo": "device_runtime.cli.demo",
     "profile": "device_runtime.cli.profile",
     "bench": "device_runtime.cli.bench",
+    "token": "device_runtime.cli.token",
 }
 
 

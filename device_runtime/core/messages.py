@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import hashlib
+from typing import Any, Mapping, Sequence
 
 #: Roles a chat message may have.  The router's history takes only the dialogue
 #: roles; a system message is not part of what it scores.
@@ -41,3 +42,22 @@ def check_message(
         raise error(f"{where}: content is not valid Unicode text (it holds a lone surrogate)")
     return {"role": role, "content": content}
 
+
+def transcript_digest(messages: Sequence[Mapping[str, str]]) -> bytes:
+    """A SHA-256 chain over the role and content of each message, in order.
+
+    The device sends it with the number of messages it holds, and the edge
+    cuts its own transcript back to that length only if its prefix has the
+    same digest: a count alone says nothing about content.  Each link hashes
+    the previous digest, the role, and the length-prefixed UTF-8 content, so
+    no two different transcripts share a digest by splitting text differently.
+    """
+    digest = bytes(32)
+    for message in messages:
+        role = str(message["role"]).encode("utf-8")
+        content = str(message["content"]).encode("utf-8", "surrogatepass")
+        h = hashlib.sha256(digest)
+        h.update(len(role).to_bytes(4, "big") + role)
+        h.update(len(content).to_bytes(8, "big") + content)
+        digest = h.digest()
+    return digest

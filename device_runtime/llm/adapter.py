@@ -1,11 +1,12 @@
 """Every call into llama-cpp-python beyond the public ``Llama`` methods.
 
 The conversation needs things llama-cpp-python has no public API for: the raw
-bytes of one token, a sampler that reads the context's logits in place, the
-end-of-generation test, the tokens the context holds, and removing the tail of
-the KV cache.  They go through the private ``_internals`` module, the ctypes
-bindings (``llama_cpp.llama_cpp``) and the private attributes ``Llama._ctx``
-and ``Llama._model``, all of which change between releases without notice.
+bytes of one token, whether a token is a control token, a sampler that reads
+the context's logits in place, the end-of-generation test, the tokens the
+context holds, and removing the tail of the KV cache.  They go through the
+private ``_internals`` module, the ctypes bindings (``llama_cpp.llama_cpp``)
+and the private attributes ``Llama._ctx`` and ``Llama._model``, all of which
+change between releases without notice.
 Keeping them in this one module leaves one file to check against a new
 release; ``pyproject.toml`` bounds the version and
 ``tests/test_llm_adapter.py`` checks both the installed version and that no
@@ -87,6 +88,18 @@ def token_bytes(llama: "llama_cpp.Llama", token: int) -> bytes:
         buf = ctypes.create_string_buffer(size)
         n = llama_cpp.llama_token_to_piece(llama._model.vocab, token, buf, size, 0, False)
     return buf.raw[: max(n, 0)]
+
+
+def is_control_token(llama: "llama_cpp.Llama", token: int) -> bool:
+    """Whether ``token`` is one only special-token parsing produces (``<|im_end|>``,
+    ``<start_of_turn>``, BOS, EOS...): a control or unknown token.
+
+    User-defined tokens are not: llama.cpp matches those in plain text as well.
+    """
+    import llama_cpp
+
+    attr = llama_cpp.llama_vocab_get_attr(llama._model.vocab, token)
+    return bool(attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN))
 
 
 def is_end_of_generation(llama: "llama_cpp.Llama", token: int) -> bool:

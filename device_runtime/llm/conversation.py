@@ -11,8 +11,10 @@ missing turns prefills only those turns (Fig. 2, turn 3).
 The counts in :class:`GenerationStats` are read from the context itself
 (``n_tokens`` before and after), never assumed.
 
-Prompt formats live in :mod:`.prompt_format`, stop strings in :mod:`.stops`,
-and every call into llama-cpp-python internals in :mod:`.adapter`.
+Prompt formats live in :mod:`.prompt_format` (which also keeps message content
+from forging turns, and maps the answer's text back for display), stop strings
+in :mod:`.stops`, and every call into llama-cpp-python internals in
+:mod:`.adapter`.
 """
 
 from __future__ import annotations
@@ -237,6 +239,9 @@ class LlamaConversation:
         """Sample up to ``budget`` tokens, yielding the text the stop filter lets through."""
         llama = self.llama
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # After the stops are cut: the format's own view of the answer (the
+        # plain format unescapes turn labels, see prompt_format).
+        answer = self.prompt_format.answer_filter()
         t_first = None
         stats.finish_reason = "length"
         try:
@@ -252,7 +257,8 @@ class LlamaConversation:
                     stats.finish_reason = "stop"
                     break
                 stats.output_tokens += 1
-                chunk = text_filter.feed(decoder.decode(adapter.token_bytes(llama, token)))
+                piece = decoder.decode(adapter.token_bytes(llama, token))
+                chunk = answer.feed(text_filter.feed(piece))
                 # The answer's tokens go into the context, so the next turn
                 # finds them there.  The last one (or an EOG token) is not
                 # evaluated: the next turn's prefill covers it.
@@ -265,7 +271,7 @@ class LlamaConversation:
                     break
             # Bytes still in the decoder are a character cut off by the stop
             # or the length limit: dropped, not emitted as U+FFFD.
-            tail = text_filter.flush()
+            tail = answer.feed(text_filter.flush()) + answer.flush()
             if tail:
                 yield tail
         finally:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Sequence
 
 from device_runtime.core.registry import Registry
 
@@ -34,11 +34,20 @@ class Slot(ABC):
 
     @abstractmethod
     def stream(
-        self, messages: Sequence[dict], params: GenerationParams, cancel: threading.Event
+        self,
+        messages: Sequence[dict],
+        params: GenerationParams,
+        cancel: threading.Event,
+        kv_owner: Hashable = None,
     ) -> Iterator[str]:
         """Answer the last (user) message of ``messages``, yielding text chunks.
 
-        Must return soon after ``cancel`` is set.
+        ``kv_owner``: who this turn's KV belongs to (a session, or a principal;
+        see :class:`edge_service.sessions.SessionPool`).  A slot whose cache
+        holds KV computed for another owner must drop it before matching the
+        prompt's prefix, so that ``cached_tokens`` never depends on another
+        owner's prompts (a side channel otherwise).  Must return soon after
+        ``cancel`` is set.
         """
 
     def close(self) -> None:

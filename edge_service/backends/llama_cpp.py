@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Hashable, Iterator, Sequence
 
 from device_runtime.llm.adapter import load_llama
 from device_runtime.llm.conversation import (
@@ -34,15 +34,23 @@ log = logging.getLogger(__name__)
 class LlamaSlot(Slot):
     def __init__(self, conversation: LlamaConversation) -> None:
         self.conversation = conversation
+        #: Whose KV the context holds (None: nobody's yet, it is empty).
+        self.kv_owner: Hashable = None
 
     @property
     def last_stats(self) -> GenerationStats | None:  # type: ignore[override]
         return self.conversation.last_stats
 
     def stream(
-        self, messages: Sequence[dict], params: GenerationParams, cancel: threading.Event
+        self,
+        messages: Sequence[dict],
+        params: GenerationParams,
+        cancel: threading.Event,
+        kv_owner: Hashable = None,
     ) -> Iterator[str]:
         try:
+            if kv_owner != self.kv_owner:
+                self._forget_for(kv_owner, messages)
             yield from self.conversation.stream(
                 list(messages),
                 max_tokens=params.max_tokens,
@@ -54,6 +62,24 @@ class LlamaSlot(Slot):
             )
         except (ContextOverflowError, InvalidMessagesError) as exc:
             raise InvalidArgument(str(exc)) from exc
+
+    def _forget_for(self, kv_owner: Hashable, messages: Sequence[dict]) -> None:
+        """Drop the KV another owner computed, so the prefix match cannot
+        report how much of this prompt it shared with theirs.
+
+        A request the conversation would refuse is refused first, with the KV
+        untouched: the session pool then gives the slot back to the session
+        it displaced, whose cache is still valid.
+        """
+        conversation = self.conversation
+        n_tokens = conversation.count_tokens(list(messages))
+        if n_tokens >= conversation.n_ctx:
+            raise ContextOverflowError(
+                f"the conversation is {n_tokens} tokens but the context window is "
+                f"{conversation.n_ctx}; start a new conversation or load the model with a larger n_ctx"
+            )
+        conversation.reset()
+        self.kv_owner = kv_owner
 
     def close(self) -> None:
         self.conversation.llama.close()

@@ -72,18 +72,20 @@ class GenerationParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "messages", "params", "open_session", "transcript_length")
+    __slots__ = ("session_id", "messages", "params", "open_session", "transcript_length", "transcript_digest")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     OPEN_SESSION_FIELD_NUMBER: _ClassVar[int]
     TRANSCRIPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TRANSCRIPT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     params: GenerationParams
     open_session: bool
     transcript_length: int
-    def __init__(self, session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., open_session: _Optional[bool] = ..., transcript_length: _Optional[int] = ...) -> None: ...
+    transcript_digest: bytes
+    def __init__(self, session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., open_session: _Optional[bool] = ..., transcript_length: _Optional[int] = ..., transcript_digest: _Optional[bytes] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("text",)

@@ -76,7 +76,7 @@ class EdgeLLMServicer:
 
     def CloseSession(self, request, context):
         """Closes a session and frees its transcript and KV slot.  NOT_FOUND for an
-        unknown id.
+        unknown id (or another principal's).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,7 +106,8 @@ class EdgeLLMServicer:
         generating; `open_session` when the server holds its maximum of
         sessions and all of them are generating: otherwise the least recently
         used idle session is closed to make room), ABORTED (the session was closed while generating),
-        OUT_OF_RANGE (`transcript_length` is longer than the session's transcript:
+        OUT_OF_RANGE (`transcript_length` is longer than the session's transcript,
+        or `transcript_digest` does not match the server's prefix of that length:
         the client should open a new session and send the whole conversation).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
