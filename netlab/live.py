@@ -17,7 +17,10 @@ EDGE_PORT = 50051
 
 def start_edge(lab: NetLab, port: int = EDGE_PORT, extra: list[str] | None = None, timeout_s: float = 300.0) -> subprocess.Popen:
     """``edgeroute serve`` on the edge's veth address; returns once it accepts connections."""
-    argv = [sys.executable, "-m", "device_runtime.cli.main", "serve", "--host", lab.edge_addr, "--port", str(port)]
+    # The veth address is not loopback, so serve needs --insecure: the link
+    # is a private pair of namespaces made by this run, with nobody else on it.
+    argv = [sys.executable, "-m", "device_runtime.cli.main", "serve", "--host", lab.edge_addr, "--port", str(port),
+            "--insecure"]
     proc = lab.popen(lab.edge_ns, argv + list(extra or []), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         lab.wait_port(lab.edge_ns, lab.edge_addr, port, timeout_s=timeout_s, proc=proc)

@@ -217,3 +217,7 @@ def test_generate_refuses_a_bad_transcript_length(fault_edge):
         for bad in (-1, 2**32):
             with pytest.raises(ValueError, match="transcript_length"):
                 c.generate("s", HI, transcript_length=bad)
+        # A digest is a SHA-256 of the messages counted by transcript_length.
+        for length, digest in ((None, bytes(32)), (2, bytes(31)), (2, "0" * 32)):
+            with pytest.raises(ValueError, match="transcript_digest"):
+                c.generate("s", HI, transcript_length=length, transcript_digest=digest)

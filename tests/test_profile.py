@@ -204,7 +204,8 @@ def test_profiler_recovers_configured_rtt_and_rate_over_emulated_link():
         server = lab.popen(
             lab.edge_ns,
             [sys.executable, "-m", "device_runtime.cli.main", "serve", "--host", lab.edge_addr,
-             "--port", str(edge_port), "--n-slots", "1", "--n-ctx", "512"],
+             "--port", str(edge_port), "--n-slots", "1", "--n-ctx", "512",
+             "--insecure"],  # a private namespace pair made by this test
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         lab.wait_port(lab.edge_ns, lab.edge_addr, edge_port, timeout_s=300, proc=server)

@@ -2,11 +2,13 @@
 
     edgeroute chat --edge 127.0.0.1:50051                  # interactive, streamed
     edgeroute chat --edge HOST:PORT --script turns.jsonl --json
+    edgeroute chat --edge HOST:PORT --tls-ca ca.crt --token-file edge.token   # TLS and a token
 
 Script lines are ``{"prompt": str}`` (a turn in the current conversation) or an
 MT-Bench-101 dialogue ``{"history": [{"user": str}, ...]}`` (a new conversation).
 Interactive commands: ``/new`` starts a new conversation, ``/quit`` (or EOF) ends.
-Turns the edge could not answer run on the device; the run still exits 0.
+Turns the edge could not answer run on the device; the run still exits 0.  The
+token may also come from the EDGEROUTE_TOKEN environment variable.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from device_runtime.runtime.dialogues import ScriptError, load_script
-    from device_runtime.cli.runner import Output, build_orchestrator, format_summary, play
+    from device_runtime.cli.runner import Output, build_orchestrator, edge_security, format_summary, play
 
     items = None
     if args.script:
@@ -47,10 +49,15 @@ def run(args: argparse.Namespace) -> int:
         except ScriptError as exc:
             print(f"edgeroute chat: {exc}", file=sys.stderr)
             return 2
+    try:
+        security = edge_security(args, args.edge)
+    except ValueError as exc:  # a credentials file or flag: before any model loads
+        print(f"edgeroute chat: {exc}", file=sys.stderr)
+        return 2
     if not args.edge and args.policy != "device":
         log.warning("no --edge given: turns routed to the edge run on the device")
     try:
-        orch = build_orchestrator(args, args.edge)
+        orch = build_orchestrator(args, args.edge, security)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"edgeroute chat: {exc}", file=sys.stderr)
         return 2

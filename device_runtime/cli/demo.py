@@ -40,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--edge-n-ctx", type=int, default=4096, help="edge context window per slot (tokens)")
     p.add_argument("--edge-threads", type=int, default=None, help="edge CPU threads")
     p.add_argument("--edge", metavar="HOST:PORT",
-                   help="use a running edge service instead of starting one")
+                   help="use a running edge service instead of starting one (see the security flags)")
     p.add_argument("--show-text", action="store_true", help="also print the prompts and streamed answers")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the 1-token warm-up request to each model before the first turn")
@@ -54,7 +54,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from device_runtime.runtime.dialogues import ScriptError, load_dialogues
-    from device_runtime.cli.runner import Output, assemble, build_device, connect_edge, format_summary, play
+    from device_runtime.cli.runner import (
+        Output, assemble, build_device, connect_edge, edge_security, format_summary, play,
+    )
 
     for name in ("limit", "max_turns"):
         v = getattr(args, name)
@@ -64,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         items = load_dialogues(args.dialogues, limit=args.limit, max_turns=args.max_turns)
     except ScriptError as exc:
+        print(f"edgeroute demo: {exc}", file=sys.stderr)
+        return 2
+    try:
+        # The edge this command starts is on loopback and open; the flags
+        # secure the link to a running one (--edge).
+        security = edge_security(args, args.edge)
+    except ValueError as exc:
         print(f"edgeroute demo: {exc}", file=sys.stderr)
         return 2
 
@@ -79,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             edge_server = _start_edge(args)
             target = edge_server.target
             log.info("edge service on %s", target)
-        edge = connect_edge(target, args)
+        edge = connect_edge(target, args, security)
         orch = assemble(device, edge, args)
         if not args.no_warmup:
             _warm_up(orch)

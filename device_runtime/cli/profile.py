@@ -1,6 +1,7 @@
 """``edgeroute profile``: measure γ_s, γ_e, τ_r, B and δ and write PROFILE.json.
 
     edgeroute profile --edge HOST:PORT --out PROFILE.json [--json]
+    edgeroute profile --edge HOST:PORT --tls-ca ca.crt --token-file edge.token --out PROFILE.json
 
 What is measured, and how, is :mod:`device_runtime.link.profiler`; this module
 parses the flags (made by :class:`~device_runtime.link.profiler.ProfileSettings`),
@@ -37,6 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the profile on stdout, nothing else")
     # --parts keeps its comma-separated text as the default; argparse parses it like a given value.
     add_flags(p, ProfileSettings, exclude=["edge"], defaults={"parts": ",".join(PARTS)})
+    from device_runtime.cli.runner import add_security_args
+
+    add_security_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -61,10 +65,12 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"edgeroute profile: {problem}", file=sys.stderr)
         return 2
+    from device_runtime.cli.runner import edge_security
     from device_runtime.link.profiler import ProfileSettings, run_profile
 
     try:
         settings = from_args(ProfileSettings, args)
+        security = edge_security(args, settings.edge)
     except ValueError as exc:
         print(f"edgeroute profile: {exc}", file=sys.stderr)
         return 2
@@ -75,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     texts = sample_texts(settings.data_dir)
     prompts = sample_prompts(settings.data_dir, settings.answer_prompts)
     try:
-        profile = run_profile(settings, texts, prompts)
+        profile = run_profile(settings, texts, prompts, security=security)
     except EdgeUnavailable as exc:
         print(f"edgeroute profile: the edge at {settings.edge} is unreachable: {exc}", file=sys.stderr)
         return 1

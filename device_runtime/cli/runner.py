@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence, TextIO
 
 from device_runtime.core.flags import add_flags, flag, from_args
+from device_runtime.link.credentials import ENV_TOKEN, ChannelSecurity, CredentialsError, EdgeSecuritySettings
 from device_runtime.link.profile import LiveCostSettings
 from device_runtime.llm.slm import SLMSettings
 from device_runtime.routing.policies import PolicySettings
@@ -54,6 +56,30 @@ def add_runtime_args(p: argparse.ArgumentParser, *, max_tokens: int = 128) -> No
     add_flags(g, LiveCostSettings)
     add_flags(g, OrchestratorSettings, defaults={"max_tokens": max_tokens})
     add_flags(g, RuntimeCliSettings)
+    add_security_args(p)
+
+
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    """The edge link's TLS and token flags (``chat``, ``demo --edge``, ``profile``)."""
+    add_flags(p.add_argument_group("edge link security (docs/security.md)"), EdgeSecuritySettings)
+
+
+def edge_security(args: argparse.Namespace, target: str | None) -> ChannelSecurity | None:
+    """The checked credentials for ``target`` from the flags and, without
+    ``--token-file``, the ``EDGEROUTE_TOKEN`` environment variable (read here,
+    in the command, never in the library); None without a target.
+
+    Every file is read and parsed now, and a token that would cross the
+    network in clear is refused now: a :class:`CredentialsError` (one line,
+    exit 2) before any model loads."""
+    settings = from_args(EdgeSecuritySettings, args)
+    if target is None:
+        if settings.given:
+            raise CredentialsError("--tls, --tls-ca, --tls-cert, --tls-key and --token-file need --edge HOST:PORT")
+        return None
+    security = settings.channel_security(os.environ.get(ENV_TOKEN))
+    security.metadata(target)
+    return security
 
 
 @dataclass
@@ -88,12 +114,13 @@ def build_device(args: argparse.Namespace) -> DeviceSide:
     return DeviceSide(slm, policy, params, settings)
 
 
-def connect_edge(target: str, args: argparse.Namespace) -> "EdgeClient":
-    """An edge client for ``target``; it starts connecting in the background,
-    so the first edge turn finds the channel ready."""
+def connect_edge(target: str, args: argparse.Namespace, security: ChannelSecurity | None = None) -> "EdgeClient":
+    """An edge client for ``target`` secured by ``security`` (see
+    :func:`edge_security`); it starts connecting in the background, so the
+    first edge turn finds the channel ready."""
     from device_runtime.link.edge_client import EdgeClient
 
-    return EdgeClient(target, timeout_s=args.edge_timeout)
+    return EdgeClient(target, security=security, timeout_s=args.edge_timeout)
 
 
 def fit_edge_window(edge: "EdgeClient", settings: OrchestratorSettings, slm_window: int) -> OrchestratorSettings:
@@ -139,10 +166,12 @@ def assemble(device: DeviceSide, edge: "EdgeClient | None", args: argparse.Names
     return Orchestrator(device.slm, device.policy, device.params, edge=edge, settings=settings, hooks=hooks)
 
 
-def build_orchestrator(args: argparse.Namespace, edge_target: str | None) -> "Orchestrator":
+def build_orchestrator(
+    args: argparse.Namespace, edge_target: str | None, security: ChannelSecurity | None = None,
+) -> "Orchestrator":
     """The whole runtime from the flags: the device side, then the edge client."""
     device = build_device(args)
-    edge = connect_edge(edge_target, args) if edge_target else None
+    edge = connect_edge(edge_target, args, security) if edge_target else None
     return assemble(device, edge, args)
 
 

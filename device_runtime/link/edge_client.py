@@ -10,16 +10,24 @@ A blocking API for the turn orchestrator:
         stream.result.prefill_tokens   # what the edge computed (ΔC_t of eq. 1 plus the prompt)
 
 Failures split in two: :class:`EdgeUnavailable` (cannot connect, UNAVAILABLE,
-deadline exceeded), on which the device runs the turn itself, and
-:class:`EdgeError` for every other status.  Both carry the gRPC status as
-``code`` (a ``grpc.StatusCode``), so callers decide by the status, never by
-the message text.
-Every call has a deadline (``timeout_s``).
+deadline exceeded, a TLS handshake that fails), on which the device runs the
+turn itself, and :class:`EdgeError` for every other status (UNAUTHENTICATED:
+the edge refused the credentials).  Both carry the gRPC status as ``code`` (a
+``grpc.StatusCode``), so callers decide by the status, never by the message
+text.  Every call has a deadline (``timeout_s``).
+
+The channel is secured by a :class:`~device_runtime.link.credentials.ChannelSecurity`
+(TLS, mTLS, and the bearer token sent as metadata on every call).  What the edge
+sends back is checked before anyone uses it: a final message whose timings are
+not finite, negative or longer than the call itself, or whose counts do not add
+up, is an :class:`EdgeError` (INTERNAL), never a ``ValueError``, so the device
+answers the turn instead of crashing: anything on the path could send one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -28,6 +36,7 @@ from typing import Iterator, Mapping, Sequence
 
 import grpc
 
+from device_runtime.link.credentials import ChannelSecurity
 from edgeroute.v1 import edge_pb2, edge_pb2_grpc
 from edgeroute.v1.types import GenerationParams, GenerationSummary, ServerInfo, messages_to_pb
 
@@ -44,6 +53,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+#: More tokens than any context window holds: a count above it is a malformed report.
+MAX_REPORTED_TOKENS = 1 << 24
+#: How much longer than the call, as timed here, the edge may say it worked
+#: (its clock and ours tick at slightly different rates; the link adds none).
+TIMING_SLACK_S = 1.0
+#: The longest server-supplied detail kept in an error message.
+MAX_DETAIL_CHARS = 300
 
 
 class EdgeUnavailable(RuntimeError):
@@ -67,13 +83,68 @@ class EdgeError(RuntimeError):
         self.details = message
 
 
+def _cap(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _map_rpc_error(exc: grpc.RpcError) -> Exception:
     code = exc.code() if hasattr(exc, "code") else None
     code = code if code is not None else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if hasattr(exc, "details") else None) or ""
+    details = _cap((exc.details() if hasattr(exc, "details") else None) or "")
     if code in _UNAVAILABLE_CODES:
         return EdgeUnavailable(f"edge unavailable ({code.name}): {details}", code)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return EdgeError(code, (
+            f"the edge refused the credentials ({details}): check --token-file or EDGEROUTE_TOKEN "
+            "and, for mTLS, --tls-cert/--tls-key"
+        ))
     return EdgeError(code, details)
+
+
+def _handshake_hint(details: str, tls: bool) -> str:
+    """Why a channel that never came up probably did not: a plaintext client
+    on a TLS port sees the socket closed, a TLS client on a plaintext port (or
+    with the wrong CA) a failed handshake.  Only words for a person; nothing
+    decides by them."""
+    low = details.lower()
+    closed = any(w in low for w in ("socket closed", "connection reset", "end of file"))
+    if closed and not tls:
+        return ("; the edge closed the connection: if it serves TLS, give --tls-ca CA "
+                "(or --tls for a certificate the system roots trust)")
+    if closed:
+        return ("; the edge closed the connection after the TLS handshake: it may require a client "
+                "certificate signed by its client CA (--tls-cert/--tls-key)")
+    if tls and any(w in low for w in ("handshake", "ssl", "tls", "certificate")):
+        return ("; the TLS handshake failed: check that the edge serves TLS, that --tls-ca is the "
+                "CA that signed its certificate for this address and, for mTLS, --tls-cert/--tls-key")
+    return ""
+
+
+def summary_problem(summary: GenerationSummary, max_tokens: int | None, elapsed_s: float) -> str | None:
+    """What is impossible about an edge's final message, or None.
+
+    ``GenerationSummary`` already refuses negative counts and timings that are
+    not finite or negative; here the counts must add up
+    (``prefill + cached == prompt``), stay below :data:`MAX_REPORTED_TOKENS`
+    and within the ``max_tokens`` asked for, and the edge's own time must fit
+    in the ``elapsed_s`` the call took as timed here: the online estimators and
+    the telemetry take these numbers as measurements.
+    """
+    s = summary
+    counts = {"prompt_tokens": s.prompt_tokens, "prefill_tokens": s.prefill_tokens,
+              "cached_tokens": s.cached_tokens, "output_tokens": s.output_tokens}
+    for name, value in counts.items():
+        if value > MAX_REPORTED_TOKENS:
+            return f"{name} = {value} is more than any context window holds"
+    if s.prefill_tokens + s.cached_tokens != s.prompt_tokens:
+        return (f"prefill_tokens ({s.prefill_tokens}) + cached_tokens ({s.cached_tokens}) "
+                f"!= prompt_tokens ({s.prompt_tokens})")
+    if max_tokens is not None and s.output_tokens > max_tokens:
+        return f"output_tokens ({s.output_tokens}) > the max_tokens asked for ({max_tokens})"
+    server_s = max(s.ttft_s, s.queue_s + s.prefill_s + s.decode_s)
+    if not math.isfinite(server_s) or server_s > elapsed_s * 1.01 + TIMING_SLACK_S:
+        return f"the edge reports {server_s:.6g} s of work in a call that took {elapsed_s:.3f} s"
+    return None
 
 
 @dataclass(frozen=True)
@@ -100,11 +171,15 @@ class EdgeTurnResult:
 
 
 class EdgeStream:
-    """The chunks of one Generate call; :attr:`result` once exhausted; :meth:`cancel` to stop."""
+    """The chunks of one Generate call; :attr:`result` once exhausted; :meth:`cancel` to stop.
 
-    def __init__(self, call, t_start: float) -> None:
+    ``max_tokens``: the answer cap the call asked for; a final message that
+    reports more output tokens is malformed."""
+
+    def __init__(self, call, t_start: float, max_tokens: int | None = None) -> None:
         self._call = call
         self._t_start = t_start
+        self._max_tokens = max_tokens
         self._texts: list[str] = []
         self._ttft_s: float | None = None
         self._result: EdgeTurnResult | None = None
@@ -124,7 +199,7 @@ class EdgeStream:
                     self._texts.append(response.chunk.text)
                     yield response.chunk.text
                 elif kind == "done":
-                    self._finish(GenerationSummary.from_pb(response.done))
+                    self._finish(self._checked_summary(response.done))
         except grpc.RpcError as exc:
             if self._cancelled and exc.code() == grpc.StatusCode.CANCELLED:
                 return
@@ -136,6 +211,21 @@ class EdgeStream:
             raise _map_rpc_error(exc) from None
         if self._result is None and not self._cancelled:
             raise EdgeError(grpc.StatusCode.INTERNAL, "the edge closed the stream without a final message")
+
+    def _checked_summary(self, done: edge_pb2.GenerateDone) -> GenerationSummary:
+        """The final message as a summary, or :class:`EdgeError` (INTERNAL) when
+        it cannot be true; the call is cancelled then, and nothing of it is kept."""
+        elapsed_s = time.perf_counter() - self._t_start
+        try:
+            summary = GenerationSummary.from_pb(done)
+            problem = summary_problem(summary, self._max_tokens, elapsed_s)
+        except ValueError as exc:
+            problem = str(exc)
+        if problem is None:
+            return summary
+        if hasattr(self._call, "cancel"):
+            self._call.cancel()
+        raise EdgeError(grpc.StatusCode.INTERNAL, f"the edge sent a malformed final message: {_cap(problem)}")
 
     def _finish(self, summary: GenerationSummary) -> None:
         total_s = time.perf_counter() - self._t_start
@@ -189,14 +279,18 @@ class EdgeClient:
         self,
         target: str,
         *,
+        security: ChannelSecurity | None = None,
         timeout_s: float = 120.0,
         connect_timeout_s: float = 2.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         connect_now: bool = True,
     ) -> None:
-        """``connect_now``: start connecting in the background at once, so the
-        first turn does not pay for the TCP and HTTP/2 handshakes (2-3 round
-        trips over the link); False connects on the first call."""
+        """``security``: TLS, mTLS and the bearer token (default: plaintext, no
+        token; a :class:`~device_runtime.link.credentials.CredentialsError` here
+        for unreadable files or a token that would cross the network in clear).
+        ``connect_now``: start connecting in the background at once, so the
+        first turn does not pay for the TCP, TLS and HTTP/2 handshakes (2-3
+        round trips over the link); False connects on the first call."""
         if not target:
             raise ValueError("target must be HOST:PORT")
         if not timeout_s > 0 or not connect_timeout_s > 0:
@@ -204,20 +298,25 @@ class EdgeClient:
         self.target = target
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                # Reconnect quickly after the edge comes back; the default
-                # backoff starts at 1 s and grows to two minutes.  The cap stays
-                # well under connect_timeout_s, so a restarted edge is retried
-                # several times within one connect wait.
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.min_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-            ],
-        )
+        self.security = security or ChannelSecurity()
+        # Every call carries it; computed once, so a refusal comes now.
+        self._metadata = self.security.metadata(target) or None
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # Reconnect quickly after the edge comes back; the default
+            # backoff starts at 1 s and grows to two minutes.  The cap stays
+            # well under connect_timeout_s, so a restarted edge is retried
+            # several times within one connect wait.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        credentials = self.security.channel_credentials()
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         self._stub = edge_pb2_grpc.EdgeLLMStub(self._channel)
         self._state = grpc.ChannelConnectivity.IDLE
         self._state_lock = threading.Lock()
@@ -242,14 +341,28 @@ class EdgeClient:
             ready.result(timeout=wait_s)
         except grpc.FutureTimeoutError:
             ready.cancel()  # otherwise it stays subscribed to the channel
+            reason = self._last_connect_error()
             raise EdgeUnavailable(
                 f"cannot connect to the edge at {self.target} within {wait_s} s"
+                + (f" ({reason})" if reason else "")
+                + _handshake_hint(reason, self.security.tls)
             ) from None
+
+    def _last_connect_error(self) -> str:
+        """gRPC's account of the last failed connection attempt (e.g. "Socket
+        closed", "Tls handshake failed"), for the message: a call that does not
+        wait for the channel fails at once with it."""
+        try:
+            self._stub.Echo(edge_pb2.EchoRequest(), timeout=0.5, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                return _cap(exc.details() or "")
+        return ""
 
     def _unary(self, method, request, timeout_s: float | None):
         self._ensure_connected()
         try:
-            return method(request, timeout=timeout_s or self.timeout_s)
+            return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _map_rpc_error(exc) from None
 
@@ -275,6 +388,7 @@ class EdgeClient:
         timeout_s: float | None = None,
         open_session: bool = False,
         transcript_length: int | None = None,
+        transcript_digest: bytes | None = None,
     ) -> EdgeStream:
         """Append ``new_messages`` (the turns the edge has not seen) and stream the answer.
 
@@ -286,25 +400,36 @@ class EdgeClient:
         transcript (those of earlier calls that ended with their result); the
         edge drops a turn it recorded but whose result never arrived, and
         answers OUT_OF_RANGE if it holds fewer.
+        ``transcript_digest``: :func:`device_runtime.core.messages.transcript_digest`
+        of those ``transcript_length`` messages (32 bytes); the edge cuts back
+        only a transcript whose prefix has this digest, and answers
+        OUT_OF_RANGE otherwise.  A count alone says nothing about content:
+        send both.
         """
         if open_session and not session_id:
             raise ValueError("open_session needs a session_id (see edge_client.new_session_id)")
         if transcript_length is not None and not 0 <= transcript_length < 2**32:
             raise ValueError(f"transcript_length must be in [0, 2**32), got {transcript_length!r}")
+        if transcript_digest is not None and (
+            transcript_length is None or not isinstance(transcript_digest, bytes) or len(transcript_digest) != 32
+        ):
+            raise ValueError("transcript_digest must be 32 bytes (SHA-256), sent with transcript_length")
+        params = params or GenerationParams()
         request = edge_pb2.GenerateRequest(
             session_id=session_id,
             messages=messages_to_pb(new_messages),
-            params=(params or GenerationParams()).to_pb(),
+            params=params.to_pb(),
             open_session=open_session,
             transcript_length=transcript_length,
+            transcript_digest=transcript_digest,
         )
         self._ensure_connected()
         t_start = time.perf_counter()
         try:
-            call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s)
+            call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _map_rpc_error(exc) from None
-        return EdgeStream(call, t_start)
+        return EdgeStream(call, t_start, params.max_tokens)
 
     def warm_up(self, timeout_s: float | None = None) -> float | None:
         """Connect and send one empty Echo; its round-trip seconds, or None when
@@ -326,7 +451,7 @@ class EdgeClient:
         self._ensure_connected(timeout_s)
         t0 = time.perf_counter()
         try:
-            response = self._stub.Echo(request, timeout=timeout_s or self.timeout_s)
+            response = self._stub.Echo(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _map_rpc_error(exc) from None
         rtt = time.perf_counter() - t0

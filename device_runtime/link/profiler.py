@@ -28,10 +28,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from device_runtime.core.flags import flag
 from device_runtime.link.estimation import LinkFit
+
+if TYPE_CHECKING:  # pragma: no cover
+    from device_runtime.link.credentials import ChannelSecurity
 
 log = logging.getLogger(__name__)
 
@@ -470,11 +473,15 @@ def _time_router(texts, settings: ProfileSettings, count_tokens) -> tuple[Router
     return profile_router(router, texts, settings, count_tokens), None
 
 
-def run_profile(settings: ProfileSettings, texts: Sequence[str], prompts: Sequence[str]) -> dict:
+def run_profile(
+    settings: ProfileSettings, texts: Sequence[str], prompts: Sequence[str], *,
+    security: "ChannelSecurity | None" = None,
+) -> dict:
     """Measure the requested parts; returns the PROFILE.json object.
 
     ``texts``: real text for bytes per token and the γ/τ_r prompts;
-    ``prompts``: real user prompts for the answer lengths L̄_r (may be empty).
+    ``prompts``: real user prompts for the answer lengths L̄_r (may be empty);
+    ``security``: TLS and the token for the edge (default: plaintext, none).
     """
     from device_runtime.link.estimation import bytes_per_token
     from device_runtime.llm.slm import SLM_BACKENDS, SLMSettings
@@ -495,7 +502,9 @@ def run_profile(settings: ProfileSettings, texts: Sequence[str], prompts: Sequen
         if "link" in settings.parts or "edge" in settings.parts:
             from device_runtime.link.edge_client import EdgeClient
 
-            client = EdgeClient(settings.edge, timeout_s=settings.timeout_s, connect_timeout_s=10.0)
+            client = EdgeClient(
+                settings.edge, security=security, timeout_s=settings.timeout_s, connect_timeout_s=10.0,
+            )
         if "edge" in settings.parts:
             m["edge"] = _gamma_runs(edge_answer(client, settings, count), texts, settings, count, "γ_e")
             if prompts:

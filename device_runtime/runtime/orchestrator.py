@@ -20,9 +20,14 @@ answer, the served target's latency is predicted again by the same equations
 with the same parameters and the answer's actual length (``predicted_posthoc_s``
 in telemetry): it checks γ, B and δ apart from the length guess.
 
-If the edge cannot be reached, or fails mid-answer, the turn is answered on the
-device (``fallback`` in telemetry) and the transcript stays complete: the edge
-is sent the turns it missed the next time it answers.
+If the edge cannot be reached, refuses the credentials, fails mid-answer or
+ends with a malformed final message, the turn is answered on the device
+(``fallback`` in telemetry) and the transcript stays complete: the edge is sent
+the turns it missed the next time it answers.  Each edge call carries the
+number of messages the edge should hold and their digest
+(:func:`~device_runtime.core.messages.transcript_digest`), so the edge cuts
+back a turn whose answer this side never took, and a session whose content
+differs is refused (OUT_OF_RANGE) and reopened with the whole conversation.
 
 The policies themselves are in :mod:`device_runtime.routing.policies`.
 Whatever follows the turns (online estimation, :mod:`device_runtime.runtime.online`)
@@ -41,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from device_runtime.core.flags import flag
+from device_runtime.core.messages import transcript_digest
 from device_runtime.routing.cost_model import ContextLedger, CostParams, Target
 from device_runtime.routing.policies import Policy, PolicyDecision
 from device_runtime.runtime.telemetry import TelemetryLog, TurnTelemetry
@@ -463,8 +469,10 @@ class Orchestrator:
             # Only a call that sends the whole conversation may open it.
             open_session=session.seen == 0,
             # What this side holds: the edge drops a turn it recorded but
-            # whose final message never arrived here.
+            # whose final message never arrived here (or was malformed), and
+            # only if its own messages are these: the digest says which.
             transcript_length=session.seen,
+            transcript_digest=transcript_digest(self.transcript[:session.seen]),
         )
         ttft, cancelled = self._read_edge_stream(stream, chunks, io)
         if cancelled:
@@ -498,9 +506,10 @@ class Orchestrator:
 
 
 def _must_reopen_session(exc: Exception) -> bool:
-    """True when the edge does not know the session id (NOT_FOUND) or holds
-    fewer of its messages than this side sent (OUT_OF_RANGE): decided by the
-    gRPC status the client error carries, never by its message."""
+    """True when the edge does not know the session id (NOT_FOUND) or does not
+    hold the messages this side says it does, by count or by digest
+    (OUT_OF_RANGE): decided by the gRPC status the client error carries, never
+    by its message."""
     import grpc
 
     return getattr(exc, "code", None) in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE)
