@@ -214,9 +214,26 @@ class AuthPolicy:
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every call but health, and writes the audit line."""
 
-    def __init__(self, policy: AuthPolicy, *, session_of: Callable[[Any], str] | None = None) -> None:
+    def __init__(
+        self,
+        policy: AuthPolicy,
+        *,
+        session_of: Callable[[Any], str] | None = None,
+        on_call: Callable[[str, str], None] | None = None,
+    ) -> None:
+        """``on_call(method, code)``: told the short method name and status code
+        name of every call it audits (the metrics' count per method and code)."""
         self.policy = policy
         self._session_of = session_of or (lambda req: getattr(req, "session_id", "") or "")
+        self._on_call = on_call
+
+    def _audit(self, principal: str, method: str, code: grpc.StatusCode, duration_s: float, session_id: str) -> None:
+        audit(principal, method, code, duration_s, session_id)
+        if self._on_call is not None:
+            try:
+                self._on_call(method.rsplit("/", 1)[-1], code.name)
+            except Exception:  # noqa: BLE001 - metrics never fail a call
+                log.debug("metrics hook failed", exc_info=True)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -239,7 +256,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except PermissionError as exc:
             peer = cap(context.peer())
             log.warning("unauthenticated call to %s from %s: %s", method, peer, exc)
-            audit(ANONYMOUS, method, grpc.StatusCode.UNAUTHENTICATED, 0.0, "")
+            self._audit(ANONYMOUS, method, grpc.StatusCode.UNAUTHENTICATED, 0.0, "")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, malformed or unknown credentials")
         return _current.set(principal)
 
@@ -253,7 +270,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 code = _code_of(exc, context)
                 raise
             finally:
-                audit(_current.get(), method, code, time.perf_counter() - t0, self._session(request))
+                self._audit(_current.get(), method, code, time.perf_counter() - t0, self._session(request))
                 _reset(token)
 
         return wrapper
@@ -269,7 +286,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 code = _code_of(exc, context)
                 raise
             finally:
-                audit(_current.get(), method, code, time.perf_counter() - t0, self._session(request))
+                self._audit(_current.get(), method, code, time.perf_counter() - t0, self._session(request))
                 _reset(token)
 
         return wrapper
@@ -285,7 +302,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 code = _code_of(exc, context)
                 raise
             finally:
-                audit(_current.get(), method, code, time.perf_counter() - t0, "")
+                self._audit(_current.get(), method, code, time.perf_counter() - t0, "")
                 _reset(token)
 
         return wrapper

@@ -10,6 +10,9 @@ SIGHUP re-reads the ``--auth-tokens`` file (a bad file is logged and the
 previous principals stay in force).  On any address but loopback the server
 refuses to start (exit 2) without TLS and tokens or mTLS, unless ``--insecure``
 is given; docs/security.md has the threat model and how to make the files.
+The limits under load and abuse (queue, quotas, sizes, rates, keepalive,
+``--metrics-port``) are flags too; docs/operations.md lists their defaults
+and how to size them.
 """
 
 from __future__ import annotations

@@ -28,10 +28,22 @@ MAX_DETAIL_CHARS = 512
 SERVICE_PREFIX = "/edgeroute.v1.EdgeLLM/"
 
 
+#: Trailing metadata key of a RESOURCE_EXHAUSTED answer: seconds after which a
+#: retry is expected to succeed (the queue's estimate), when the server has one.
+RETRY_AFTER_KEY = "edgeroute-retry-after-s"
+
+
 class EdgeServiceError(Exception):
-    """An error whose message is safe to show to the client."""
+    """An error whose message is safe to show to the client.
+
+    ``retry_after_s``: sent as :data:`RETRY_AFTER_KEY` trailing metadata, so a
+    client can use the estimate without parsing the message."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str = "", *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgument(EdgeServiceError):
@@ -60,6 +72,12 @@ class Aborted(EdgeServiceError):
 
 class OutOfRange(EdgeServiceError):
     code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class DeadlineExceeded(EdgeServiceError):
+    """A server-side time limit (``--max-generation-s``) passed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class _Malformed:
@@ -93,11 +111,18 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref})"
 
 
+def trailing_metadata_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    retry = getattr(exc, "retry_after_s", None)
+    if isinstance(exc, EdgeServiceError) and retry is not None:
+        return ((RETRY_AFTER_KEY, f"{max(0.0, retry):.3f}"),)
+    return ()
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     code, message = status_for(exc)
     if code is not grpc.StatusCode.INTERNAL:
         log.info("%s: %s", code.name, message)
-    await context.abort(code, message)
+    await context.abort(code, message, trailing_metadata=trailing_metadata_for(exc))
 
 
 def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:

@@ -14,6 +14,15 @@ Security (docs/security.md): TLS and mTLS from the settings' files, the
 authenticated, one audit line per call), sessions bound to the caller's
 principal, and a refusal to serve a non-loopback address unprotected.
 
+Load and abuse (docs/operations.md): a Generate that finds every slot busy
+waits in a :class:`~edge_service.fair_queue.FairWaitQueue` (principals take
+turns) for at most ``--queue-timeout``; each principal has quotas of sessions
+and of calls in flight; sizes, counts and times are bounded (output and input
+tokens, messages, stop strings, Echo size and rate, generation time, a
+client that stops reading); the transport has keepalive, ping-abuse, idle
+and age limits; and :class:`~edge_service.metrics.EdgeMetrics` counts it all
+(``--metrics-port``).
+
     server, port = create_server("127.0.0.1:0", settings)
     await server.start()
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -37,13 +47,17 @@ from edge_service.auth import AuthInterceptor, TokenFileError, current_principal
 from edge_service.backends import BACKENDS, Backend, Slot
 from edge_service.errors import (
     Aborted,
+    DeadlineExceeded,
     ErrorMappingInterceptor,
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
 )
-from edge_service.security import ServerSecurity, check_exposure
-from edge_service.sessions import Lease, SessionPool
+from edge_service.fair_queue import FairWaitQueue, QueueFull, QueueTimeout
+from edge_service.limits import ConcurrencyLimit, RateLimiter, StallWatch
+from edge_service.metrics import EdgeMetrics
+from edge_service.security import ServerSecurity, check_exposure, is_loopback_host
+from edge_service.sessions import EVICT_KV, Lease, SessionPool, SlotsBusy
 from edge_service.settings import EdgeSettings
 from edgeroute.v1 import edge_pb2, edge_pb2_grpc
 from edgeroute.v1.types import GenerationParams, GenerationSummary, Message, ServerInfo
@@ -54,10 +68,14 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeLLM"].full_name
-# Room for the protobuf/gRPC framing around an Echo payload.
-_ECHO_OVERHEAD_BYTES = 1024
-# How long a Generate waits for a cancelled generation to let go of its slot.
+# How long a Generate waits for a cancelled generation to let go of its session.
 _CANCEL_WAIT_S = 5.0
+# Chunks a model thread may produce ahead of what its stream has written: a
+# client that reads slowly slows its generation instead of growing a buffer.
+_BUFFERED_CHUNKS = 64
+# Pings faster than --min-ping-interval a client may send before its
+# connection is closed (GOAWAY ENHANCE_YOUR_CALM); gRPC's default.
+MAX_PING_STRIKES = 2
 
 
 @dataclass(frozen=True)
@@ -111,9 +129,19 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         slots: list[Slot] = [backend.new_slot() for _ in range(n_slots)]
         self.backend = backend
         self.settings = settings
+        self.metrics = EdgeMetrics.create()
         self.pool: SessionPool[Slot] = SessionPool(
-            slots, max_sessions=settings.max_sessions, kv_sharing=settings.kv_sharing
+            slots, max_sessions=settings.max_sessions, kv_sharing=settings.kv_sharing,
+            max_sessions_per_principal=settings.max_sessions_per_principal, ttl_s=settings.session_ttl_s,
+            on_evict=lambda kind: self.metrics.evictions.labels(kind=kind).inc(),
         )
+        self.queue: FairWaitQueue[Lease] = FairWaitQueue(max_waiting=settings.max_queue, parallel=n_slots)
+        self.concurrency = ConcurrencyLimit(
+            settings.max_concurrent_per_principal, on_refuse=lambda: self.metrics.hit("concurrent_per_principal")
+        )
+        self.echo_limiter = RateLimiter(settings.echo_rate, settings.echo_burst)
+        self.metrics.bind(sessions=lambda: len(self.pool), busy_slots=self.pool.busy_slots,
+                          queue_depth=lambda: self.queue.depth)
         self.health = health.aio.HealthServicer()
         self.records: deque[GenerationRecord] = deque(maxlen=256)
         # One worker per slot: a lease owns its slot, so there are never more
@@ -122,6 +150,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
             max_workers=n_slots, thread_name_prefix="edge-slot"
         )
         self._records_changed = threading.Condition()
+        self._sweeper: asyncio.Task | None = None
+        self._metrics_http = None
         log.info(
             "edge backend %s: model %s, prompt format %s, n_ctx %d, %d slot(s), KV %s per slot",
             backend.name,
@@ -137,14 +167,29 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         return len(self.pool.slots)
 
     def info(self) -> ServerInfo:
+        s = self.settings
+        queue = self.queue.stats()
+        busy = self.pool.busy_slots()
+        expected = 0.0 if busy < self.n_slots and queue.depth == 0 else queue.expected_wait_s
         return ServerInfo(
             backend=self.backend.name,
             model=self.backend.model_name,
             prompt_format=self.backend.prompt_format,
             n_ctx=self.backend.n_ctx,
             n_slots=self.n_slots,
-            max_sessions=self.settings.max_sessions,
-            max_message_bytes=self.settings.max_message_bytes,
+            max_sessions=s.max_sessions,
+            max_message_bytes=s.max_message_bytes,
+            queue_depth=queue.depth,
+            busy_slots=busy,
+            queue_wait_s=queue.recent_wait_s,
+            expected_queue_wait_s=expected,
+            max_output_tokens=s.max_output_tokens,
+            # The prompt must leave the window room for one token at least.
+            max_input_tokens=min(s.max_input_tokens or self.backend.n_ctx, self.backend.n_ctx - 1),
+            max_echo_bytes=s.echo_cap_bytes,
+            max_sessions_per_principal=s.max_sessions_per_principal,
+            max_concurrent_per_principal=s.max_concurrent_per_principal,
+            queue_timeout_s=s.queue_timeout_s,
         )
 
     # --- RPCs ---------------------------------------------------------------
@@ -164,50 +209,108 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         return self.info().to_pb()
 
     async def Echo(self, request, context):
-        limit = self.settings.max_message_bytes - _ECHO_OVERHEAD_BYTES
+        s = self.settings
+        if not self.echo_limiter.allow(current_principal()):
+            self.metrics.hit("echo_rate")
+            raise ResourceExhausted(
+                f"Echo is limited to {s.echo_rate:g} calls per second per principal (burst {s.echo_burst}); "
+                "slow down", retry_after_s=1.0 / s.echo_rate,
+            )
+        limit = s.echo_cap_bytes
         if request.response_bytes > limit:
+            self.metrics.hit("echo_bytes")
             raise InvalidArgument(f"response_bytes must be <= {limit}, got {request.response_bytes}")
         return edge_pb2.EchoResponse(payload=bytes(request.response_bytes))
 
     async def Generate(self, request, context) -> AsyncIterator[edge_pb2.GenerateResponse]:
         t_arrival = time.perf_counter()
-        messages, params = _parse_turn(request)
+        messages, params, clipped_to = self._parse_turn(request)
         owner = current_principal()
-        if request.open_session:
-            self.pool.ensure(request.session_id, owner=owner)
-        lease = await self._acquire(request, owner)
-        future: asyncio.Future | None = None
-        turn: list[Message] | None = None  # the finished turn, once the answer is complete
-        # Every way out (finished, refused, failed, cancelled by the client or
-        # the deadline) goes through the one release in ``finally``.
-        try:
-            future, events = self._start_model(lease, messages, params)
+        with self.concurrency.admit(owner):  # --max-concurrent-per-principal
+            if request.open_session:
+                self.pool.ensure(request.session_id, owner=owner)
+            lease = await self._acquire(request, owner)
             queue_s = time.perf_counter() - t_arrival
+            async for response in self._serve_turn(lease, messages, params, context, queue_s, clipped_to):
+                yield response
+
+    async def _serve_turn(
+        self, lease: Lease, messages: list[Message], params: GenerationParams, context,
+        queue_s: float, clipped_to: int | None,
+    ) -> AsyncIterator[edge_pb2.GenerateResponse]:
+        """Stream the turn on its lease: chunks as the model makes them, each
+        write watched for a client that stopped reading, the whole bounded by
+        ``--max-generation-s``; then release the lease and send ``done``."""
+        turn = _Turn(self, lease)
+        watch = StallWatch(context, self.settings.stream_stall_timeout_s, lambda: self._stalled(turn))
+        # Every way out (finished, refused, failed, cancelled by the client,
+        # the deadline or a limit) goes through the one release in ``finally``.
+        try:
+            turn.future, events, credits = self._start_model(lease, messages, params)
+            deadline = time.monotonic() + self.settings.max_generation_s
             answer: list[str] = []
-            while not isinstance(event := await events.get(), Done):
+            while not isinstance(event := await self._next_event(events, deadline), Done):
                 if isinstance(event, Failed):
                     self._fail(lease, event.error, answered=bool(answer))
                 answer.append(event.text)
+                watch.arm()
                 yield edge_pb2.GenerateResponse(chunk=edge_pb2.TokenChunk(text=event.text))
-            summary = _summary(event.stats, queue_s, lease.kv_restored)
-            await future  # the thread has nothing left to do
-            turn = [*messages, Message("assistant", "".join(answer))]
+                watch.disarm()
+                credits.release()
+            summary = _summary(event.stats, queue_s, lease.kv_restored, clipped_to)
+            await turn.future  # the thread has nothing left to do
+            turn.messages = [*messages, Message("assistant", "".join(answer))]
         finally:
-            self._release(lease, future, turn)
+            watch.disarm()
+            turn.release()
+        self._observe(summary)
         # Released before the final message: a client that sends its next turn
         # the moment it has this one must find the session idle and its
         # transcript updated.
+        watch.arm()
         yield edge_pb2.GenerateResponse(done=summary.to_pb())
+        watch.disarm()
+
+    async def _next_event(self, events: asyncio.Queue[TurnEvent], deadline: float) -> TurnEvent:
+        """The model's next event, or DEADLINE_EXCEEDED once ``--max-generation-s`` has passed."""
+        if not events.empty() and time.monotonic() < deadline:
+            return events.get_nowait()
+        try:
+            return await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            self.metrics.hit("max_generation_s")
+            raise DeadlineExceeded(
+                f"the generation ran past the server's limit of {self.settings.max_generation_s:g} s "
+                "(--max-generation-s) and was cancelled"
+            ) from None
+
+    def _stalled(self, turn: "_Turn") -> None:
+        """The stream's client stopped reading: stop its model and let go of
+        the lease now (the handler may never run again), so the slot frees."""
+        turn.release()
+        self.metrics.hit("stream_stall")
+        log.info("a Generate stream was not read for %.1f s; cancelled", self.settings.stream_stall_timeout_s)
+
+    def _observe(self, summary: GenerationSummary) -> None:
+        self.metrics.observe_generation(
+            queue_s=summary.queue_s, ttft_s=summary.queue_s + summary.ttft_s, decode_s=summary.decode_s,
+            prefill=summary.prefill_tokens, cached=summary.cached_tokens, output=summary.output_tokens,
+        )
 
     def _start_model(
         self, lease: Lease, messages: list[Message], params: GenerationParams
-    ) -> tuple[asyncio.Future, asyncio.Queue[TurnEvent]]:
-        """Run the turn on the lease's slot in a worker thread; its events arrive on the queue."""
+    ) -> tuple[asyncio.Future, asyncio.Queue[TurnEvent], threading.Semaphore]:
+        """Run the turn on the lease's slot in a worker thread; its events
+        arrive on the queue, and the thread waits for a credit (released once
+        the chunk is written) after each chunk beyond ``_BUFFERED_CHUNKS``."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TurnEvent] = asyncio.Queue()
+        credits = threading.Semaphore(_BUFFERED_CHUNKS)
         prompt = [m.to_dict() for m in (*lease.transcript, *messages)]
-        future = loop.run_in_executor(self._executor, self._run_slot, lease, prompt, params, loop, events)
-        return future, events
+        future = loop.run_in_executor(
+            self._executor, self._run_slot, lease, prompt, params, loop, events, credits
+        )
+        return future, events, credits
 
     def _fail(self, lease: Lease, error: BaseException, *, answered: bool) -> NoReturn:
         """Raise the model thread's error for the interceptor to map."""
@@ -224,41 +327,103 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
 
         The lease has two holders, this handler and the model thread; the slot
         is free again only when both are done, so a cancelled generation still
-        holds it until its thread has stopped.
+        holds it until its thread has stopped.  Then the wait queue hears of it.
         """
         if turn is None:
             lease.cancel.set()
+        elif lease.displaced is not None:
+            self.metrics.evictions.labels(kind=EVICT_KV).inc()
         self.pool.commit(lease, turn)
-        self.pool.done(lease)  # this handler's hold
+        held = time.monotonic() - lease.acquired_at
+        done = lambda *_: self._lease_done(lease, held if turn is not None else None)  # noqa: E731
+        done()  # this handler's hold
         if future is None or future.done():  # the thread never started, or has stopped
-            self.pool.done(lease)
+            done()
         else:
-            future.add_done_callback(lambda _: self.pool.done(lease))
+            future.add_done_callback(done)
+
+    def _lease_done(self, lease: Lease, held_s: float | None) -> None:
+        if self.pool.done(lease):
+            if held_s is not None:
+                self.queue.record_hold(held_s)
+            self.queue.notify_threadsafe()
 
     async def _acquire(self, request: edge_pb2.GenerateRequest, owner: str) -> Lease:
+        """The session's lease, waiting in the fair queue while every slot is busy."""
         length = request.transcript_length if request.HasField("transcript_length") else None
         digest = request.transcript_digest if request.HasField("transcript_digest") else None
+
+        def attempt() -> Lease | None:
+            try:
+                return self.pool.acquire(request.session_id, length, digest=digest, owner=owner)
+            except SlotsBusy:
+                return None
+
         deadline = time.monotonic() + _CANCEL_WAIT_S
         while True:
             try:
-                return self.pool.acquire(request.session_id, length, digest=digest, owner=owner)
-            except (FailedPrecondition, ResourceExhausted):
+                # Refused at once for what no wait can change (a bad or unknown id).
+                self.pool.check(request.session_id, owner=owner)
+                lease, _ = await self.queue.acquire(owner, attempt, self.settings.queue_timeout_s)
+                return lease
+            except FailedPrecondition:
                 # A cancelled generation stops within a token; wait for it
                 # rather than refuse a client that cancelled and moved on.
                 if not self.pool.cancelling() or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.01)
+            except QueueTimeout as exc:
+                raise self._queue_refusal("queue_timeout", exc.waited_s, exc.expected_wait_s) from None
+            except QueueFull:
+                raise self._queue_refusal("queue_full", None, self.queue.expected_wait_s()) from None
+
+    def _queue_refusal(self, limit: str, waited_s: float | None, expected_s: float | None) -> ResourceExhausted:
+        """RESOURCE_EXHAUSTED with the expected wait (in the details and the
+        trailing metadata); without a measurement yet, the queue timeout is
+        the estimate."""
+        self.metrics.hit(limit)
+        expected = expected_s if expected_s is not None else self.settings.queue_timeout_s
+        if waited_s is None:
+            why = f"{self.settings.max_queue} calls already wait for a KV slot (--max-queue)"
+        else:
+            why = f"no KV slot was free within {waited_s:.1f} s (--queue-timeout)"
+        return ResourceExhausted(f"{why}; expected wait about {expected:.1f} s; retry later",
+                                 retry_after_s=expected)
+
+    def _parse_turn(self, request: edge_pb2.GenerateRequest) -> tuple[list[Message], GenerationParams, int | None]:
+        """The request's new messages and generation parameters, checked
+        against the limits; a ``max_tokens`` above ``--max-output-tokens`` is
+        clipped to it (the third value: the limit when it was, else None)."""
+        s = self.settings
+        if len(request.messages) > s.max_messages:
+            raise InvalidArgument(f"at most {s.max_messages} messages per request, got {len(request.messages)}")
+        stop = request.params.stop
+        if len(stop) > s.max_stop_strings:
+            raise InvalidArgument(f"at most {s.max_stop_strings} stop strings, got {len(stop)}")
+        if sum(len(x) for x in stop) > s.max_stop_chars:
+            raise InvalidArgument(f"the stop strings must total at most {s.max_stop_chars} characters")
+        messages, params = _parse_turn(request)
+        if params.max_tokens <= s.max_output_tokens:
+            return messages, params, None
+        self.metrics.hit("max_output_tokens")
+        return messages, dataclasses.replace(params, max_tokens=s.max_output_tokens), s.max_output_tokens
 
     # --- model thread -------------------------------------------------------
 
-    def _run_slot(self, lease: Lease, prompt, params, loop, queue: asyncio.Queue[TurnEvent]) -> None:
-        """Runs in a worker thread: stream the slot into the handler's queue."""
+    def _run_slot(self, lease: Lease, prompt, params, loop, queue: asyncio.Queue[TurnEvent],
+                  credits: threading.Semaphore) -> None:
+        """Runs in a worker thread: stream the slot into the handler's queue,
+        at most ``_BUFFERED_CHUNKS`` ahead of the writes."""
         slot: Slot = lease.slot
         put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
         stats = None
         try:
+            self._check_input_tokens(slot, prompt)
             for chunk in slot.stream(prompt, params, lease.cancel, lease.kv_owner):
                 put(Chunk(chunk))
+                # A cancelled turn stops at the slot's next token.
+                while not credits.acquire(timeout=0.05) and not lease.cancel.is_set():
+                    pass
             stats = slot.last_stats
             if stats is None:
                 raise RuntimeError("backend slot finished without stats")
@@ -271,6 +436,20 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
                 log.debug("generation error after the loop closed", exc_info=True)
         finally:
             self._record(lease, params, stats)
+
+    def _check_input_tokens(self, slot: Slot, prompt: list[dict]) -> None:
+        """INVALID_ARGUMENT for a prompt above ``--max-input-tokens`` (before
+        the slot's KV is touched; without the flag the context window is the
+        backend's own check)."""
+        if self.settings.max_input_tokens is None:
+            return
+        n_tokens = slot.count_tokens(prompt)
+        if n_tokens is not None and n_tokens > self.settings.max_input_tokens:
+            self.metrics.hit("max_input_tokens")
+            raise InvalidArgument(
+                f"the prompt is {n_tokens} tokens; this server takes at most "
+                f"{self.settings.max_input_tokens} (--max-input-tokens): start a new conversation"
+            )
 
     def _record(self, lease: Lease, params: GenerationParams, stats) -> None:
         if lease.cancel.is_set() or (stats is not None and stats.finish_reason == "cancelled"):
@@ -311,14 +490,52 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
     # --- lifecycle ----------------------------------------------------------
 
     async def mark_serving(self) -> None:
+        """Start the background work (the TTL sweep, the metrics endpoint),
+        then report SERVING.  Call once the gRPC server has started."""
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_expired())
+        self._start_metrics()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _sweep_expired(self) -> None:
+        """Delete idle sessions past ``--session-ttl`` now and then (lookups
+        check the TTL too, so a session is never served past it)."""
+        interval = min(max(self.settings.session_ttl_s / 4, 0.05), 60.0)
+        while True:
+            await asyncio.sleep(interval)
+            n = self.pool.expire_idle()
+            if n:
+                log.info("deleted %d idle session(s) past the %g s TTL", n, self.settings.session_ttl_s)
+
+    def _start_metrics(self) -> None:
+        port, host = self.settings.metrics_port, self.settings.metrics_host
+        if not port:
+            return
+        if not is_loopback_host(host):
+            log.warning("the metrics endpoint on %s:%d has no authentication: anyone who reaches it "
+                        "reads the load and the counters", host, port)
+        try:
+            self._metrics_http = self.metrics.serve(port, host)
+        except OSError as exc:
+            raise OSError(f"could not serve metrics on {host}:{port}: {exc}") from None
+        log.info("metrics on http://%s:%d/metrics", host, port)
+
+    def _stop_background(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._metrics_http is not None:
+            http_server, thread = self._metrics_http
+            http_server.shutdown()
+            http_server.server_close()
+            self._metrics_http = None
 
     async def shutdown(self, server: grpc.aio.Server, grace_s: float | None = None) -> None:
         """Stop taking calls, give running streams ``grace_s`` to finish, then free the model."""
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         await server.stop(grace)
+        self._stop_background()
         # Streams still running after the grace period were cancelled by
         # server.stop; wait for their model threads before freeing the model.
         self.pool.cancel_all()
@@ -328,6 +545,24 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         """Wait for the model threads to stop, then free the model."""
         self._executor.shutdown(wait=True)
         self.backend.close()
+
+
+class _Turn:
+    """One Generate's hold on its lease, released once (by the handler's
+    ``finally``, or earlier by the stall watchdog); ``messages`` is the
+    finished turn to commit, None to keep the transcript as it was."""
+
+    def __init__(self, servicer: EdgeServicer, lease: Lease) -> None:
+        self.servicer = servicer
+        self.lease = lease
+        self.future: asyncio.Future | None = None
+        self.messages: list[Message] | None = None
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.servicer._release(self.lease, self.future, self.messages)
 
 
 def _parse_turn(request: edge_pb2.GenerateRequest) -> tuple[list[Message], GenerationParams]:
@@ -344,7 +579,7 @@ def _parse_turn(request: edge_pb2.GenerateRequest) -> tuple[list[Message], Gener
     return messages, params
 
 
-def _summary(stats: GenerationStats, queue_s: float, kv_restored: bool) -> GenerationSummary:
+def _summary(stats: GenerationStats, queue_s: float, kv_restored: bool, clipped_to: int | None = None) -> GenerationSummary:
     """The final message of a finished answer."""
     if stats.finish_reason == "cancelled":
         # Cancelled on the server (the session was closed): the answer is
@@ -361,6 +596,7 @@ def _summary(stats: GenerationStats, queue_s: float, kv_restored: bool) -> Gener
         queue_s=queue_s,
         finish_reason="length" if stats.finish_reason == "length" else "stop",
         kv_restored=kv_restored,
+        max_tokens_clipped_to=clipped_to,
     )
 
 
@@ -376,6 +612,39 @@ def build_servicer(settings: EdgeSettings, backend: Backend | None = None) -> Ed
     except BaseException:
         backend.close()
         raise
+
+
+def server_options(settings: EdgeSettings) -> list[tuple[str, int]]:
+    """The gRPC channel arguments of the server: message size, keepalive and
+    ping abuse, connection idle and age limits, streams per connection."""
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    return [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        # The server pings every connection; a peer that does not answer
+        # within the timeout (a phone that vanished, a frozen process) is
+        # closed, and its calls cancelled, which frees their slots.
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC 1.6x+ applies the ack timeout of a ping (any ping: keepalive or
+        # a flow-control probe) only through this argument.
+        ("grpc.http2.ping_timeout_ms", ms(settings.keepalive_timeout_s)),
+        # A call that is waiting (a slot, a frozen client) sends no data; the
+        # keepalive pings must go out all the same.
+        ("grpc.http2.max_pings_without_data", 0),
+        # Clients may ping too (their own keepalive), but not faster than this.
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+        ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+    ]
 
 
 def create_server(
@@ -399,15 +668,14 @@ def create_server(
     check_exposure(address, settings)
     security = security if security is not None else ServerSecurity.from_settings(settings)
     servicer = servicer if servicer is not None else build_servicer(settings)
-    options = [
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
     # Auth first: nothing (not even the error mapping) runs for a caller
-    # without credentials, and the audit line sees the final status code.
-    interceptors = [AuthInterceptor(security.policy), ErrorMappingInterceptor()]
-    server = grpc.aio.server(interceptors=interceptors, options=options)
+    # without credentials, and the audit line (and the metrics) see the final
+    # status code.
+    interceptors = [AuthInterceptor(security.policy, on_call=servicer.metrics.call), ErrorMappingInterceptor()]
+    server = grpc.aio.server(
+        interceptors=interceptors, options=server_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
     edge_pb2_grpc.add_EdgeLLMServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(servicer.health, server)
     if settings.reflection:

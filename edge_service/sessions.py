@@ -17,10 +17,15 @@ those messages (``transcript_digest``) the cut is made only if the server's
 prefix has the same content; a call refused before the model runs gets its
 cut back (:meth:`SessionPool.give_back`).
 
-At ``max_sessions``, opening a session closes the least-recently-used idle
-one (a device that crashed or lost its link never closes its sessions); its
-client gets NOT_FOUND on its next turn and opens a new session with the
-whole conversation.
+Each principal holds at most ``max_sessions_per_principal`` sessions, and the
+server at most ``max_sessions``.  At either limit, opening a session closes
+the opener's own least-recently-used idle session (a device that crashed or
+lost its link never closes its sessions); its client gets NOT_FOUND on its
+next turn and opens a new session with the whole conversation.  A session is
+never closed to make room for another principal's: when the server is full
+and the opener has no idle session, the open is RESOURCE_EXHAUSTED.  An idle
+session is deleted ``ttl_s`` seconds after its last use (retention), with the
+same NOT_FOUND for its client.  Session ids are checked on every call.
 
 One Generate per session at a time: a second one while the first runs gets
 FAILED_PRECONDITION (rather than a queue, so a confused client learns at once).
@@ -51,9 +56,11 @@ import hmac
 import itertools
 import re
 import threading
+import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Generic, Sequence, TypeVar
+from typing import Callable, Generic, Sequence, TypeVar
 
 from device_runtime.core.messages import transcript_digest
 from edge_service.auth import ANONYMOUS, cap
@@ -69,7 +76,7 @@ from edgeroute.v1.types import Message
 
 SlotT = TypeVar("SlotT")
 
-_SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 KV_SHARING = ("session", "principal")
 _uids = itertools.count(1)
 
@@ -87,6 +94,8 @@ class Session:
     slot: int | None = None
     #: LRU clock value of the last use (a counter, not wall time).
     last_used: int = 0
+    #: When the session last became idle (the pool's clock): the TTL counts from it.
+    idle_since: float = 0.0
     lease: "Lease | None" = None
     closed: bool = False
 
@@ -111,6 +120,8 @@ class Lease(Generic[SlotT]):
     #: plus the request's messages).
     transcript: tuple[Message, ...]
     cancel: threading.Event = field(default_factory=threading.Event)
+    #: When the lease was taken (``time.monotonic``): how long calls hold slots.
+    acquired_at: float = field(default_factory=time.monotonic)
     #: The idle session whose KV this lease's slot held (taken from it), or None.
     displaced: "Session | None" = None
     #: Whose KV the slot may reuse for this turn; the backend drops KV computed for anyone else.
@@ -122,14 +133,48 @@ class Lease(Generic[SlotT]):
     _commit: list[Message] | None = None
 
 
+class SlotsBusy(ResourceExhausted):
+    """Every KV slot is generating: the call may wait for one (the server's queue)."""
+
+
+#: Kinds of eviction, for :attr:`SessionPool.on_evict` and the metrics (``kv``: counted by the server).
+EVICT_KV, EVICT_SESSION, EVICT_TTL = "kv", "session", "ttl"
+
+
 class SessionPool(Generic[SlotT]):
     """Sessions mapped onto a fixed set of slots, least-recently-used first out."""
 
-    def __init__(self, slots: Sequence[SlotT], *, max_sessions: int, kv_sharing: str = "session") -> None:
+    def __init__(
+        self,
+        slots: Sequence[SlotT],
+        *,
+        max_sessions: int,
+        kv_sharing: str = "session",
+        max_sessions_per_principal: int | None = None,
+        ttl_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_evict: Callable[[str], None] | None = None,
+    ) -> None:
+        """``max_sessions_per_principal``: None is ``max_sessions``; ``ttl_s``:
+        None keeps idle sessions until evicted; ``clock``: seconds, for the TTL;
+        ``on_evict(kind)``: called (lock held) for each session closed to make
+        room (``session``) or past the TTL (``ttl``).  KV slots taken from idle
+        sessions are counted in :attr:`evictions` (a refused call gives its slot
+        back, :meth:`give_back`)."""
         if not slots:
             raise ValueError("a session pool needs at least one slot")
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        per_principal = max_sessions if max_sessions_per_principal is None else max_sessions_per_principal
+        if per_principal < 1:
+            raise ValueError(f"max_sessions_per_principal must be >= 1, got {per_principal}")
+        if ttl_s is not None and not ttl_s > 0:
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        self.max_sessions_per_principal = per_principal
+        self.ttl_s = ttl_s
+        self._now = clock
+        self.on_evict = on_evict
+        self._per_owner: Counter[str] = Counter()
         if kv_sharing not in KV_SHARING:
             raise ValueError(f"kv_sharing must be one of {', '.join(KV_SHARING)}, got {kv_sharing!r}")
         self.kv_sharing = kv_sharing
@@ -141,26 +186,33 @@ class SessionPool(Generic[SlotT]):
         self._clock = itertools.count(1)
         self._lock = threading.Lock()
         #: Counters for logs and tests: KV slots taken from idle sessions, idle
-        #: sessions closed to open new ones.
+        #: sessions closed to open new ones, idle sessions past the TTL deleted.
         self.evictions = 0
         self.session_evictions = 0
+        self.expirations = 0
 
     # --- sessions -------------------------------------------------------------
 
     def open(self, session_id: str | None = None, *, owner: str = ANONYMOUS) -> str:
-        """Open a session of ``owner``; ALREADY_EXISTS only for an id ``owner`` holds."""
+        """Open a session of ``owner``; ALREADY_EXISTS only for an id ``owner`` holds.
+
+        At ``owner``'s quota or the server's maximum, ``owner``'s least recently
+        used idle session is closed first; RESOURCE_EXHAUSTED if it has none.
+        """
         if session_id:
-            if not _SESSION_ID.match(session_id):
-                raise InvalidArgument(
-                    "session_id must be 1-128 characters from A-Z a-z 0-9 . _ : -"
-                )
+            check_session_id(session_id)
         with self._lock:
+            self._expire_idle()
             if session_id and (owner, session_id) in self._sessions:
                 raise AlreadyExists(f"session {cap(session_id)!r} already exists")
-            if len(self._sessions) >= self.max_sessions:
-                self._evict_idle_session()
+            if self._per_owner[owner] >= self.max_sessions_per_principal:
+                self._evict_own_idle(owner, f"you hold your maximum of {self.max_sessions_per_principal} sessions")
+            elif len(self._sessions) >= self.max_sessions:
+                self._evict_own_idle(owner, f"the server holds its maximum of {self.max_sessions} sessions")
             sid = session_id or uuid.uuid4().hex
-            self._sessions[(owner, sid)] = Session(sid, owner=owner, last_used=next(self._clock))
+            now = next(self._clock)
+            self._sessions[(owner, sid)] = Session(sid, owner=owner, last_used=now, idle_since=self._now())
+            self._per_owner[owner] += 1
             return sid
 
     def ensure(self, session_id: str, *, owner: str = ANONYMOUS) -> bool:
@@ -172,8 +224,11 @@ class SessionPool(Generic[SlotT]):
         if not session_id:
             raise InvalidArgument("open_session needs the session_id to open")
         with self._lock:
-            if (owner, session_id) in self._sessions:
+            try:
+                self._get(session_id, owner)  # checks the id, and the TTL
                 return False
+            except NotFound:
+                pass
         try:
             self.open(session_id, owner=owner)
         except AlreadyExists:  # opened by a concurrent call in between
@@ -183,29 +238,69 @@ class SessionPool(Generic[SlotT]):
     def close(self, session_id: str, *, owner: str = ANONYMOUS) -> None:
         """Forget a session.  A Generate still running on it is cancelled."""
         with self._lock:
-            session = self._get(session_id, owner)
-            del self._sessions[(owner, session_id)]
-            session.closed = True
-            if session.lease is not None:
-                session.lease.cancel.set()  # its slot is freed when the lease ends
-            elif session.slot is not None:
-                self._owners[session.slot] = None
-                session.slot = None
+            self._remove(self._get(session_id, owner))
 
-    def _evict_idle_session(self) -> None:
-        """Close the least-recently-used session not generating (lock held)."""
-        idle = [s for s in self._sessions.values() if not s.busy]
+    def _remove(self, session: Session) -> None:
+        """Forget ``session`` (lock held); a running lease is cancelled and
+        frees its slot when it ends."""
+        del self._sessions[(session.owner, session.session_id)]
+        self._per_owner[session.owner] -= 1
+        if self._per_owner[session.owner] <= 0:
+            del self._per_owner[session.owner]
+        session.closed = True
+        if session.lease is not None:
+            session.lease.cancel.set()
+        elif session.slot is not None:
+            self._owners[session.slot] = None
+            session.slot = None
+
+    def _evict_own_idle(self, owner: str, why: str) -> None:
+        """Close ``owner``'s least-recently-used session that is not generating
+        (lock held).  Only the opener's own sessions are candidates, so one
+        principal's churn never closes another's session."""
+        idle = [s for s in self._sessions.values() if s.owner == owner and not s.busy]
         if not idle:
             raise ResourceExhausted(
-                f"the server holds its maximum of {self.max_sessions} sessions, all generating; retry shortly"
+                f"{why} and none of yours is idle; close sessions you no longer need or retry later"
             )
-        victim = min(idle, key=lambda s: s.last_used)
-        del self._sessions[(victim.owner, victim.session_id)]
-        victim.closed = True
-        if victim.slot is not None:
-            self._owners[victim.slot] = None
-            victim.slot = None
+        self._remove(min(idle, key=lambda s: s.last_used))
         self.session_evictions += 1
+        self._notify(EVICT_SESSION)
+
+    def _expire_idle(self) -> int:
+        """Delete the idle sessions past the TTL (lock held); how many."""
+        if self.ttl_s is None:
+            return 0
+        limit = self._now() - self.ttl_s
+        expired = [s for s in self._sessions.values() if not s.busy and s.idle_since <= limit]
+        for session in expired:
+            self._remove(session)
+            self.expirations += 1
+            self._notify(EVICT_TTL)
+        return len(expired)
+
+    def expire_idle(self) -> int:
+        """Delete the idle sessions past the TTL now (the server calls it
+        periodically; lookups also check); returns how many."""
+        with self._lock:
+            return self._expire_idle()
+
+    def _notify(self, kind: str) -> None:
+        if self.on_evict is not None:
+            try:
+                self.on_evict(kind)
+            except Exception:  # noqa: BLE001 - metrics must never break the pool
+                pass
+
+    def count(self, owner: str) -> int:
+        """Sessions ``owner`` holds."""
+        with self._lock:
+            return self._per_owner[owner]
+
+    def busy_slots(self) -> int:
+        """Slots whose session is generating (or stopping a cancelled generation)."""
+        with self._lock:
+            return sum(1 for s in self._owners if s is not None and s.busy)
 
     def transcript(self, session_id: str, *, owner: str = ANONYMOUS) -> list[Message]:
         with self._lock:
@@ -256,15 +351,15 @@ class SessionPool(Generic[SlotT]):
         with self._lock:
             session = self._get(session_id, owner)
             if session.busy:
-                raise FailedPrecondition(
-                    f"a Generate is already running on session {cap(session_id)!r}; "
-                    "wait for it to finish or cancel it"
-                )
+                raise _busy(session_id)
+            # The slot first (SlotsBusy changes nothing, so the call may wait
+            # and try again), then the transcript check, which cuts only once
+            # nothing can refuse the call any more.
+            index = session.slot if session.slot is not None else self._free_slot()
             cut = self._check_transcript(session, transcript_length, digest)
-            kv_restored = False
             previous = None
+            kv_restored = False
             if session.slot is None:
-                index = self._free_slot()
                 previous = self._owners[index]
                 if previous is not None:
                     previous.slot = None
@@ -275,8 +370,8 @@ class SessionPool(Generic[SlotT]):
             session.last_used = next(self._clock)
             lease = Lease(
                 session=session,
-                slot_index=session.slot,
-                slot=self.slots[session.slot],
+                slot_index=index,
+                slot=self.slots[index],
                 kv_restored=kv_restored,
                 transcript=tuple(session.transcript),
                 displaced=previous,
@@ -285,6 +380,14 @@ class SessionPool(Generic[SlotT]):
             )
             session.lease = lease
             return lease
+
+    def check(self, session_id: str, *, owner: str = ANONYMOUS) -> None:
+        """What :meth:`acquire` would refuse before looking for a slot (a bad
+        id, NOT_FOUND, a session already generating), so that such a call is
+        refused before it waits for a slot."""
+        with self._lock:
+            if self._get(session_id, owner).busy:
+                raise _busy(session_id)
 
     def _kv_owner(self, session: Session) -> tuple[str, object]:
         if self.kv_sharing == "principal":
@@ -341,20 +444,22 @@ class SessionPool(Generic[SlotT]):
         """Record the finished turn (None: none); appended to the transcript when the lease ends."""
         lease._commit = None if messages is None else list(messages)
 
-    def done(self, lease: Lease[SlotT]) -> None:
-        """One holder of the lease is done; the second call releases it."""
+    def done(self, lease: Lease[SlotT]) -> bool:
+        """One holder of the lease is done; the second call releases it (True)."""
         with self._lock:
             lease._holders -= 1
             if lease._holders > 0:
-                return
+                return False
             session = lease.session
             session.lease = None
             if lease._commit is not None and not session.closed:
                 session.transcript.extend(lease._commit)
             session.last_used = next(self._clock)
+            session.idle_since = self._now()
             if session.closed and session.slot is not None:
                 self._owners[session.slot] = None
                 session.slot = None
+            return True
 
     def _free_slot(self) -> int:
         for index, owner in enumerate(self._owners):
@@ -367,15 +472,35 @@ class SessionPool(Generic[SlotT]):
             if owner is not None and not owner.busy
         ]
         if not idle:
-            raise ResourceExhausted(
-                f"all {len(self.slots)} KV slots are busy generating; retry shortly"
-            )
+            raise SlotsBusy(f"all {len(self.slots)} KV slots are busy generating; retry shortly")
         return min(idle)[1]
 
     def _get(self, session_id: str, owner: str) -> Session:
-        """``owner``'s session; another principal's is not found, with the
-        detail of an id nobody holds."""
-        try:
-            return self._sessions[(owner, session_id)]
-        except KeyError:
-            raise NotFound(f"unknown session {cap(session_id)!r}; open one first") from None
+        """``owner``'s session (lock held); another principal's, or one past
+        the TTL, is not found, with the detail of an id nobody holds."""
+        check_session_id(session_id)
+        session = self._sessions.get((owner, session_id))
+        if session is not None and self.ttl_s is not None and not session.busy:
+            if session.idle_since <= self._now() - self.ttl_s:
+                self._remove(session)
+                self.expirations += 1
+                self._notify(EVICT_TTL)
+                session = None
+        if session is None:
+            raise NotFound(f"unknown session {cap(session_id)!r}; open one first")
+        return session
+
+
+def _busy(session_id: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"a Generate is already running on session {cap(session_id)!r}; wait for it to finish or cancel it"
+    )
+
+
+def check_session_id(session_id: str) -> str:
+    """INVALID_ARGUMENT unless ``session_id`` is 1-128 characters of the id
+    alphabet; checked on every call, so no other string reaches a lookup, a
+    log line or a detail."""
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        raise InvalidArgument("session_id must be 1-128 characters from A-Z a-z 0-9 . _ : -")
+    return session_id

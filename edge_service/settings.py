@@ -4,6 +4,10 @@ Each field carries its flag (help text, and name where it differs from the
 field), so ``edgeroute serve`` builds its options from this class with
 :mod:`device_runtime.core.flags` and defaults and help texts are written only
 here.  Nothing below reads the environment.
+
+Every limit of the service under load and abuse (queue, quotas, sizes,
+rates, transport) is a field here with its default; docs/operations.md lists
+them with the reasons for the defaults and how to size them.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from device_runtime.core.flags import flag
 from device_runtime.llm.prompt_format import prompt_format_choices
 from edge_service.backends.base import BACKENDS
 
-DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+#: Room for the protobuf/gRPC framing around an Echo payload.
+ECHO_OVERHEAD_BYTES = 1024
+#: Stop strings the API takes at most (``edgeroute.v1.types``); the setting may lower it.
+MAX_STOP_STRINGS = 16
 #: Who may reuse a slot's cached prompt prefix (``--kv-sharing``).
 KV_SHARING_CHOICES = ("session", "principal")
 
@@ -56,11 +64,113 @@ class EdgeSettings:
         ),
     )
     max_sessions: int = field(
-        default=256, metadata=flag("open sessions (transcripts) kept; more are refused")
+        default=256,
+        metadata=flag(
+            "open sessions (transcripts) kept in all; at the limit a new session closes the "
+            "opener's own least recently used idle session, or is refused (RESOURCE_EXHAUSTED)"
+        ),
     )
-    # A server-side limit the clients must match; not a command-line knob.
+    # --- load and abuse (docs/operations.md) ------------------------------------
+    max_sessions_per_principal: int = field(
+        default=32,
+        metadata=flag(
+            "open sessions per principal; one more closes that principal's least recently "
+            "used idle session (never another principal's)"
+        ),
+    )
+    max_concurrent_per_principal: int = field(
+        default=8,
+        metadata=flag("Generate calls of one principal running or waiting for a slot; more are RESOURCE_EXHAUSTED"),
+    )
+    session_ttl_s: float = field(
+        default=3600.0,
+        metadata=flag("seconds an idle session's transcript is kept (retention)", name="--session-ttl",
+                      metavar="SECONDS"),
+    )
+    queue_timeout_s: float = field(
+        default=30.0,
+        metadata=flag(
+            "seconds a Generate waits for a free KV slot (principals take turns) before "
+            "RESOURCE_EXHAUSTED with the expected wait",
+            name="--queue-timeout", metavar="SECONDS",
+        ),
+    )
+    max_queue: int = field(default=256, metadata=flag("Generate calls waiting for a slot at once; more are refused"))
+    max_output_tokens: int = field(
+        default=512,
+        metadata=flag("largest max_tokens served; a larger request is clipped to it (and done says so)"),
+    )
+    max_input_tokens: int | None = field(
+        default=None,
+        metadata=flag("prompt tokens (transcript plus new messages) a Generate may have; more are "
+                      "INVALID_ARGUMENT; unset: only the context window limits it"),
+    )
+    max_messages: int = field(default=1024, metadata=flag("messages in one Generate request"))
+    max_stop_strings: int = field(default=16, metadata=flag("stop strings in one Generate request (at most 16)"))
+    max_stop_chars: int = field(default=256, metadata=flag("total characters of a request's stop strings"))
     max_message_bytes: int = field(
-        default=DEFAULT_MAX_MESSAGE_BYTES, metadata=flag("largest gRPC message accepted or sent", cli=False)
+        default=DEFAULT_MAX_MESSAGE_BYTES, metadata=flag("largest gRPC message accepted or sent, in bytes",
+                                                         metavar="BYTES"),
+    )
+    max_echo_bytes: int = field(
+        default=1024 * 1024,
+        metadata=flag("largest Echo response_bytes (also bounded by --max-message-bytes less 1 KiB)",
+                      metavar="BYTES"),
+    )
+    echo_rate: float = field(default=20.0, metadata=flag("Echo calls per second per principal (token bucket)"))
+    echo_burst: int = field(default=100, metadata=flag("Echo calls a principal may make at once (bucket size)"))
+    max_generation_s: float = field(
+        default=120.0,
+        metadata=flag("seconds one generation may run; then it is cancelled (DEADLINE_EXCEEDED)",
+                      metavar="SECONDS"),
+    )
+    stream_stall_timeout_s: float = field(
+        default=30.0,
+        metadata=flag("seconds a Generate stream may wait for its client to read; then it is cancelled "
+                      "(CANCELLED) and its slot freed", name="--stream-stall-timeout", metavar="SECONDS"),
+    )
+    # --- transport (gRPC channel arguments) ------------------------------------------
+    keepalive_time_s: float = field(
+        default=60.0, metadata=flag("seconds between the server's keepalive pings", name="--keepalive-time",
+                                    metavar="SECONDS"),
+    )
+    keepalive_timeout_s: float = field(
+        default=20.0,
+        metadata=flag("seconds a client has to answer a keepalive ping before its connection is closed",
+                      name="--keepalive-timeout", metavar="SECONDS"),
+    )
+    min_ping_interval_s: float = field(
+        default=10.0,
+        metadata=flag("shortest interval between a client's pings; pinging faster twice closes the "
+                      "connection (ping abuse)", name="--min-ping-interval", metavar="SECONDS"),
+    )
+    max_connection_idle_s: float = field(
+        default=600.0,
+        metadata=flag("close a connection without calls for this long (clients reconnect)",
+                      name="--max-connection-idle", metavar="SECONDS"),
+    )
+    max_connection_age_s: float = field(
+        default=3600.0,
+        metadata=flag("close any connection after about this long (clients reconnect)",
+                      name="--max-connection-age", metavar="SECONDS"),
+    )
+    max_connection_age_grace_s: float = field(
+        default=150.0,
+        metadata=flag("seconds running calls get to finish when a connection reaches its age",
+                      name="--max-connection-age-grace", metavar="SECONDS"),
+    )
+    max_concurrent_streams: int = field(default=32, metadata=flag("concurrent calls on one connection"))
+    max_concurrent_rpcs: int = field(
+        default=512, metadata=flag("concurrent calls on the whole server (health watches included); "
+                                   "more are RESOURCE_EXHAUSTED")
+    )
+    metrics_port: int | None = field(
+        default=None, metadata=flag("serve Prometheus metrics over HTTP on this port (unset or 0: off)",
+                                    metavar="PORT"),
+    )
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata=flag("address of the metrics endpoint (it has no authentication)", metavar="HOST"),
     )
     shutdown_grace_s: float = field(
         default=5.0,
@@ -123,6 +233,7 @@ class EdgeSettings:
         _check_int("max_message_bytes", self.max_message_bytes, 64 * 1024)
         if self.max_message_bytes > 2**31 - 1:
             raise ValueError("max_message_bytes must fit in a signed 32-bit integer (gRPC limit)")
+        self._check_limits()
         if self.n_threads is not None:
             _check_int("n_threads", self.n_threads, 1)
         if self.kv_budget_mb is not None and not (_finite(self.kv_budget_mb) and self.kv_budget_mb > 0):
@@ -131,6 +242,39 @@ class EdgeSettings:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s!r}")
         _check_int("seed", self.seed, 0)
         self._check_security()
+
+    def _check_limits(self) -> None:
+        for name in ("max_sessions_per_principal", "max_concurrent_per_principal", "max_queue",
+                     "max_output_tokens", "max_messages", "max_stop_chars", "echo_burst",
+                     "max_concurrent_streams", "max_concurrent_rpcs"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("max_stop_strings", self.max_stop_strings, 0)
+        if self.max_stop_strings > MAX_STOP_STRINGS:
+            raise ValueError(f"max_stop_strings must be <= {MAX_STOP_STRINGS} (the API's own limit)")
+        _check_int("max_echo_bytes", self.max_echo_bytes, 0)
+        if self.max_input_tokens is not None:
+            _check_int("max_input_tokens", self.max_input_tokens, 1)
+        for name in ("session_ttl_s", "queue_timeout_s", "echo_rate", "max_generation_s",
+                     "stream_stall_timeout_s", "keepalive_time_s", "keepalive_timeout_s",
+                     "min_ping_interval_s", "max_connection_idle_s", "max_connection_age_s"):
+            value = getattr(self, name)
+            if not (_finite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+            if value * 1000 > 2**31 - 1:  # gRPC takes milliseconds in a signed 32-bit integer
+                raise ValueError(f"{name} must be below {(2**31 - 1) // 1000} s, got {value!r}")
+        grace = self.max_connection_age_grace_s
+        if not (_finite(grace) and 0 <= grace * 1000 <= 2**31 - 1):
+            raise ValueError(f"max_connection_age_grace_s must be >= 0 s, got {grace!r}")
+        if self.metrics_port is not None:
+            _check_int("metrics_port", self.metrics_port, 0)
+            if self.metrics_port > 65535:
+                raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+
+    @property
+    def echo_cap_bytes(self) -> int:
+        """The largest Echo ``response_bytes``: ``max_echo_bytes``, and room for
+        the framing within ``max_message_bytes``."""
+        return max(0, min(self.max_echo_bytes, self.max_message_bytes - ECHO_OVERHEAD_BYTES))
 
     def _check_security(self) -> None:
         """Combinations only; the files are read by :mod:`edge_service.security`."""

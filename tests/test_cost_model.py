@@ -130,3 +130,20 @@ def test_settled_target_is_the_decision_for_every_router_score(case, expect):
         assert targets == {"device", "edge"}  # the router's score matters
     else:
         assert targets == {expect}
+
+
+def test_the_edge_queue_wait_adds_to_the_edge_path_only():
+    params = cm.paper_params("mmlu")
+    turn = cm.TurnInputs(prompt_tokens=50, context_tokens=100, delta_c_edge=100)
+    idle_e = cm.latency(params, turn, "edge").total_s
+    idle_s = cm.latency(params, turn, "device").total_s
+    loaded = params.with_(edge_queue_s=2.5)
+    assert cm.latency(loaded, turn, "edge").total_s == pytest.approx(idle_e + 2.5)
+    assert cm.latency(loaded, turn, "device").total_s == pytest.approx(idle_s)
+    # A long enough wait moves a borderline edge turn to the device (eq. 11-12).
+    p = 0.9
+    theta = cm.decide(params, turn, p, threshold=0.5).p_fused - 0.01
+    assert cm.decide(params, turn, p, threshold=theta).target == "edge"
+    assert cm.decide(params.with_(edge_queue_s=60.0), turn, p, threshold=theta).target == "device"
+    with pytest.raises(ValueError):
+        params.with_(edge_queue_s=-1.0)

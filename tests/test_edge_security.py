@@ -525,8 +525,10 @@ def test_audit_lines_have_the_real_status_and_no_content_or_token(tokens, caplog
             Caller(server.target) as anon:
         sid = alice.open("audited-session")
         alice.generate(sid, [user(secret_prompt)])  # a stream that ends OK
-        code, detail = status_of(lambda: alice.stream(long_id, [user("x")]))  # an abort in a stream
-        assert code == grpc.StatusCode.NOT_FOUND and len(detail) < 200  # client strings are capped
+        code, detail = status_of(lambda: alice.stream(long_id, [user("x")]))  # ids are checked on every call
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and len(detail) < 200 and "xxxx" not in detail
+        code, detail = status_of(lambda: alice.stream("no-such-session", [user("x")]))  # an abort in a stream
+        assert code == grpc.StatusCode.NOT_FOUND and len(detail) < 200
         assert status_of(lambda: alice.close("nope"))[0] == grpc.StatusCode.NOT_FOUND  # a unary abort
         assert status_of(anon.info)[0] == grpc.StatusCode.UNAUTHENTICATED
         backend.gate.clear()
@@ -538,6 +540,7 @@ def test_audit_lines_have_the_real_status_and_no_content_or_token(tokens, caplog
         alice.close(sid)
     lines = _audit_lines(caplog)
     for method, code in [("OpenSession", "OK"), ("Generate", "OK"), ("Generate", "NOT_FOUND"),
+                         ("Generate", "INVALID_ARGUMENT"),
                          ("CloseSession", "NOT_FOUND"), ("GetServerInfo", "UNAUTHENTICATED"),
                          ("Generate", "CANCELLED"), ("CloseSession", "OK")]:
         assert any(f"method={method} code={code} " in line for line in lines), (method, code, lines)

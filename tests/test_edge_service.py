@@ -93,7 +93,7 @@ def test_a_full_pool_closes_its_least_recently_used_idle_session():
     with pytest.raises(NotFound):
         pool.acquire(a)  # its client gets NOT_FOUND and opens a new session
     lease_c = pool.acquire(c)
-    with pytest.raises(ResourceExhausted, match="all generating"):
+    with pytest.raises(ResourceExhausted, match="none of yours is idle"):
         pool.open("d")  # every session generating: none is closed
     assert pool.session_evictions == 1 and len(pool) == 2
     for lease in (lease_b, lease_c):
@@ -416,13 +416,14 @@ def test_session_calls_map_to_codes(stub):
 
 @pytest.mark.slow
 def test_echo_payload_sizes(client, stub):
-    for up, down in [(0, 0), (1024, 0), (0, 1024), (1 << 20, 1 << 20)]:
+    cap = client.server_info().max_echo_bytes  # 1 MiB less the framing, by default
+    for up, down in [(0, 0), (1024, 0), (0, 1024), (cap, cap)]:
         response = stub.Echo(edge_pb2.EchoRequest(payload=bytes(up), response_bytes=down), timeout=30)
         assert len(response.payload) == down
         assert client.ping(up, down) > 0
-    too_big = edge_pb2.EchoRequest(response_bytes=client.server_info().max_message_bytes)
-    code, _ = _code_of(lambda: stub.Echo(too_big, timeout=10))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    for too_big in (cap + 1, client.server_info().max_message_bytes):
+        code, _ = _code_of(lambda: stub.Echo(edge_pb2.EchoRequest(response_bytes=too_big), timeout=10))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.slow
@@ -460,9 +461,9 @@ def test_instruct_gguf_uses_its_chat_template():
 # --- faults (fake backend) -------------------------------------------------------
 
 
-def test_all_slots_busy_is_resource_exhausted():
+def test_all_slots_busy_past_the_queue_timeout_is_resource_exhausted():
     backend = FaultBackend()
-    with EdgeServerThread(EdgeSettings(n_slots=1), backend=backend) as server:
+    with EdgeServerThread(EdgeSettings(n_slots=1, queue_timeout_s=0.2), backend=backend) as server:
         with EdgeClient(server.target, timeout_s=30) as c:
             a, b = c.open_session(), c.open_session()
             first = c.generate(a, [_user("x")])

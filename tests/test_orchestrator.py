@@ -223,9 +223,14 @@ def test_fixed_policies_answer_where_told_and_telemetry_follows_the_contract(slm
 
 
 @pytest.mark.slow
-def test_post_hoc_prediction_uses_the_actual_answer_length(slm, edge_client):
-    # L̄_r = 1 token on both sides, so any longer answer changes the prediction.
+def test_post_hoc_prediction_uses_the_actual_answer_length(slm, edge_server):
+    from device_runtime.link.edge_client import EdgeClient
+    from device_runtime.link.estimation import QueueWaitSettings
+
+    # L̄_r = 1 token on both sides, so any longer answer changes the prediction;
+    # no W_q (--no-edge-queue), so the predictions are the paper's equations alone.
     params = live_cost_params().with_(response=cost_model.ResponseLengths(1.0, 1.0))
+    edge_client = EdgeClient(edge_server.target, timeout_s=60, queue=QueueWaitSettings(edge_queue=False))
     for policy in (FixedPolicy("device"), FixedPolicy("edge"), AutoPolicy(FixedScoreRouter(1.0), -1.0)):
         orch = Orchestrator(slm, policy, params, edge=edge_client,
                             settings=OrchestratorSettings(max_tokens=MAX_TOKENS))
@@ -251,6 +256,7 @@ def test_post_hoc_prediction_uses_the_actual_answer_length(slm, edge_client):
                 cost_model.latency(used, inputs, rec.target).total_s)
             assert rec.predicted_posthoc_s > rec.predicted_s[rec.target]
         orch.close()
+    edge_client.close()
 
 
 @pytest.mark.slow
@@ -840,10 +846,21 @@ def test_during_an_outage_the_echo_after_a_device_turn_waits_less(slm):
     from device_runtime.link.edge_client import EdgeUnavailable
     from device_runtime.runtime.online import OnlineRouting, OnlineSettings
 
+    from device_runtime.link.edge_client import EdgeQueue
+
     class Link:  # fault injection: an edge that is down, then back
         def __init__(self):
             self.up = False
             self.timeouts: list[float] = []
+            self.queue = EdgeQueue()
+            self.reports = 0
+
+        def expected_queue_s(self):
+            return None
+
+        def server_info(self, *, timeout_s=None):
+            self.reports += 1
+            raise EdgeUnavailable("no queue report (injected)")
 
         def ping(self, payload_bytes, response_bytes=0, *, timeout_s=None):
             self.timeouts.append(timeout_s)
@@ -863,9 +880,11 @@ def test_during_an_outage_the_echo_after_a_device_turn_waits_less(slm):
     assert link.timeouts == [2.0, 0.3]
     orch.turn("Name a colour.")
     assert link.timeouts[2:] == [0.3]
+    assert link.reports == 0  # no queue report is asked of an edge that is down
     link.up = True
     orch.turn("Name a fruit.")  # back: seen by the short Echo, then confirmed
     assert link.timeouts[3:] == [0.3, 2.0]
+    assert link.reports == 1  # and its queue asked for once, after the Echo
     assert online.estimates["overhead_s"] < 0.1
     orch.turn("Name a tree.")  # and the Echo waits the full time again
     assert link.timeouts[5:] == [2.0]

@@ -168,7 +168,7 @@ def test_profile_cli_on_loopback_writes_the_contract(tmp_path):
         proc = subprocess.run(
             _profile_cmd(
                 "--edge", edge.target, "--out", str(out), "--json", "--parts", "link,edge,slm",
-                "--sizes", "0,65536,1048576", "--link-reps", "3", "--prompt-tokens", "16,96",
+                "--sizes", "0,65536,786432", "--link-reps", "3", "--prompt-tokens", "16,96",
                 "--max-tokens", "8", "--reps", "1", "--answer-prompts", "2",
             ),
             capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,

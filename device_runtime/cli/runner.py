@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Sequence, TextIO
 
 from device_runtime.core.flags import add_flags, flag, from_args
 from device_runtime.link.credentials import ENV_TOKEN, ChannelSecurity, CredentialsError, EdgeSecuritySettings
+from device_runtime.link.estimation import QueueWaitSettings
 from device_runtime.link.profile import LiveCostSettings
 from device_runtime.llm.slm import SLMSettings
 from device_runtime.routing.policies import PolicySettings
@@ -56,6 +57,7 @@ def add_runtime_args(p: argparse.ArgumentParser, *, max_tokens: int = 128) -> No
     add_flags(g, LiveCostSettings)
     add_flags(g, OrchestratorSettings, defaults={"max_tokens": max_tokens})
     add_flags(g, RuntimeCliSettings)
+    add_flags(g, QueueWaitSettings)
     add_security_args(p)
 
 
@@ -117,10 +119,13 @@ def build_device(args: argparse.Namespace) -> DeviceSide:
 def connect_edge(target: str, args: argparse.Namespace, security: ChannelSecurity | None = None) -> "EdgeClient":
     """An edge client for ``target`` secured by ``security`` (see
     :func:`edge_security`); it starts connecting in the background, so the
-    first edge turn finds the channel ready."""
+    first edge turn finds the channel ready.  ``--edge-queue``: how it keeps
+    W_q, the edge's expected slot wait that each decision adds to Tᵉ."""
     from device_runtime.link.edge_client import EdgeClient
 
-    return EdgeClient(target, security=security, timeout_s=args.edge_timeout)
+    return EdgeClient(
+        target, security=security, timeout_s=args.edge_timeout, queue=from_args(QueueWaitSettings, args)
+    )
 
 
 def fit_edge_window(edge: "EdgeClient", settings: OrchestratorSettings, slm_window: int) -> OrchestratorSettings:

@@ -22,6 +22,11 @@ sends back is checked before anyone uses it: a final message whose timings are
 not finite, negative or longer than the call itself, or whose counts do not add
 up, is an :class:`EdgeError` (INTERNAL), never a ``ValueError``, so the device
 answers the turn instead of crashing: anything on the path could send one.
+
+The client also keeps W_q, the edge's expected wait for a KV slot
+(:class:`EdgeQueue`, read by the orchestrator before each decision): every
+final message's ``queue_s``, every ``GetServerInfo`` report, and a call refused
+with RESOURCE_EXHAUSTED after waiting feed it, so no call is added for it.
 """
 
 from __future__ import annotations
@@ -37,12 +42,14 @@ from typing import Iterator, Mapping, Sequence
 import grpc
 
 from device_runtime.link.credentials import ChannelSecurity
+from device_runtime.link.estimation import QueueWaitEstimator, QueueWaitSettings
 from edgeroute.v1 import edge_pb2, edge_pb2_grpc
 from edgeroute.v1.types import GenerationParams, GenerationSummary, ServerInfo, messages_to_pb
 
 __all__ = [
     "EdgeClient",
     "EdgeError",
+    "EdgeQueue",
     "EdgeStream",
     "EdgeTurnResult",
     "EdgeUnavailable",
@@ -168,18 +175,86 @@ class EdgeTurnResult:
     finish_reason: str = "stop"
     kv_restored: bool = False
     server_ttft_s: float = 0.0
+    #: Seconds the call waited on the edge for a free slot (the edge's ``queue_s``).
+    queue_s: float = 0.0
+
+
+def reported_wait_s(info: ServerInfo) -> float | None:
+    """The wait the edge expects for a call arriving now, from its
+    ``GetServerInfo``; None when it cannot say (every slot busy and nothing
+    measured yet).
+
+    Its own ``expected_queue_wait_s`` when it sends one (0 with a slot free);
+    otherwise a free slot and nobody waiting is no wait, and a queue is its
+    recent median wait.  An older edge without the load fields reads as idle
+    (0), which is what it is to a caller: it refuses rather than queues.
+    """
+    expected = info.expected_queue_wait_s
+    if expected is not None and math.isfinite(expected) and expected >= 0:
+        return float(expected)
+    if info.queue_depth == 0 and info.busy_slots < info.n_slots:
+        return 0.0
+    recent = info.queue_wait_s
+    if info.queue_depth > 0 and math.isfinite(recent) and recent > 0:
+        return float(recent)
+    return None
+
+
+class EdgeQueue:
+    """W_q as this client has seen the edge: a :class:`QueueWaitEstimator` on
+    the monotonic clock, safe to feed from the idle probe's thread.
+
+    ``settings.edge_queue`` False: it still listens, but :meth:`expected_s`
+    says nothing, so decisions predict an idle edge (the paper's model).
+    """
+
+    def __init__(self, settings: QueueWaitSettings | None = None) -> None:
+        self.settings = settings or QueueWaitSettings()
+        self._estimator = QueueWaitEstimator(self.settings)
+        self._lock = threading.Lock()
+
+    def expected_s(self) -> float | None:
+        """W_q for a decision now; None when disabled or nothing is known yet."""
+        if not self.settings.edge_queue:
+            return None
+        with self._lock:
+            return self._estimator.estimate(time.monotonic())
+
+    def observe_wait(self, queue_s: float) -> None:
+        with self._lock:
+            self._estimator.observe_wait(queue_s, time.monotonic())
+
+    def observe_floor(self, waited_s: float) -> None:
+        with self._lock:
+            self._estimator.observe_floor(waited_s, time.monotonic())
+
+    def observe_server_info(self, info: ServerInfo) -> None:
+        wait = reported_wait_s(info)
+        if wait is not None:
+            with self._lock:
+                self._estimator.observe_report(wait, time.monotonic())
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(waits observed, edge reports taken), for tests and benchmarks."""
+        with self._lock:
+            return self._estimator.n_waits, self._estimator.n_reports
 
 
 class EdgeStream:
     """The chunks of one Generate call; :attr:`result` once exhausted; :meth:`cancel` to stop.
 
     ``max_tokens``: the answer cap the call asked for; a final message that
-    reports more output tokens is malformed."""
+    reports more output tokens is malformed.  ``queue``: told the call's wait
+    for a slot (its ``queue_s``, or the time until a RESOURCE_EXHAUSTED)."""
 
-    def __init__(self, call, t_start: float, max_tokens: int | None = None) -> None:
+    def __init__(
+        self, call, t_start: float, max_tokens: int | None = None, queue: EdgeQueue | None = None
+    ) -> None:
         self._call = call
         self._t_start = t_start
         self._max_tokens = max_tokens
+        self._queue = queue
         self._texts: list[str] = []
         self._ttft_s: float | None = None
         self._result: EdgeTurnResult | None = None
@@ -208,6 +283,10 @@ class EdgeStream:
                 # that fails after `done` changes neither.
                 log.debug("edge stream ended with %s after its final message", exc.code())
                 return
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not self._texts and self._queue:
+                # No slot (the edge's queue timed out, or a quota): the wait
+                # is at least as long as this call took.
+                self._queue.observe_floor(time.perf_counter() - self._t_start)
             raise _map_rpc_error(exc) from None
         if self._result is None and not self._cancelled:
             raise EdgeError(grpc.StatusCode.INTERNAL, "the edge closed the stream without a final message")
@@ -242,7 +321,10 @@ class EdgeStream:
             finish_reason=summary.finish_reason,
             kv_restored=summary.kv_restored,
             server_ttft_s=summary.ttft_s,
+            queue_s=summary.queue_s,
         )
+        if self._queue is not None:
+            self._queue.observe_wait(summary.queue_s)
 
     @property
     def text(self) -> str:
@@ -284,13 +366,16 @@ class EdgeClient:
         connect_timeout_s: float = 2.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         connect_now: bool = True,
+        queue: QueueWaitSettings | None = None,
     ) -> None:
         """``security``: TLS, mTLS and the bearer token (default: plaintext, no
         token; a :class:`~device_runtime.link.credentials.CredentialsError` here
         for unreadable files or a token that would cross the network in clear).
         ``connect_now``: start connecting in the background at once, so the
         first turn does not pay for the TCP, TLS and HTTP/2 handshakes (2-3
-        round trips over the link); False connects on the first call."""
+        round trips over the link); False connects on the first call.
+        ``queue``: how W_q, the edge's expected slot wait, is kept
+        (:attr:`queue`, :meth:`expected_queue_s`)."""
         if not target:
             raise ValueError("target must be HOST:PORT")
         if not timeout_s > 0 or not connect_timeout_s > 0:
@@ -299,6 +384,7 @@ class EdgeClient:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.security = security or ChannelSecurity()
+        self.queue = EdgeQueue(queue)
         # Every call carries it; computed once, so a refusal comes now.
         self._metadata = self.security.metadata(target) or None
         options = [
@@ -360,7 +446,7 @@ class EdgeClient:
         return ""
 
     def _unary(self, method, request, timeout_s: float | None):
-        self._ensure_connected()
+        self._ensure_connected(timeout_s)
         try:
             return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
@@ -376,8 +462,18 @@ class EdgeClient:
     def close_session(self, session_id: str) -> None:
         self._unary(self._stub.CloseSession, edge_pb2.CloseSessionRequest(session_id=session_id), None)
 
-    def server_info(self) -> ServerInfo:
-        return ServerInfo.from_pb(self._unary(self._stub.GetServerInfo, edge_pb2.GetServerInfoRequest(), None))
+    def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
+        """What the edge runs, and its queue now (fed to :attr:`queue`)."""
+        info = ServerInfo.from_pb(
+            self._unary(self._stub.GetServerInfo, edge_pb2.GetServerInfoRequest(), timeout_s)
+        )
+        self.queue.observe_server_info(info)
+        return info
+
+    def expected_queue_s(self) -> float | None:
+        """W_q, the wait for a KV slot this client expects for its next call
+        (None: nothing known yet, or ``--no-edge-queue``)."""
+        return self.queue.expected_s()
 
     def generate(
         self,
@@ -429,7 +525,7 @@ class EdgeClient:
             call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _map_rpc_error(exc) from None
-        return EdgeStream(call, t_start, params.max_tokens)
+        return EdgeStream(call, t_start, params.max_tokens, self.queue)
 
     def warm_up(self, timeout_s: float | None = None) -> float | None:
         """Connect and send one empty Echo; its round-trip seconds, or None when

@@ -1,6 +1,6 @@
 """Estimating the cost model's γ, τ_r, B and δ from measurements.
 
-Pure: numbers in, numbers out; no clocks, no I/O.  Two uses:
+Pure: numbers in, numbers out; no clocks, no I/O.  Three uses:
 
 - **Profiling** (``edgeroute profile``): :func:`fit_link` fits round-trip time
   against payload size, ``RTT = δ + size / B`` (the link part of eq. 3), by
@@ -15,6 +15,9 @@ Pure: numbers in, numbers out; no clocks, no I/O.  Two uses:
   are rejected by a k·MAD rule; a run of consecutive outliers is taken as a
   change of regime (the link degraded or recovered) and adopted at once, so
   the router follows the link within a few turns.
+- **The edge's queue**: :class:`QueueWaitEstimator` keeps W_q, the wait for a
+  free slot on a loaded edge (``CostParams.edge_queue_s``, beyond the paper),
+  from the waits of this device's own edge turns and the edge's own reports.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from device_runtime.core.flags import flag
 from device_runtime.routing.cost_model import CostParams, Link, ModelTiming
 
 #: MAD -> standard deviation for normally distributed samples.
@@ -566,3 +570,106 @@ class OnlineEstimator:
         out["bandwidth_tokens_per_s"] = float(self.link.link.bandwidth_tokens_per_s)
         out["overhead_s"] = float(self.link.link.overhead_s)
         return out
+
+
+# --- the edge's queue (W_q) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueWaitSettings:
+    """How the device estimates W_q, the edge's expected wait for a KV slot
+    (``CostParams.edge_queue_s``: beyond the paper, whose edge is idle)."""
+
+    edge_queue: bool = field(default=True, metadata=flag(
+        "add the edge's expected wait for a KV slot (W_q: what the edge reports and the waits of "
+        "this device's recent edge turns) to the edge path's predicted latency; "
+        "--no-edge-queue predicts an idle edge, as the paper does"
+    ))
+    edge_queue_half_life: float = field(default=30.0, metadata=flag(
+        "seconds after which a W_q estimate that nothing has refreshed counts half (it decays "
+        "towards 0, so a device that stopped sending turns to a busy edge tries it again)",
+        metavar="SECONDS",
+    ))
+    weight: float = 0.5
+    """EWMA weight of one observed wait (``done.queue_s`` of this device's own turn)."""
+    max_wait_s: float = 3600.0
+    """Observations and reports are clipped to this: a broken report cannot
+    push the edge out of reach for longer than the decay takes from here."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.edge_queue_half_life) and self.edge_queue_half_life > 0):
+            raise ValueError(f"edge_queue_half_life must be > 0 s, got {self.edge_queue_half_life!r}")
+        if not 0 < self.weight <= 1:
+            raise ValueError(f"weight must be in (0, 1], got {self.weight!r}")
+        if not (math.isfinite(self.max_wait_s) and self.max_wait_s > 0):
+            raise ValueError(f"max_wait_s must be > 0, got {self.max_wait_s!r}")
+
+
+@dataclass
+class QueueWaitEstimator:
+    """W_q: how long the next edge turn is expected to wait for a slot.
+
+    Three kinds of news, each at a time ``now_s`` (any monotonic clock; the
+    caller reads it, so this stays pure):
+
+    - :meth:`observe_wait`: the wait one of this device's own edge turns
+      reported (``done.queue_s``), folded in as an EWMA, so a turn that did
+      not wait pulls the estimate towards 0;
+    - :meth:`observe_report`: the wait the edge itself expects for a call
+      arriving now (``GetServerInfo``); the freshest view of the whole queue,
+      so it replaces the estimate;
+    - :meth:`observe_floor`: a call refused after waiting ``s`` seconds
+      (RESOURCE_EXHAUSTED once the edge's queue timeout passed): the wait is
+      at least that.
+
+    Between news the estimate halves every ``edge_queue_half_life`` seconds:
+    a device that moved its turns off a busy edge sees no more waits, and
+    without the decay it would never try the edge again.
+    """
+
+    settings: QueueWaitSettings = field(default_factory=QueueWaitSettings)
+    value_s: float = 0.0
+    #: When the last news came (None: none yet, the estimate is unknown).
+    at_s: float | None = None
+    n_waits: int = 0
+    n_reports: int = 0
+
+    def estimate(self, now_s: float) -> float | None:
+        """W_q at ``now_s``, decayed since the last news; None before any news."""
+        if self.at_s is None:
+            return None
+        age = max(0.0, now_s - self.at_s)
+        return self.value_s * 0.5 ** (age / self.settings.edge_queue_half_life)
+
+    def _clip(self, seconds: float) -> float | None:
+        if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+            return None
+        return min(float(seconds), self.settings.max_wait_s)
+
+    def observe_wait(self, queue_s: float, now_s: float) -> None:
+        """This device's edge turn waited ``queue_s`` for its slot."""
+        wait = self._clip(queue_s)
+        if wait is None:
+            return
+        prev = self.estimate(now_s)
+        w = self.settings.weight
+        self.value_s = wait if prev is None else (1 - w) * prev + w * wait
+        self.at_s = now_s
+        self.n_waits += 1
+
+    def observe_report(self, expected_wait_s: float, now_s: float) -> None:
+        """The edge expects a call arriving now to wait ``expected_wait_s``."""
+        wait = self._clip(expected_wait_s)
+        if wait is None:
+            return
+        self.value_s, self.at_s = wait, now_s
+        self.n_reports += 1
+
+    def observe_floor(self, waited_s: float, now_s: float) -> None:
+        """A call was refused for want of a slot after ``waited_s``: W_q is at least that."""
+        wait = self._clip(waited_s)
+        if wait is None:
+            return
+        prev = self.estimate(now_s)
+        if prev is None or wait > prev:
+            self.value_s, self.at_s = wait, now_s

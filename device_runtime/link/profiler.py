@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 
 PARTS = ("link", "edge", "slm", "router")
 #: Payload sizes of the Echo sweep; larger ones are skipped once a round trip
-#: exceeds ``max_rtt_s`` (a slow link needs no 1 MiB transfer to show its slope).
-DEFAULT_SIZES = (0, 4096, 16384, 65536, 262144, 1048576)
+#: exceeds ``max_rtt_s`` (a slow link needs no large transfer to show its slope).
+#: The largest stays under the edge's default 1 MiB message and Echo caps.
+DEFAULT_SIZES = (0, 4096, 16384, 65536, 262144, 786432)
 
 
 def int_list(value: str) -> tuple[int, ...]:

@@ -15,7 +15,10 @@ Notation (paper, Sec. II-B):
 - L̄_r^s, L̄_r^e         expected response length of SLM / LLM
 
 Beyond the paper, each model has separate prefill and decode per-token times;
-the paper's single γ is the case ``prefill_s_per_token == decode_s_per_token``.
+the paper's single γ is the case ``prefill_s_per_token == decode_s_per_token``,
+and the edge path may carry a queueing term W_q (``CostParams.edge_queue_s``):
+the expected wait for a free slot on a loaded edge, which the paper's equations,
+written for an idle edge, do not have.  Its default, 0, is the paper's model.
 """
 
 from __future__ import annotations
@@ -98,10 +101,13 @@ class CostParams:
     alpha: float = 0.03
     response: ResponseLengths = field(default_factory=lambda: ResponseLengths(0.0, 0.0))
     upload_mode: UploadMode = "paper"
+    #: W_q: expected wait for an edge slot, s (not in the paper: 0 = an idle edge).
+    edge_queue_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_nonneg("tau_r", self.tau_r)
         _check_nonneg("alpha", self.alpha)
+        _check_nonneg("edge_queue_s", self.edge_queue_s)
         if self.upload_mode not in UPLOAD_MODES:
             raise ValueError(f"upload_mode must be one of {UPLOAD_MODES}, got {self.upload_mode!r}")
 
@@ -151,6 +157,8 @@ class LatencyBreakdown:
     download_s: float
     router_s: float
     gen_s: float
+    #: W_q, the edge's expected slot wait (beyond the paper; 0 on the device).
+    queue_s: float = 0.0
 
     @property
     def comm_s(self) -> float:
@@ -158,7 +166,7 @@ class LatencyBreakdown:
 
     @property
     def total_s(self) -> float:
-        return self.comp_s + self.comm_s + self.router_s + self.gen_s
+        return self.comp_s + self.comm_s + self.router_s + self.gen_s + self.queue_s
 
 
 @dataclass(frozen=True)
@@ -232,7 +240,8 @@ def upload_tokens(params: CostParams, turn: TurnInputs) -> int:
 
 
 def latency(params: CostParams, turn: TurnInputs, target: Target) -> LatencyBreakdown:
-    """Eq. (6) for the device, eq. (7) for the edge, as a breakdown."""
+    """Eq. (6) for the device, eq. (7) for the edge (plus W_q, see the module
+    docstring), as a breakdown."""
     router_tokens = (
         turn.router_tokens
         if turn.router_tokens is not None
@@ -253,6 +262,7 @@ def latency(params: CostParams, turn: TurnInputs, target: Target) -> LatencyBrea
         download_latency(params.link, response),
         router_s,
         gen_latency(timing, response),
+        params.edge_queue_s,
     )
 
 

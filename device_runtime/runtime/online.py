@@ -23,6 +23,14 @@ link moves turns to the device within a few turns.
 - A turn whose link sample looks like a new regime (held back as an outlier)
   is followed at once by an Echo that confirms or clears it, so the next turn
   is decided on the new link.
+- The edge's queue W_q (``CostParams.edge_queue_s``): the orchestrator takes
+  it from the edge client before each decision; an edge turn's ``queue_s``
+  feeds it, and here, after each Echo that follows a device turn or ends an
+  idle pause, one ``GetServerInfo`` asks the edge for its current expected
+  wait, so a queue that emptied is seen while turns run on the device.  A
+  turn's wait for a slot is the server's, not the link's: it is taken out of
+  the link's sample.  A fallback because no slot came free in time
+  (RESOURCE_EXHAUSTED) is a busy edge, not a bad link.
 - Answer lengths L̄_r: this conversation's answers on each side, shrunk
   towards the running mean over all answers.
 - Token counts are the cost model's own (ΔC + L_p from the ledger, the
@@ -81,6 +89,11 @@ class OnlineSettings:
     while the user was typing is known before the next turn is decided.  The
     results are fed to the estimator when the next turn starts; a turn that
     starts first cancels the probe.  None disables it."""
+    queue_report: bool = True
+    """After the Echo that follows a device turn and after an idle probe, ask
+    the edge for its queue (one GetServerInfo, as small as an Echo; not while
+    the link is down, nor with ``--no-edge-queue``), so that W_q follows the
+    edge while no turn goes there."""
     confirm_probe: bool = True
     """When a turn's link sample is held back as an outlier, Echo at once: a
     second outlier on the same side is a new regime (see ``EwmaSettings.regime_after``),
@@ -154,7 +167,7 @@ class OnlineRouting(TurnHook):
 
     def _idle_probe(self, gap: int, orch: "Orchestrator") -> None:
         """Runs on the timer's thread: two Echos, kept only if no turn started
-        (and nothing was closed) since."""
+        (and nothing was closed) since, then the edge's queue report."""
         for _ in range(2):
             with self._idle_lock:
                 if gap != self._idle_gap:
@@ -168,6 +181,10 @@ class OnlineRouting(TurnHook):
                 if gap != self._idle_gap:
                     return
                 self._idle_rtts.append(rtt)
+        with self._idle_lock:
+            still_idle = gap == self._idle_gap
+        if still_idle and rtt < self.settings.probe_timeout_s:
+            self._refresh_queue(orch.edge)
 
     def _take_idle_probes(self, orch: "Orchestrator") -> None:
         """Stop the pending probe; feed what it measured (one thread touches the estimator)."""
@@ -212,7 +229,9 @@ class OnlineRouting(TurnHook):
             if result.edge_result is not None:  # None: cancelled, no server timings
                 self._observe_edge(result.edge_result, prefill_tokens, answer_tokens)
         elif rec.target == "device":
-            self._observe_device(orch, prefill_tokens, answer_tokens, fallback=rec.fallback)
+            # No slot in time: the edge is busy (its queue), the link is fine.
+            busy = result.fallback_status == "RESOURCE_EXHAUSTED"
+            self._observe_device(orch, prefill_tokens, answer_tokens, fallback=rec.fallback and not busy)
         if (
             self.settings.confirm_probe
             and self.estimator.link.pending_outliers
@@ -240,6 +259,8 @@ class OnlineRouting(TurnHook):
             self.estimator.observe_ping(self.settings.probe_timeout_s)
         elif self.settings.probe_after_device_turn and orch.edge is not None:
             self._probe(orch.edge)
+            if not self._link_down:
+                self._refresh_queue(orch.edge)
 
     def response_length(self, target: str) -> float | None:
         """L̄_r for the next turn on ``target``: this conversation's mean answer
@@ -266,9 +287,10 @@ class OnlineRouting(TurnHook):
         orch.set_params(params)
 
     def _observe_edge(self, res: "EdgeTurnResult", upload_tokens: int, answer_tokens: int) -> None:
-        # Server time from the request to the last token; queueing shows as link.
+        # Server time from the request to the last token, its wait for a slot
+        # included: that is W_q's (the edge's queue), not the link's.
         first_token_s = res.server_ttft_s or res.prefill_s
-        server_s = first_token_s + res.decode_s
+        server_s = res.queue_s + first_token_s + res.decode_s
         gamma = self.settings.track_gamma
         self.last_comm_s = self.estimator.observe_edge_turn(
             measured_s=res.total_s,
@@ -301,6 +323,17 @@ class OnlineRouting(TurnHook):
             log.debug("link probe failed: %s", exc)
             return limit
         return min(rtt, limit)
+
+    def _refresh_queue(self, edge: "EdgeClient") -> None:
+        """One GetServerInfo: the edge's expected wait goes to the client's W_q."""
+        from device_runtime.link.edge_client import EdgeError, EdgeUnavailable
+
+        if not self.settings.queue_report or not edge.queue.settings.edge_queue:
+            return
+        try:
+            edge.server_info(timeout_s=self.settings.probe_timeout_s)
+        except (EdgeUnavailable, EdgeError, RuntimeError) as exc:  # RuntimeError: closed meanwhile
+            log.debug("queue report failed: %s", exc)
 
     def _probe(self, edge: "EdgeClient") -> None:
         s = self.settings

@@ -14,6 +14,14 @@ tokens of the message texts: the device has no edge tokenizer, and one
 tokenizer keeps the ledger consistent.  Template glue is not counted.  The
 telemetry's ``prefill_tokens``/``cached_tokens`` are the serving model's own.
 
+The edge path's prediction carries W_q, the edge's expected wait for a KV
+slot (``CostParams.edge_queue_s``, a term the paper's idle edge does not
+have): before each decision the orchestrator takes the edge client's estimate
+(:meth:`~device_runtime.link.edge_client.EdgeClient.expected_queue_s`, kept
+from the ``queue_s`` of this conversation's edge turns and the edge's own
+reports), so under load a turn the device can answer is not queued.  Until the
+client knows anything, the parameters' own ``edge_queue_s`` stands (0: idle).
+
 Response lengths for the live prediction (eqs. 3, 5) are the cost parameters'
 averages L̄_r capped at ``max_tokens``, since no answer can be longer.  After the
 answer, the served target's latency is predicted again by the same equations
@@ -123,6 +131,10 @@ class TurnResult:
     #: link time measured around the call); None for a device answer and for
     #: an edge answer cancelled before its final message.
     edge_result: "EdgeTurnResult | None" = None
+    #: On a fallback, the gRPC status name of the edge's failure, if it sent
+    #: one (``RESOURCE_EXHAUSTED``: no slot within its queue timeout, a busy
+    #: edge rather than a bad link); None otherwise.
+    fallback_status: str | None = None
 
 
 TextCallback = Callable[[str], None]
@@ -205,7 +217,11 @@ class _Answer:
 
 
 class _EdgeFailed(Exception):
-    pass
+    """The edge could not answer; ``status``: the gRPC status name, if any."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Orchestrator:
@@ -321,31 +337,38 @@ class Orchestrator:
         # The router reads the dialogue, not the system message (its training
         # turns have none, and C_t of eq. 4 does not count it).
         history = [m for m in self.transcript if m["role"] != "system"]
-        decision = self.policy.choose(self.params, turn_inputs, prompt, history)
-        target, fallback_reason, answer = self._answer(decision.target, user_msg, io)
+        decision = self.policy.choose(self._decision_params(), turn_inputs, prompt, history)
+        target, failure, answer = self._answer(decision.target, user_msg, io)
         measured_s = time.perf_counter() - io.t0
         return self._record(
-            user_msg, decision, target, answer, fallback_reason,
+            user_msg, decision, target, answer, failure,
             prompt_tokens=prompt_tokens, context_tokens=context_tokens, measured_s=measured_s,
         )
 
-    def _answer(self, target: Target, user_msg: dict, io: _TurnIO) -> tuple[Target, str | None, _Answer]:
+    def _decision_params(self) -> CostParams:
+        """The parameters of this turn's decision: ``params`` with the edge
+        client's current W_q, when it has one (see the module docstring)."""
+        queue_s = self.edge.expected_queue_s() if self.edge is not None else None
+        return self.params if queue_s is None else self.params.with_(edge_queue_s=queue_s)
+
+    def _answer(self, target: Target, user_msg: dict, io: _TurnIO) -> tuple[Target, _EdgeFailed | None, _Answer]:
         """(where it was answered, why not on the edge if it was chosen, the answer)."""
-        fallback_reason = None
+        failure = None
         if target == "edge":
             try:
                 return "edge", None, self._answer_on_edge(user_msg, io)
             except _EdgeFailed as exc:
-                fallback_reason = str(exc)
-                io.on_event("fallback", fallback_reason)
-                log.warning("edge unavailable, answering on the device: %s", fallback_reason)
-        return "device", fallback_reason, self._answer_on_device(user_msg, io)
+                failure = exc
+                io.on_event("fallback", str(exc))
+                log.warning("edge unavailable, answering on the device: %s", exc)
+        return "device", failure, self._answer_on_device(user_msg, io)
 
     def _record(
         self, user_msg: dict, decision: PolicyDecision, target: Target, answer: _Answer,
-        fallback_reason: str | None, *, prompt_tokens: int, context_tokens: int, measured_s: float,
+        failure: _EdgeFailed | None, *, prompt_tokens: int, context_tokens: int, measured_s: float,
     ) -> TurnResult:
         """Update the transcript, the edge session's and the ledger's books; log the telemetry."""
+        fallback_reason = None if failure is None else str(failure)
         self.transcript += [user_msg, {"role": "assistant", "content": answer.text}]
         if target == "edge" and answer.edge_kept:
             self.edge_session.seen = len(self.transcript)
@@ -372,7 +395,10 @@ class Orchestrator:
             predicted_posthoc_s=posthoc_s,
         )
         self.telemetry.append(record)
-        return TurnResult(answer.text, record, fallback_reason, answer_tokens, delta_c_tokens, answer.edge_result)
+        return TurnResult(
+            answer.text, record, fallback_reason, answer_tokens, delta_c_tokens, answer.edge_result,
+            None if failure is None else failure.status,
+        )
 
     def _fit_window(self, user_msg: dict, on_event: EventCallback) -> None:
         """Drop the oldest user/assistant pairs until the turn fits the window.
@@ -446,7 +472,8 @@ class Orchestrator:
                 if chunks:
                     # The caller saw part of an answer that will be replaced.
                     io.on_event("edge_lost", str(exc))
-                raise _EdgeFailed(f"{type(exc).__name__}: {exc}") from exc
+                code = getattr(exc, "code", None)
+                raise _EdgeFailed(f"{type(exc).__name__}: {exc}", getattr(code, "name", None)) from exc
         raise _EdgeFailed("unreachable")  # pragma: no cover
 
     def _edge_attempt(self, attempt: int, user_msg: dict, chunks: list[str], io: _TurnIO) -> _Answer:

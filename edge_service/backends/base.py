@@ -50,6 +50,13 @@ class Slot(ABC):
         ``cancel`` is set.
         """
 
+    def count_tokens(self, messages: Sequence[dict]) -> int | None:
+        """Tokens of ``messages`` formatted as this slot's prompt, without
+        touching the KV cache (for ``--max-input-tokens``); None when the
+        backend cannot tell, and the limit is then left to the backend's own
+        context window."""
+        return None
+
     def close(self) -> None:
         """Free the slot's memory."""
 

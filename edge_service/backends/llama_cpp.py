@@ -63,6 +63,12 @@ class LlamaSlot(Slot):
         except (ContextOverflowError, InvalidMessagesError) as exc:
             raise InvalidArgument(str(exc)) from exc
 
+    def count_tokens(self, messages: Sequence[dict]) -> int:
+        try:
+            return self.conversation.count_tokens(list(messages))
+        except (ContextOverflowError, InvalidMessagesError) as exc:
+            raise InvalidArgument(str(exc)) from exc
+
     def _forget_for(self, kv_owner: Hashable, messages: Sequence[dict]) -> None:
         """Drop the KV another owner computed, so the prefix match cannot
         report how much of this prompt it shared with theirs.

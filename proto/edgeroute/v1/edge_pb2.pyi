@@ -118,16 +118,18 @@ class ServerTimings(_message.Message):
     def __init__(self, prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., queue_s: _Optional[float] = ...) -> None: ...
 
 class GenerateDone(_message.Message):
-    __slots__ = ("usage", "timings", "finish_reason", "kv_restored")
+    __slots__ = ("usage", "timings", "finish_reason", "kv_restored", "max_tokens_clipped_to")
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     KV_RESTORED_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_CLIPPED_TO_FIELD_NUMBER: _ClassVar[int]
     usage: Usage
     timings: ServerTimings
     finish_reason: FinishReason
     kv_restored: bool
-    def __init__(self, usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., kv_restored: _Optional[bool] = ...) -> None: ...
+    max_tokens_clipped_to: int
+    def __init__(self, usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., kv_restored: _Optional[bool] = ..., max_tokens_clipped_to: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("chunk", "done")
@@ -156,7 +158,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("backend", "model", "prompt_format", "n_ctx", "n_slots", "max_sessions", "max_message_bytes")
+    __slots__ = ("backend", "model", "prompt_format", "n_ctx", "n_slots", "max_sessions", "max_message_bytes", "queue_depth", "busy_slots", "queue_wait_s", "expected_queue_wait_s", "max_output_tokens", "max_input_tokens", "max_echo_bytes", "max_sessions_per_principal", "max_concurrent_per_principal", "queue_timeout_s")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +166,16 @@ class ServerInfo(_message.Message):
     N_SLOTS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_QUEUE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ECHO_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_PER_PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_PER_PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     backend: str
     model: str
     prompt_format: str
@@ -171,4 +183,14 @@ class ServerInfo(_message.Message):
     n_slots: int
     max_sessions: int
     max_message_bytes: int
-    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., prompt_format: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_slots: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    queue_depth: int
+    busy_slots: int
+    queue_wait_s: float
+    expected_queue_wait_s: float
+    max_output_tokens: int
+    max_input_tokens: int
+    max_echo_bytes: int
+    max_sessions_per_principal: int
+    max_concurrent_per_principal: int
+    queue_timeout_s: float
+    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., prompt_format: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_slots: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., queue_depth: _Optional[int] = ..., busy_slots: _Optional[int] = ..., queue_wait_s: _Optional[float] = ..., expected_queue_wait_s: _Optional[float] = ..., max_output_tokens: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_echo_bytes: _Optional[int] = ..., max_sessions_per_principal: _Optional[int] = ..., max_concurrent_per_principal: _Optional[int] = ..., queue_timeout_s: _Optional[float] = ...) -> None: ...

@@ -66,9 +66,13 @@ class EdgeLLMServicer:
 
     def OpenSession(self, request, context):
         """Opens a session: an empty transcript on the edge.  A client may choose
-        the id (it must be unused); otherwise the server makes one.  A server at
-        its maximum of sessions closes its least recently used idle session to
-        make room (RESOURCE_EXHAUSTED only when every session is generating).
+        the id (it must be unused); otherwise the server makes one.  A principal
+        at its quota of sessions (`serve --max-sessions-per-principal`), or any
+        principal when the server holds its maximum (`--max-sessions`), first
+        loses its own least recently used idle session; RESOURCE_EXHAUSTED when it
+        has none (another principal's session is never closed to make room).  An
+        idle session is deleted after `--session-ttl` seconds: its next call is
+        NOT_FOUND, as after a restart.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,20 +96,30 @@ class EdgeLLMServicer:
         holds, and the server drops such a turn before appending.
 
         An answer that would run past the context window is cut there
-        (finish_reason LENGTH).
+        (finish_reason LENGTH).  A `max_tokens` above the server's limit
+        (`--max-output-tokens`) is clipped to it, and `done.max_tokens_clipped_to`
+        says so.
+
+        A call that finds every KV slot generating waits for one, principals
+        taking turns, for at most `--queue-timeout` seconds; `done.timings.queue_s`
+        is the wait.
 
         With `open_session`, a session id that the server does not hold is opened
         first (the id is the client's choice), which saves the OpenSession round
         trip on a conversation's first edge turn.
 
-        Errors: NOT_FOUND (unknown session), INVALID_ARGUMENT (no messages,
-        unknown role, a conversation that does not end with a user message,
-        bad parameters, a prompt that fills the context window, `open_session`
-        without a valid session id), FAILED_PRECONDITION (a Generate is already
-        running on this session), RESOURCE_EXHAUSTED (every KV slot is busy
-        generating; `open_session` when the server holds its maximum of
-        sessions and all of them are generating: otherwise the least recently
-        used idle session is closed to make room), ABORTED (the session was closed while generating),
+        Errors: NOT_FOUND (unknown session), INVALID_ARGUMENT (a malformed
+        session id, no messages, too many messages or stop strings, unknown role,
+        a conversation that does not end with a user message, bad parameters, a
+        prompt above `--max-input-tokens` or filling the context window,
+        `open_session` without a valid session id), FAILED_PRECONDITION (a
+        Generate is already running on this session), RESOURCE_EXHAUSTED (no KV
+        slot within the queue timeout, with the expected wait in the details and
+        in the `edgeroute-retry-after-s` trailing metadata; the wait queue is
+        full; the principal has `--max-concurrent-per-principal` calls running or
+        waiting; `open_session` as for OpenSession), DEADLINE_EXCEEDED (the
+        generation ran past `--max-generation-s`), CANCELLED (the client did not
+        read the stream for `--stream-stall-timeout` seconds), ABORTED (the session was closed while generating),
         OUT_OF_RANGE (`transcript_length` is longer than the session's transcript,
         or `transcript_digest` does not match the server's prefix of that length:
         the client should open a new session and send the whole conversation).
@@ -117,13 +131,16 @@ class EdgeLLMServicer:
     def Echo(self, request, context):
         """Link profiling: the server ignores `payload` and answers with
         `response_bytes` bytes.  Measures round-trip time against payload size.
+        INVALID_ARGUMENT above `ServerInfo.max_echo_bytes`; RESOURCE_EXHAUSTED
+        past the principal's rate (`--echo-rate` calls per second, `--echo-burst`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetServerInfo(self, request, context):
-        """What the server runs: model, prompt format, context window, slots.
+        """What the server runs (model, prompt format, context window, slots), its
+        limits, and its load now (the slot queue).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -141,8 +141,15 @@ class GenerationSummary:
     queue_s: float = 0.0
     finish_reason: FinishReason = "stop"
     kv_restored: bool = False
+    #: The server's ``--max-output-tokens`` when it clipped the request's
+    #: ``max_tokens`` to it; None when the request's own value was used.
+    max_tokens_clipped_to: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_tokens_clipped_to is not None and (
+            not isinstance(self.max_tokens_clipped_to, int) or self.max_tokens_clipped_to < 1
+        ):
+            raise ValueError(f"max_tokens_clipped_to must be an integer >= 1, got {self.max_tokens_clipped_to!r}")
         for name in ("prompt_tokens", "prefill_tokens", "cached_tokens", "output_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -167,6 +174,7 @@ class GenerationSummary:
             ),
             finish_reason=_FINISH_TO_PB[self.finish_reason],
             kv_restored=self.kv_restored,
+            max_tokens_clipped_to=self.max_tokens_clipped_to,
         )
 
     @classmethod
@@ -182,12 +190,17 @@ class GenerationSummary:
             queue_s=pb.timings.queue_s,
             finish_reason=_FINISH_FROM_PB.get(pb.finish_reason, "stop"),
             kv_restored=pb.kv_restored,
+            max_tokens_clipped_to=pb.max_tokens_clipped_to if pb.HasField("max_tokens_clipped_to") else None,
         )
 
 
 @dataclass(frozen=True)
 class ServerInfo:
-    """What an edge server runs."""
+    """What an edge server runs, its limits, and its load now.
+
+    The fields after ``max_message_bytes`` were added later: an older server
+    sends none of them, and they read as 0 (``expected_queue_wait_s``: None).
+    """
 
     backend: str
     model: str
@@ -196,29 +209,32 @@ class ServerInfo:
     n_slots: int
     max_sessions: int
     max_message_bytes: int
+    #: Generate calls waiting for a KV slot now, and slots generating.
+    queue_depth: int = 0
+    busy_slots: int = 0
+    #: Median wait of the recent calls that waited for a slot (0: none did).
+    queue_wait_s: float = 0.0
+    #: Expected wait of a call arriving now (0 with a slot free); None: not measured yet.
+    expected_queue_wait_s: float | None = None
+    max_output_tokens: int = 0
+    max_input_tokens: int = 0
+    max_echo_bytes: int = 0
+    max_sessions_per_principal: int = 0
+    max_concurrent_per_principal: int = 0
+    queue_timeout_s: float = 0.0
 
     def to_pb(self) -> edge_pb2.ServerInfo:
-        return edge_pb2.ServerInfo(
-            backend=self.backend,
-            model=self.model,
-            prompt_format=self.prompt_format,
-            n_ctx=self.n_ctx,
-            n_slots=self.n_slots,
-            max_sessions=self.max_sessions,
-            max_message_bytes=self.max_message_bytes,
-        )
+        return edge_pb2.ServerInfo(**{name: getattr(self, name) for name in _SERVER_INFO_FIELDS})
 
     @classmethod
     def from_pb(cls, pb: edge_pb2.ServerInfo) -> "ServerInfo":
-        return cls(
-            backend=pb.backend,
-            model=pb.model,
-            prompt_format=pb.prompt_format,
-            n_ctx=pb.n_ctx,
-            n_slots=pb.n_slots,
-            max_sessions=pb.max_sessions,
-            max_message_bytes=pb.max_message_bytes,
-        )
+        values = {name: getattr(pb, name) for name in _SERVER_INFO_FIELDS}
+        if not pb.HasField("expected_queue_wait_s"):
+            values["expected_queue_wait_s"] = None
+        return cls(**values)
+
+
+_SERVER_INFO_FIELDS = tuple(ServerInfo.__dataclass_fields__)
 
 
 def _finite(value: object) -> bool:

@@ -1,0 +1,156 @@
+"""The slot wait queue: principals take turns, each one's calls keep their order."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from edge_service.fair_queue import FairWaitQueue, QueueFull, QueueTimeout
+
+
+class Slots:
+    """N slots; acquire gives one or None."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+
+    def take(self):
+        if self.free > 0:
+            self.free -= 1
+            return "slot"
+        return None
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_free_slot_is_taken_at_once():
+    async def main():
+        q, slots = FairWaitQueue(), Slots(1)
+        got, waited = await q.acquire("a", slots.take, 1.0)
+        return got, waited, q.depth
+
+    assert run(main()) == ("slot", 0.0, 0)
+
+
+def test_principals_take_turns_and_each_keeps_its_order():
+    async def main():
+        q, slots = FairWaitQueue(), Slots(0)
+        served: list[str] = []
+
+        async def call(principal: str, n: int):
+            await q.acquire(principal, slots.take, 30.0)
+            served.append(f"{principal}{n}")
+
+        tasks = [asyncio.create_task(call("a", i)) for i in range(4)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(call("b", i)) for i in range(2)]
+        await asyncio.sleep(0)
+        assert q.depth == 6 and q.depth_of("a") == 4
+        for _ in range(6):  # free one slot at a time
+            slots.free += 1
+            q.notify()
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        return served
+
+    served = run(main())
+    # b's first call does not wait for all of a's: they alternate while both wait.
+    assert served == ["a0", "b0", "a1", "b1", "a2", "a3"]
+
+
+def test_timeout_says_how_long_to_wait():
+    async def main():
+        q, slots = FairWaitQueue(), Slots(0)
+        q.record_hold(2.0)
+        with pytest.raises(QueueTimeout) as err:
+            await q.acquire("a", slots.take, 0.05)
+        return err.value, q.depth
+
+    exc, depth = run(main())
+    assert depth == 0  # the timed-out call left the queue
+    assert exc.expected_wait_s == pytest.approx(2.0)
+    assert "expected wait about 2.0 s" in str(exc)
+
+
+def test_a_cancelled_waiter_leaves_and_its_wakeup_goes_to_the_next():
+    async def main():
+        q, slots = FairWaitQueue(), Slots(0)
+        first = asyncio.create_task(q.acquire("a", slots.take, 30.0))
+        second = asyncio.create_task(q.acquire("b", slots.take, 30.0))
+        await asyncio.sleep(0)
+        first.cancel()
+        await asyncio.sleep(0)
+        slots.free = 1
+        q.notify()
+        got, _ = await asyncio.wait_for(second, 5)
+        return got, q.depth
+
+    assert run(main()) == ("slot", 0)
+
+
+def test_a_full_queue_refuses():
+    async def main():
+        q, slots = FairWaitQueue(max_waiting=1), Slots(0)
+        t = asyncio.create_task(q.acquire("a", slots.take, 30.0))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await q.acquire("b", slots.take, 30.0)
+        t.cancel()
+
+    run(main())
+
+
+def test_stats_report_depth_and_recent_wait():
+    async def main():
+        q, slots = FairWaitQueue(), Slots(0)
+        t = asyncio.create_task(q.acquire("a", slots.take, 30.0))
+        await asyncio.sleep(0.02)
+        s1 = q.stats()
+        slots.free = 1
+        q.notify()
+        await t
+        return s1, q.stats()
+
+    before, after = run(main())
+    assert before.depth == 1 and after.depth == 0
+    assert after.recent_wait_s > 0
+
+
+def test_a_woken_call_refused_for_another_reason_passes_the_slot_on():
+    async def main():
+        q, slots = FairWaitQueue(), Slots(0)
+
+        def refuse():
+            if slots.free:
+                raise LookupError("its session is gone")
+            return None
+
+        first = asyncio.create_task(q.acquire("a", refuse, 30.0))
+        second = asyncio.create_task(q.acquire("b", slots.take, 30.0))
+        await asyncio.sleep(0)
+        slots.free = 1
+        q.notify()  # wakes a, which is refused: b must get the slot
+        with pytest.raises(LookupError):
+            await first
+        got, _ = await asyncio.wait_for(second, 5)
+        return got, q.depth
+
+    assert run(main()) == ("slot", 0)
+
+
+def test_expected_wait_counts_rounds_of_parallel_slots():
+    async def main():
+        q, slots = FairWaitQueue(parallel=2), Slots(0)
+        q.record_hold(3.0)
+        waiting = [asyncio.create_task(q.acquire(p, slots.take, 30.0)) for p in "abc"]
+        await asyncio.sleep(0)
+        estimate = q.expected_wait_s()  # 3 ahead and itself, 2 at a time: 2 rounds
+        for t in waiting:
+            t.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        return estimate, q.depth
+
+    assert run(main()) == (pytest.approx(6.0), 0)
