@@ -16,6 +16,7 @@ needs auth too when auth is on.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -260,50 +261,40 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, malformed or unknown credentials")
         return _current.set(principal)
 
+    @contextlib.asynccontextmanager
+    async def _call(self, context, metadata, method: str, session: Callable[[], str]):
+        """Authenticate, run the handler's body, then write its audit line."""
+        token = await self._enter(context, metadata, method)
+        t0, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            yield
+        except BaseException as exc:
+            code = _code_of(exc, context)
+            raise
+        finally:
+            self._audit(_current.get(), method, code, time.perf_counter() - t0, session())
+            _reset(token)
+
     def _wrap_unary(self, behavior, method, metadata):
         async def wrapper(request, context):
-            token = await self._enter(context, metadata, method)
-            t0, code = time.perf_counter(), grpc.StatusCode.OK
-            try:
+            async with self._call(context, metadata, method, lambda: self._session(request)):
                 return await behavior(request, context)
-            except BaseException as exc:
-                code = _code_of(exc, context)
-                raise
-            finally:
-                self._audit(_current.get(), method, code, time.perf_counter() - t0, self._session(request))
-                _reset(token)
 
         return wrapper
 
     def _wrap_stream(self, behavior, method, metadata):
         async def wrapper(request, context):
-            token = await self._enter(context, metadata, method)
-            t0, code = time.perf_counter(), grpc.StatusCode.OK
-            try:
+            async with self._call(context, metadata, method, lambda: self._session(request)):
                 async for response in behavior(request, context):
                     yield response
-            except BaseException as exc:
-                code = _code_of(exc, context)
-                raise
-            finally:
-                self._audit(_current.get(), method, code, time.perf_counter() - t0, self._session(request))
-                _reset(token)
 
         return wrapper
 
     def _wrap_bidi(self, behavior, method, metadata):
         async def wrapper(request_iterator, context):
-            token = await self._enter(context, metadata, method)
-            t0, code = time.perf_counter(), grpc.StatusCode.OK
-            try:
+            async with self._call(context, metadata, method, lambda: ""):
                 async for response in behavior(request_iterator, context):
                     yield response
-            except BaseException as exc:
-                code = _code_of(exc, context)
-                raise
-            finally:
-                self._audit(_current.get(), method, code, time.perf_counter() - t0, "")
-                _reset(token)
 
         return wrapper
 
