@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 #: sent, which must not be echoed back or into the log at any length.
 MAX_DETAIL_CHARS = 512
 
-# Only methods of this service are wrapped; health and reflection keep their own handling.
+# Methods of this service are wrapped, and health (open to everyone, so its
+# requests are as untrusted as any); reflection keeps its own handling.
 SERVICE_PREFIX = "/edgeroute.v1.EdgeLLM/"
+WRAPPED_PREFIXES = (SERVICE_PREFIX, "/grpc.health.v1.Health/")
 
 
 #: Trailing metadata key of a RESOURCE_EXHAUSTED answer: seconds after which a
@@ -155,11 +157,12 @@ def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by EdgeLLM methods to gRPC status codes."""
+    """Maps exceptions raised by EdgeLLM (and health) methods to gRPC status codes;
+    a request that cannot be parsed is INVALID_ARGUMENT, never UNKNOWN."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
+        if handler is None or not handler_call_details.method.startswith(WRAPPED_PREFIXES):
             return handler
         parse = _safe_deserializer(handler.request_deserializer)
         if handler.unary_unary is not None:

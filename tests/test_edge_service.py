@@ -554,3 +554,16 @@ def test_serve_cli_shuts_down_gracefully_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_health_answers_malformed_bytes_with_invalid_argument_and_keeps_serving():
+    """Health is open to every caller, so its requests are as untrusted as any."""
+    backend = FaultBackend(gate_open=True)
+    with EdgeServerThread(EdgeSettings(n_slots=1), backend=backend) as server, \
+            grpc.insecure_channel(server.target) as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")  # raw bytes in and out
+        with pytest.raises(grpc.RpcError) as err:
+            check(b"\xff\xff\xff", timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        ok = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert ok.status == health_pb2.HealthCheckResponse.SERVING
