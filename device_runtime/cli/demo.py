@@ -139,4 +139,8 @@ def _start_edge(args: argparse.Namespace):
         model_path=args.edge_model, n_ctx=args.edge_n_ctx, n_slots=1, n_threads=args.edge_threads,
         seed=args.seed,
     )
+    # The in-process edge's audit lines (one per RPC) would bury the table
+    # on stderr; `edgeroute -v demo` shows them.
+    if not getattr(args, "verbose", False):
+        logging.getLogger("edgeroute.audit").setLevel(logging.WARNING)
     return EdgeServerThread(settings, host="127.0.0.1", port=0).start()
