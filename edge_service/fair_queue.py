@@ -60,6 +60,8 @@ class FairWaitQueue(Generic[T]):
         self._waits: deque[float] = deque(maxlen=history)
         self._holds: deque[float] = deque(maxlen=history)
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Whether a principal may take a slot now (the server's share rule).
+        self._eligible: Callable[[str], bool] = lambda _principal: True
 
     @property
     def depth(self) -> int:
@@ -70,7 +72,8 @@ class FairWaitQueue(Generic[T]):
     def depth_of(self, principal: str) -> int:
         return len(self._waiting.get(principal, ()))
 
-    async def acquire(self, principal: str, try_acquire: Callable[[], T | None], timeout_s: float) -> tuple[T, float]:
+    async def acquire(self, principal: str, try_acquire: Callable[[], T | None], timeout_s: float,
+                      eligible: Callable[[str], bool] | None = None) -> tuple[T, float]:
         """``try_acquire()``'s first non-None result and the seconds waited.
 
         A call that finds nobody waiting and a free slot goes at once; otherwise
@@ -79,8 +82,10 @@ class FairWaitQueue(Generic[T]):
         :class:`QueueFull` when ``max_waiting`` calls already wait.
         """
         self._loop = asyncio.get_running_loop()
+        if eligible is not None:
+            self._eligible = eligible
         t0 = time.monotonic()
-        if not self._waiting:
+        if self._eligible(principal) and not any(self._eligible(p) for p in self._waiting):
             got = try_acquire()
             if got is not None:
                 return got, 0.0
@@ -116,8 +121,11 @@ class FairWaitQueue(Generic[T]):
                 raise QueueTimeout(time.monotonic() - t0, self.expected_wait_s())
 
     def notify(self) -> None:
-        """A slot may be free: wake the head of the next principal's queue."""
+        """A slot may be free: wake the head of the next principal's queue
+        (skipping principals that hold their share of the slots now)."""
         for principal in list(self._waiting):
+            if not self._eligible(principal):
+                continue
             queue = self._waiting[principal]
             while queue and queue[0].done():
                 queue.popleft()

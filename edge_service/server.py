@@ -68,6 +68,10 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeLLM"].full_name
+# The slot share rule (EdgeServicer._may_take_slot): principals that asked for
+# a generation this recently count as sharing the edge.
+_SHARE_WINDOW_S = 60.0
+_SHARE_MEMORY = 4096
 # How long a Generate waits for a cancelled generation to let go of its session.
 _CANCEL_WAIT_S = 5.0
 # Chunks a model thread may produce ahead of what its stream has written: a
@@ -136,6 +140,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
             on_evict=lambda kind: self.metrics.evictions.labels(kind=kind).inc(),
         )
         self.queue: FairWaitQueue[Lease] = FairWaitQueue(max_waiting=settings.max_queue, parallel=n_slots)
+        #: principal -> when it last asked for a generation (the slot share rule).
+        self._last_generate: dict[str, float] = {}
         self.concurrency = ConcurrencyLimit(
             settings.max_concurrent_per_principal, on_refuse=lambda: self.metrics.hit("concurrent_per_principal")
         )
@@ -354,17 +360,22 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         digest = request.transcript_digest if request.HasField("transcript_digest") else None
 
         def attempt() -> Lease | None:
+            if not self._may_take_slot(owner):
+                return None
             try:
                 return self.pool.acquire(request.session_id, length, digest=digest, owner=owner)
             except SlotsBusy:
                 return None
+
+        self._seen(owner)
 
         deadline = time.monotonic() + _CANCEL_WAIT_S
         while True:
             try:
                 # Refused at once for what no wait can change (a bad or unknown id).
                 self.pool.check(request.session_id, owner=owner)
-                lease, _ = await self.queue.acquire(owner, attempt, self.settings.queue_timeout_s)
+                lease, _ = await self.queue.acquire(owner, attempt, self.settings.queue_timeout_s,
+                                                    eligible=self._may_take_slot)
                 return lease
             except FailedPrecondition:
                 # A cancelled generation stops within a token; wait for it
@@ -376,6 +387,28 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
                 raise self._queue_refusal("queue_timeout", exc.waited_s, exc.expected_wait_s) from None
             except QueueFull:
                 raise self._queue_refusal("queue_full", None, self.queue.expected_wait_s()) from None
+
+    def _seen(self, principal: str) -> None:
+        """Remember that ``principal`` asked for a generation now (bounded: old entries go)."""
+        now = time.monotonic()
+        self._last_generate[principal] = now
+        if len(self._last_generate) > _SHARE_MEMORY:
+            for name, at in list(self._last_generate.items()):
+                if now - at > _SHARE_WINDOW_S:
+                    del self._last_generate[name]
+
+    def _may_take_slot(self, principal: str) -> bool:
+        """The slot share rule: while another principal has asked for a
+        generation within the last minute, one principal holds at most
+        ``max_slots_per_principal`` slots (default all but one), so that long
+        generations of one principal cannot hold every slot; a principal
+        alone on the edge may use them all."""
+        cap = self.settings.max_slots_per_principal or max(1, self.n_slots - 1)
+        if cap >= self.n_slots:
+            return True
+        now = time.monotonic()
+        shared = any(p != principal and now - at <= _SHARE_WINDOW_S for p, at in self._last_generate.items())
+        return not shared or self.pool.slots_held(principal) < cap
 
     def _queue_refusal(self, limit: str, waited_s: float | None, expected_s: float | None) -> ResourceExhausted:
         """RESOURCE_EXHAUSTED with the expected wait (in the details and the

@@ -297,6 +297,11 @@ class SessionPool(Generic[SlotT]):
         with self._lock:
             return self._per_owner[owner]
 
+    def slots_held(self, owner: str) -> int:
+        """Slots held by ``owner``'s generations (running or stopping)."""
+        with self._lock:
+            return sum(1 for s in self._owners if s is not None and s.busy and s.owner == owner)
+
     def busy_slots(self) -> int:
         """Slots whose session is generating (or stopping a cancelled generation)."""
         with self._lock:

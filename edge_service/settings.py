@@ -82,6 +82,14 @@ class EdgeSettings:
         default=8,
         metadata=flag("Generate calls of one principal running or waiting for a slot; more are RESOURCE_EXHAUSTED"),
     )
+    max_slots_per_principal: int | None = field(
+        default=None,
+        metadata=flag(
+            "KV slots one principal may hold while another principal has used the edge in the last "
+            "minute (default: all slots but one, at least one); alone, a principal may use every slot",
+            metavar="N",
+        ),
+    )
     session_ttl_s: float = field(
         default=3600.0,
         metadata=flag("seconds an idle session's transcript is kept (retention)", name="--session-ttl",
@@ -248,6 +256,8 @@ class EdgeSettings:
                      "max_output_tokens", "max_messages", "max_stop_chars", "echo_burst",
                      "max_concurrent_streams", "max_concurrent_rpcs"):
             _check_int(name, getattr(self, name), 1)
+        if self.max_slots_per_principal is not None:
+            _check_int("max_slots_per_principal", self.max_slots_per_principal, 1)
         _check_int("max_stop_strings", self.max_stop_strings, 0)
         if self.max_stop_strings > MAX_STOP_STRINGS:
             raise ValueError(f"max_stop_strings must be <= {MAX_STOP_STRINGS} (the API's own limit)")

@@ -287,6 +287,44 @@ def test_principals_with_unequal_demand_take_turns(principals):
         assert served == ["a0", "b0", "a1", "b1", "a2", "a3"]
 
 
+def test_one_principal_cannot_hold_every_slot_while_another_uses_the_edge(principals):
+    """With two slots and bob active, alice's long generations take at most
+    one slot: her second waits although a slot is free, and bob's turn gets it."""
+    tokens, path = principals
+    with edge(auth_tokens=path, n_slots=2) as server, Caller(server.target, tokens["alice"]) as alice, \
+            Caller(server.target, tokens["bob"]) as bob:
+        bob.generate(bob.open())  # bob has used the edge within the minute
+        first = holding(alice, server, alice.open())
+        second = alice.stream(alice.open(), "hold")
+        until(lambda: server.servicer.queue.depth == 1, "alice's second call to queue")
+        assert server.servicer.pool.busy_slots() == 1  # a slot is free, but not for alice
+        _, done = bob.generate(bob.open())  # bob's turn goes at once
+        assert done.timings.queue_s < T and server.servicer.queue.depth == 1
+        server.backend.gate.set()
+        assert list(first)[-1].HasField("done") and list(second)[-1].HasField("done")
+
+
+def test_a_principal_alone_on_the_edge_may_use_every_slot():
+    with edge(n_slots=2) as server, Caller(server.target) as c:
+        calls = [holding(c, server, c.open()), holding(c, server, c.open())]
+        assert server.servicer.pool.busy_slots() == 2 and server.servicer.queue.depth == 0
+        server.backend.gate.set()
+        assert all(list(call)[-1].HasField("done") for call in calls)
+
+
+def test_the_slot_share_can_be_set_and_is_checked(principals):
+    tokens, path = principals
+    with edge(auth_tokens=path, n_slots=2, max_slots_per_principal=2) as server, \
+            Caller(server.target, tokens["alice"]) as alice, Caller(server.target, tokens["bob"]) as bob:
+        bob.generate(bob.open())
+        calls = [holding(alice, server, alice.open()), holding(alice, server, alice.open())]
+        assert server.servicer.pool.busy_slots() == 2  # a share of every slot: no limit
+        server.backend.gate.set()
+        assert all(list(call)[-1].HasField("done") for call in calls)
+    with pytest.raises(ValueError):
+        EdgeSettings(max_slots_per_principal=0)
+
+
 def test_concurrent_calls_per_principal_at_the_limit_and_one_past_it(principals):
     tokens, path = principals
     with edge(auth_tokens=path, max_concurrent_per_principal=2) as server, \

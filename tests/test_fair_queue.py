@@ -154,3 +154,26 @@ def test_expected_wait_counts_rounds_of_parallel_slots():
         return estimate, q.depth
 
     assert run(main()) == (pytest.approx(6.0), 0)
+
+
+def test_a_principal_over_its_share_is_skipped_and_does_not_block_others():
+    async def main():
+        q, slots = FairWaitQueue(), Slots(0)
+        over = {"a"}  # a holds its share of the slots
+        eligible = lambda p: p not in over  # noqa: E731
+        a = asyncio.create_task(q.acquire("a", slots.take, 30.0, eligible=eligible))
+        await asyncio.sleep(0)
+        slots.free = 1
+        # b arrives with a slot free: a's waiting call does not stand in its way.
+        got, waited = await q.acquire("b", slots.take, 30.0, eligible=eligible)
+        assert (got, waited) == ("slot", 0.0) and not a.done()
+        slots.free = 1
+        q.notify()  # a is still over its share: nobody is woken
+        await asyncio.sleep(0.01)
+        assert not a.done()
+        over.clear()
+        q.notify()
+        return await asyncio.wait_for(a, 5)
+
+    got, _ = run(main())
+    assert got == "slot"
