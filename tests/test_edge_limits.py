@@ -27,6 +27,8 @@ from contextlib import contextmanager
 import grpc
 import pytest
 
+import _callers
+from _callers import T, status_of
 from _edge_fakes import ScriptedBackend
 from conftest import ROOT, cli_env
 from edge_service.auth import hash_token, new_token
@@ -36,63 +38,24 @@ from edge_service.errors import NotFound, ResourceExhausted
 from edge_service.server import EdgeServerThread
 from edge_service.sessions import SessionPool
 from edge_service.settings import EdgeSettings
-from edgeroute.v1 import edge_pb2, edge_pb2_grpc
+from edgeroute.v1 import edge_pb2
 from edgeroute.v1.types import Message
-
-T = 30  # per-call deadline: generous, these tests assert codes and states, never times
 
 
 # --- helpers -----------------------------------------------------------------------
 
 
-class Caller:
-    """One client: a channel and, with a token, a principal."""
+class Caller(_callers.Caller):
+    """A client whose turns are one user message, repeated ``messages`` times."""
 
-    def __init__(self, target: str, token: str | None = None, options=()) -> None:
-        self.channel = grpc.insecure_channel(target, options=list(options))
-        self.stub = edge_pb2_grpc.EdgeLLMStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-
-    def open(self, session_id: str = "") -> str:
-        request = edge_pb2.OpenSessionRequest(session_id=session_id)
-        return self.stub.OpenSession(request, timeout=T, metadata=self.metadata).session_id
-
-    def info(self) -> edge_pb2.ServerInfo:
-        return self.stub.GetServerInfo(edge_pb2.GetServerInfoRequest(), timeout=T, metadata=self.metadata)
-
-    def echo(self, response_bytes: int = 0, payload: bytes = b"") -> bytes:
-        request = edge_pb2.EchoRequest(payload=payload, response_bytes=response_bytes)
-        return self.stub.Echo(request, timeout=T, metadata=self.metadata).payload
-
-    def stream(self, session_id: str, text: str, *, max_tokens: int = 8, timeout: float = T,
-               messages: int = 1, stop=(), **fields):
-        request = edge_pb2.GenerateRequest(
+    def request(self, session_id: str, text: str = "ok", *, max_tokens: int = 8, messages: int = 1,
+                stop=(), **fields) -> edge_pb2.GenerateRequest:
+        return edge_pb2.GenerateRequest(
             session_id=session_id,
             messages=[Message("user", text).to_pb()] * messages,
             params=edge_pb2.GenerationParams(max_tokens=max_tokens, stop=list(stop)),
             **fields,
         )
-        return self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
-
-    def generate(self, session_id: str, text: str = "ok", **kw) -> tuple[str, edge_pb2.GenerateDone]:
-        responses = list(self.stream(session_id, text, **kw))
-        assert responses and responses[-1].HasField("done")
-        return "".join(r.chunk.text for r in responses[:-1]), responses[-1].done
-
-    def __enter__(self) -> "Caller":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.channel.close()
-
-
-def status_of(call) -> tuple[grpc.StatusCode, str]:
-    """The code and detail of a call that must fail (a stream is drained)."""
-    with pytest.raises(grpc.RpcError) as err:
-        result = call()
-        if hasattr(result, "__iter__") and not isinstance(result, (bytes, str)):
-            list(result)
-    return err.value.code(), err.value.details()
 
 
 def until(predicate, what: str, timeout_s: float = T) -> None:

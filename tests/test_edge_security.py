@@ -30,6 +30,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import _callers
+from _callers import T, status_of
 from _edge_fakes import FaultBackend
 from _pki import have_openssl, make_pki
 from conftest import ROOT, cli_env
@@ -39,12 +41,11 @@ from edge_service.security import InsecureExposureError
 from edge_service.server import SERVICE_NAME, EdgeServerThread
 from edge_service.sessions import SessionPool
 from edge_service.settings import EdgeSettings
-from edgeroute.v1 import edge_pb2, edge_pb2_grpc
+from edgeroute.v1 import edge_pb2
 from edgeroute.v1.types import Message
 
 needs_openssl = pytest.mark.skipif(not have_openssl(), reason="the openssl command makes the test certificates")
 
-T = 30  # per-call deadline, generous: these tests assert codes, never times
 PIN_PROMPT = "My bank PIN is 4912. Remember it."
 
 
@@ -57,30 +58,8 @@ def write_tokens(path: Path, **tokens: str) -> Path:
     return path
 
 
-class Caller:
-    """One client of the edge: a channel, and the token it sends (if any)."""
-
-    def __init__(self, target: str, token: str | None = None, *, credentials=None, metadata=None) -> None:
-        self.channel = (
-            grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
-        )
-        self.stub = edge_pb2_grpc.EdgeLLMStub(self.channel)
-        self.metadata = tuple(metadata or ()) + ((("authorization", f"Bearer {token}"),) if token else ())
-
-    def open(self, session_id: str = "") -> str:
-        request = edge_pb2.OpenSessionRequest(session_id=session_id)
-        return self.stub.OpenSession(request, timeout=T, metadata=self.metadata).session_id
-
-    def close(self, session_id: str) -> None:
-        request = edge_pb2.CloseSessionRequest(session_id=session_id)
-        self.stub.CloseSession(request, timeout=T, metadata=self.metadata)
-
-    def info(self) -> edge_pb2.ServerInfo:
-        return self.stub.GetServerInfo(edge_pb2.GetServerInfoRequest(), timeout=T, metadata=self.metadata)
-
-    def echo(self) -> bytes:
-        request = edge_pb2.EchoRequest(response_bytes=2)
-        return self.stub.Echo(request, timeout=T, metadata=self.metadata).payload
+class Caller(_callers.Caller):
+    """A client whose turns are lists of ``{"role", "content"}`` messages."""
 
     def request(self, session_id: str, messages, *, max_tokens: int = 4, **fields) -> edge_pb2.GenerateRequest:
         return edge_pb2.GenerateRequest(
@@ -90,21 +69,6 @@ class Caller:
             **fields,
         )
 
-    def stream(self, session_id: str, messages, **kw):
-        return self.stub.Generate(self.request(session_id, messages, **kw), timeout=T, metadata=self.metadata)
-
-    def generate(self, session_id: str, messages, **kw) -> tuple[str, edge_pb2.GenerateDone]:
-        """The answer's text and its final message."""
-        responses = list(self.stream(session_id, messages, **kw))
-        assert responses and responses[-1].HasField("done")
-        return "".join(r.chunk.text for r in responses[:-1]), responses[-1].done
-
-    def __enter__(self) -> "Caller":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.channel.close()
-
 
 def code_of(call) -> grpc.StatusCode:
     """The status code of a call, OK if it succeeds (for polling)."""
@@ -113,15 +77,6 @@ def code_of(call) -> grpc.StatusCode:
     except grpc.RpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
-
-
-def status_of(call) -> tuple[grpc.StatusCode, str]:
-    """The status code and detail of a call that must fail (streams are drained)."""
-    with pytest.raises(grpc.RpcError) as err:
-        result = call()
-        if hasattr(result, "__iter__") and not isinstance(result, (bytes, str)):
-            list(result)
-    return err.value.code(), err.value.details()
 
 
 def user(text: str) -> dict:
