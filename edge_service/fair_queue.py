@@ -1,11 +1,23 @@
-"""The wait queue for KV slots: round-robin across principals, FIFO within one.
+"""The wait queue for KV slots: fair across principals by the slot time they used, FIFO within one.
 
 A Generate that finds no free slot waits here instead of failing at once (as
 llama.cpp's server queues requests for a free slot), for at most
 ``queue_timeout_s``; then it gets RESOURCE_EXHAUSTED with the expected wait in
-its details.  Turns are handed out one principal at a time, so a principal
-with many waiting calls cannot starve one with a single call: each principal
-that waits gets the next free slot in turn.
+its details.
+
+Turns are handed out one principal at a time, so a principal with many
+waiting calls cannot starve one with a single call.  Taking turns per *call*
+is not enough, though: a principal whose calls each hold a slot for a
+512-token answer would get as many turns as one asking for 20 tokens, and so
+most of the slot time.  So each principal has a service counter, the
+slot-seconds its calls held (charged when a slot is let go), and a free slot
+goes to the waiting principal with the smallest counter; equal counters take
+turns in round-robin order.  This is the virtual token counter of Sheng et
+al., "Fairness in Serving Large Language Models" (OSDI 2024), counted in
+slot-seconds, the resource a slot-per-conversation backend actually shares.
+A principal that starts waiting is lifted to the smallest counter of those
+already waiting (or of the last one served when nobody waits), so time spent
+idle is not credit to spend later starving the others.
 
 Everything here runs on the event loop.  The model threads that free slots
 call :meth:`FairWaitQueue.notify_threadsafe`.
@@ -22,6 +34,9 @@ from dataclasses import dataclass
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
+
+#: Principals whose service counters are kept (see :meth:`FairWaitQueue.charge`).
+_MAX_COUNTERS = 4096
 
 
 class QueueTimeout(Exception):
@@ -62,6 +77,10 @@ class FairWaitQueue(Generic[T]):
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Whether a principal may take a slot now (the server's share rule).
         self._eligible: Callable[[str], bool] = lambda _principal: True
+        #: Slot-seconds each principal has used (the fairness counter; bounded, see :meth:`charge`).
+        self._service: dict[str, float] = {}
+        #: The counter of the last principal given a slot: the floor for one that starts waiting.
+        self._last_served = 0.0
 
     @property
     def depth(self) -> int:
@@ -88,6 +107,8 @@ class FairWaitQueue(Generic[T]):
         if self._eligible(principal) and not any(self._eligible(p) for p in self._waiting):
             got = try_acquire()
             if got is not None:
+                self._lift(principal)
+                self._last_served = self._service.get(principal, 0.0)
                 return got, 0.0
         if self.depth >= self.max_waiting:
             raise QueueFull(f"{self.depth} calls already wait for a KV slot; retry later")
@@ -121,36 +142,71 @@ class FairWaitQueue(Generic[T]):
                 raise QueueTimeout(time.monotonic() - t0, self.expected_wait_s())
 
     def notify(self) -> None:
-        """A slot may be free: wake the head of the next principal's queue
-        (skipping principals that hold their share of the slots now)."""
+        """A slot may be free: wake the head of the queue of the waiting
+        principal with the least slot time used (skipping principals that hold
+        their share of the slots now); ties go round-robin."""
+        chosen: str | None = None
         for principal in list(self._waiting):
-            if not self._eligible(principal):
-                continue
             queue = self._waiting[principal]
             while queue and queue[0].done():
                 queue.popleft()
             if not queue:
                 del self._waiting[principal]
                 continue
-            waiter = queue.popleft()
-            if not queue:
-                del self._waiting[principal]
-            else:
-                self._waiting.move_to_end(principal)  # round-robin: this principal goes last
-            waiter.set_result(None)
+            if not self._eligible(principal):
+                continue
+            if chosen is None or self._service.get(principal, 0.0) < self._service.get(chosen, 0.0):
+                chosen = principal
+        if chosen is None:
             return
+        queue = self._waiting[chosen]
+        waiter = queue.popleft()
+        if not queue:
+            del self._waiting[chosen]
+        else:
+            self._waiting.move_to_end(chosen)  # round-robin among equals: this principal goes last
+        self._last_served = self._service.get(chosen, 0.0)
+        waiter.set_result(None)
 
     def notify_threadsafe(self) -> None:
+        self.call_threadsafe(self.notify)
+
+    def call_threadsafe(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` on the queue's event loop (from a model thread);
+        before the first wait there is no loop yet, and ``fn`` runs here."""
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        if loop is None:
+            fn(*args)
+            return
+        if not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(self.notify)
+                loop.call_soon_threadsafe(fn, *args)
             except RuntimeError:  # the loop closed in between
                 pass
 
     def record_hold(self, seconds: float) -> None:
-        """How long a lease held its slot: the basis of the expected wait."""
+        """How long a completed turn held its slot: the basis of the expected wait."""
         self._holds.append(seconds)
+
+    def charge(self, principal: str, seconds: float) -> None:
+        """Add ``seconds`` of slot time to ``principal``'s counter (every
+        lease, cancelled and failed ones included: they held the slot too).
+
+        The table stays bounded: past ``_MAX_COUNTERS`` principals, those not
+        waiting with the smallest counters are forgotten; they would be lifted
+        to the floor on their next wait anyway.
+        """
+        if not math.isfinite(seconds) or seconds <= 0:
+            return
+        self._service[principal] = self._service.get(principal, 0.0) + seconds
+        if len(self._service) > _MAX_COUNTERS:
+            idle = sorted((c, p) for p, c in self._service.items() if p not in self._waiting)
+            for _, name in idle[: len(self._service) - _MAX_COUNTERS // 2]:
+                del self._service[name]
+
+    def service_of(self, principal: str) -> float:
+        """Slot-seconds charged to ``principal`` (0 for one never charged or forgotten)."""
+        return self._service.get(principal, 0.0)
 
     def expected_wait_s(self) -> float | None:
         """A rough estimate for a call arriving now: the median hold time for
@@ -167,7 +223,19 @@ class FairWaitQueue(Generic[T]):
             expected_wait_s=self.expected_wait_s(),
         )
 
+    def _lift(self, principal: str) -> None:
+        """A principal that starts waiting (or is served at once) after a
+        pause joins at the smallest counter of those waiting, or at the last
+        served one's when nobody waits: idle time is not banked."""
+        if principal in self._waiting:
+            return
+        floors = [self._service.get(p, 0.0) for p in self._waiting]
+        floor = min(floors) if floors else self._last_served
+        if self._service.get(principal, 0.0) < floor:
+            self._service[principal] = floor
+
     def _enqueue(self, principal: str, *, front: bool = False) -> asyncio.Future:
+        self._lift(principal)
         waiter = asyncio.get_running_loop().create_future()
         queue = self._waiting.setdefault(principal, deque())
         if front:

@@ -349,9 +349,14 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
             future.add_done_callback(done)
 
     def _lease_done(self, lease: Lease, held_s: float | None) -> None:
+        """Both holders are done: the slot is free.  Its principal is charged
+        the whole time the slot was held (the fair queue's counter), then the
+        queue hears of it; both on the event loop, whichever thread gets here."""
         if self.pool.done(lease):
+            used_s = time.monotonic() - lease.acquired_at
             if held_s is not None:
                 self.queue.record_hold(held_s)
+            self.queue.call_threadsafe(self.queue.charge, lease.session.owner, used_s)
             self.queue.notify_threadsafe()
 
     async def _acquire(self, request: edge_pb2.GenerateRequest, owner: str) -> Lease:

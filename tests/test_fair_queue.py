@@ -177,3 +177,99 @@ def test_a_principal_over_its_share_is_skipped_and_does_not_block_others():
 
     got, _ = run(main())
     assert got == "slot"
+
+
+def _serve_all(q: FairWaitQueue, slots: Slots, served: list[str], n: int):
+    """Free one slot at a time, ``n`` times, letting each woken call run."""
+    async def go():
+        for _ in range(n):
+            slots.free += 1
+            q.notify()
+            await asyncio.sleep(0.01)
+    return go()
+
+
+def test_the_principal_that_used_less_slot_time_goes_first():
+    """Round-robin per call would alternate a and b; a has held slots for 30 s
+    more than b, so b's waiting calls go first until b catches up."""
+    async def main():
+        q, slots = FairWaitQueue(), Slots(0)
+        served: list[str] = []
+
+        async def call(principal: str, n: int):
+            await q.acquire(principal, slots.take, 30.0)
+            served.append(f"{principal}{n}")
+            q.charge(principal, 10.0)  # each call holds its slot 10 s
+
+        q.charge("a", 30.0)
+        tasks = [asyncio.create_task(call("a", i)) for i in range(3)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(call("b", i)) for i in range(3)]
+        await asyncio.sleep(0)
+        await _serve_all(q, slots, served, 6)
+        await asyncio.gather(*tasks)
+        return served, q.service_of("a"), q.service_of("b")
+
+    served, a, b = run(main())
+    # b was lifted to a's 30 s when it started waiting (idle time is not
+    # credit), so neither is ahead by more than one 10 s call at any point.
+    for n in range(1, len(served) + 1):
+        head = [s[0] for s in served[:n]]
+        assert abs(head.count("a") - head.count("b")) <= 1, served
+    assert (a, b) == (pytest.approx(60.0), pytest.approx(60.0))
+
+
+def test_a_heavy_principal_waits_while_a_light_one_catches_up():
+    async def main():
+        q, slots = FairWaitQueue(), Slots(0)
+        served: list[str] = []
+
+        async def call(principal: str, n: int, hold: float):
+            await q.acquire(principal, slots.take, 30.0)
+            served.append(f"{principal}{n}")
+            q.charge(principal, hold)
+
+        tasks = [asyncio.create_task(call("b", i, 1.0)) for i in range(4)]  # b waits first...
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(call("a", i, 20.0)) for i in range(2)]  # ...then a, lifted to b's 0
+        await asyncio.sleep(0)
+        await _serve_all(q, slots, served, 6)
+        await asyncio.gather(*tasks)
+        return served
+
+    served = run(main())
+    # b0 (tie, b first in line), a0 (tie): a is now at 20 s, b at 1 s; b's
+    # other three calls (1 s each) all go before a's second.
+    assert served == ["b0", "a0", "b1", "b2", "b3", "a1"]
+
+
+def test_idle_time_is_not_credit():
+    """A principal that starts waiting is lifted to the least counter of those
+    already waiting: it cannot bank slot time while away and then starve them."""
+    async def main():
+        q, slots = FairWaitQueue(), Slots(0)
+        q.charge("busy", 100.0)
+        waiting = asyncio.create_task(q.acquire("busy", slots.take, 30.0))
+        await asyncio.sleep(0)
+        newcomer = asyncio.create_task(q.acquire("new", slots.take, 30.0))
+        await asyncio.sleep(0)
+        lifted = q.service_of("new")
+        for t in (waiting, newcomer):
+            t.cancel()
+        await asyncio.gather(waiting, newcomer, return_exceptions=True)
+        return lifted
+
+    assert run(main()) == pytest.approx(100.0)
+
+
+def test_charges_ignore_nonsense_and_the_table_stays_bounded():
+    from edge_service import fair_queue
+
+    q = FairWaitQueue()
+    for bad in (float("nan"), float("inf"), -1.0, 0.0):
+        q.charge("a", bad)
+    assert q.service_of("a") == 0.0
+    for i in range(fair_queue._MAX_COUNTERS + 1):
+        q.charge(f"p{i}", 1.0 + i)
+    assert len(q._service) <= fair_queue._MAX_COUNTERS
+    assert q.service_of(f"p{fair_queue._MAX_COUNTERS}") > 0  # the heaviest are kept
