@@ -235,7 +235,8 @@ class FairWaitQueue(Generic[T]):
             self._service[principal] = floor
 
     def _enqueue(self, principal: str, *, front: bool = False) -> asyncio.Future:
-        self._lift(principal)
+        if not front:  # a call woken but beaten to the slot was already waiting: no lift
+            self._lift(principal)
         waiter = asyncio.get_running_loop().create_future()
         queue = self._waiting.setdefault(principal, deque())
         if front:

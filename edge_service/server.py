@@ -138,6 +138,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
             slots, max_sessions=settings.max_sessions, kv_sharing=settings.kv_sharing,
             max_sessions_per_principal=settings.max_sessions_per_principal, ttl_s=settings.session_ttl_s,
             on_evict=lambda kind: self.metrics.evictions.labels(kind=kind).inc(),
+            on_forget=backend.forget_kv,
         )
         self.queue: FairWaitQueue[Lease] = FairWaitQueue(max_waiting=settings.max_queue, parallel=n_slots)
         #: principal -> when it last asked for a generation (the slot share rule).

@@ -60,7 +60,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Callable, Generic, Hashable, Sequence, TypeVar
 
 from device_runtime.core.messages import transcript_digest
 from edge_service.auth import ANONYMOUS, cap
@@ -154,13 +154,16 @@ class SessionPool(Generic[SlotT]):
         ttl_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_evict: Callable[[str], None] | None = None,
+        on_forget: Callable[[Hashable], None] | None = None,
     ) -> None:
         """``max_sessions_per_principal``: None is ``max_sessions``; ``ttl_s``:
         None keeps idle sessions until evicted; ``clock``: seconds, for the TTL;
         ``on_evict(kind)``: called (lock held) for each session closed to make
         room (``session``) or past the TTL (``ttl``).  KV slots taken from idle
         sessions are counted in :attr:`evictions` (a refused call gives its slot
-        back, :meth:`give_back`)."""
+        back, :meth:`give_back`); ``on_forget(kv_owner)``: called (lock held)
+        when no session is left whose KV is ``kv_owner``'s, so that copies of
+        it kept elsewhere (the host KV store) go with the session."""
         if not slots:
             raise ValueError("a session pool needs at least one slot")
         if max_sessions < 1:
@@ -174,6 +177,7 @@ class SessionPool(Generic[SlotT]):
         self.ttl_s = ttl_s
         self._now = clock
         self.on_evict = on_evict
+        self.on_forget = on_forget
         self._per_owner: Counter[str] = Counter()
         if kv_sharing not in KV_SHARING:
             raise ValueError(f"kv_sharing must be one of {', '.join(KV_SHARING)}, got {kv_sharing!r}")
@@ -248,6 +252,8 @@ class SessionPool(Generic[SlotT]):
         if self._per_owner[session.owner] <= 0:
             del self._per_owner[session.owner]
         session.closed = True
+        if self.on_forget is not None and (self.kv_sharing == "session" or session.owner not in self._per_owner):
+            self.on_forget(self._kv_owner(session))
         if session.lease is not None:
             session.lease.cancel.set()
         elif session.slot is not None:

@@ -218,6 +218,15 @@ class EdgeSettings:
     reflection: bool = field(
         default=False, metadata=flag("serve gRPC server reflection (needs auth when auth is on)")
     )
+    kv_offload_mib: int = field(
+        default=256,
+        metadata=flag(
+            "MiB of host memory for the KV caches of sessions whose slot another session took "
+            "(llama_cpp backend): their next turn continues from that state instead of "
+            "prefilling the transcript again (0: off)",
+            metavar="MIB",
+        ),
+    )
     kv_sharing: str = field(
         default="session",
         metadata=flag(
@@ -259,6 +268,7 @@ class EdgeSettings:
         if self.max_slots_per_principal is not None:
             _check_int("max_slots_per_principal", self.max_slots_per_principal, 1)
         _check_int("max_stop_strings", self.max_stop_strings, 0)
+        _check_int("kv_offload_mib", self.kv_offload_mib, 0)
         if self.max_stop_strings > MAX_STOP_STRINGS:
             raise ValueError(f"max_stop_strings must be <= {MAX_STOP_STRINGS} (the API's own limit)")
         _check_int("max_echo_bytes", self.max_echo_bytes, 0)

@@ -511,10 +511,14 @@ def test_audit_lines_have_the_real_status_and_no_content_or_token(tokens, caplog
 
 def _pin_guesses(server, a: Caller, b: Caller) -> tuple[int, int]:
     """B's cached_tokens for a right and a wrong guess of A's prompt, each on a
-    fresh session that takes the slot right after A's turn (n_slots=1)."""
+    fresh session that takes the slot right after A's turn (n_slots=1).  B
+    closes its first session, so that with ``--kv-sharing principal`` its
+    second guess does not reuse its own first one (from the host KV store)."""
     a_sid = a.open()
     a.generate(a_sid, [user(PIN_PROMPT)])
-    _, right = b.generate(b.open(), [user(PIN_PROMPT)])
+    b_sid = b.open()
+    _, right = b.generate(b_sid, [user(PIN_PROMPT)])
+    b.close(b_sid)
     a.generate(a_sid, [user("Thanks.")])  # the slot holds A's conversation again
     _, wrong = b.generate(b.open(), [user(PIN_PROMPT.replace("4912", "5031"))])
     return right.usage.cached_tokens, wrong.usage.cached_tokens

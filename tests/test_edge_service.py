@@ -233,7 +233,10 @@ def test_session_returning_after_device_turns_prefills_only_those(client):
 
 
 @pytest.mark.slow
-def test_lru_eviction_re_prefills_from_the_transcript(client, edge):
+def test_lru_eviction_keeps_the_kv_in_host_memory(client, edge):
+    """The evicted session's KV went to the host store (``--kv-offload-mib``,
+    on by default) and comes back with its slot: nothing is prefilled again.
+    tests/test_kv_offload.py covers the store off, and closing."""
     pool = edge.servicer.pool
     evictions = pool.evictions
     a, b, c = (client.open_session() for _ in range(3))
@@ -242,13 +245,9 @@ def test_lru_eviction_re_prefills_from_the_transcript(client, edge):
     client.generate(c, [_user("Tell me about the forest.")], GREEDY).consume()  # 2 slots: a is evicted
     assert pool.slot_of(a) is None and pool.evictions >= evictions + 1
     r = client.generate(a, [_user("And rivers?")], GREEDY).consume()
-    assert r.kv_restored
-    # Rebuilt from the transcript: the whole first turn is in the prompt, and
-    # almost all of it was computed again (only a shared prefix like BOS hits).
-    assert r.prompt_tokens > ra.prompt_tokens + 1
-    assert r.cached_tokens < ra.prompt_tokens
+    assert r.kv_restored  # it had lost its slot...
+    assert r.cached_tokens >= ra.prompt_tokens  # ...but not its cache: the whole first turn hits
     assert r.prefill_tokens == r.prompt_tokens - r.cached_tokens
-    assert r.prefill_tokens > r.prompt_tokens // 2
 
 
 @pytest.mark.slow

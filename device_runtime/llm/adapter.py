@@ -146,6 +146,42 @@ def drop_kv_from(llama: "llama_cpp.Llama", position: int) -> bool:
     return llama._ctx.kv_cache_seq_rm(-1, position, -1)
 
 
+def save_kv(llama: "llama_cpp.Llama") -> tuple[bytes, tuple[int, ...]]:
+    """The KV cache of the context's sequence, as bytes, and the tokens it holds.
+
+    ``llama_state_seq_get_data`` copies only the sequence's cells (about
+    18 KiB a token for Gemma 3 270M), not the logits buffer that
+    ``Llama.save_state`` copies too.
+    """
+    import llama_cpp
+
+    ctx = llama._ctx.ctx
+    size = int(llama_cpp.llama_state_seq_get_size(ctx, 0))
+    buf = (ctypes.c_uint8 * size)()
+    written = int(llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0))
+    return bytes(buf)[:written], tuple(int(t) for t in llama._input_ids[: llama.n_tokens])
+
+
+def load_kv(llama: "llama_cpp.Llama", blob: bytes, tokens: Sequence[int]) -> bool:
+    """Put back what :func:`save_kv` saved (from this model, any context of the
+    same size); the context then holds exactly those keys and values, so what
+    follows computes as if they had never left.  False (and an empty cache)
+    when llama.cpp refuses the bytes."""
+    import llama_cpp
+
+    clear_kv(llama)
+    llama.n_tokens = 0
+    if not blob or len(tokens) >= llama.n_ctx():
+        return False
+    buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+    if int(llama_cpp.llama_state_seq_set_data(llama._ctx.ctx, buf, len(blob), 0)) == 0:
+        clear_kv(llama)
+        return False
+    llama.input_ids[: len(tokens)] = tokens
+    llama.n_tokens = len(tokens)
+    return True
+
+
 def clear_kv(llama: "llama_cpp.Llama") -> None:
     """Empty the KV cache (``Llama.reset`` only forgets the token count)."""
     llama._ctx.kv_cache_clear()

@@ -89,6 +89,11 @@ class Backend(ABC):
     def new_slot(self) -> Slot:
         """Create one more slot (a context with its own KV cache)."""
 
+    def forget_kv(self, kv_owner: Hashable) -> None:
+        """No session is left whose KV is ``kv_owner``'s: drop any copy of it
+        the backend keeps beyond its slots (the llama_cpp backend's host KV
+        store).  Called by the session pool with its lock held: be quick."""
+
     def close(self) -> None:
         """Free the model."""
 

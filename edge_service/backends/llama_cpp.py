@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Hashable, Iterator, Sequence
 
-from device_runtime.llm.adapter import load_llama
+from device_runtime.llm.adapter import load_kv, load_llama, save_kv
 from device_runtime.llm.conversation import (
     ContextOverflowError,
     GenerationStats,
@@ -25,6 +25,7 @@ from device_runtime.llm.conversation import (
 from device_runtime.llm.prompt_format import resolve_prompt_format
 from edge_service.backends.base import BACKENDS, Backend, Slot
 from edge_service.errors import InvalidArgument
+from edge_service.kv_store import HostKvStore, KvSnapshot
 from edge_service.settings import EdgeSettings
 from edgeroute.v1.types import GenerationParams
 
@@ -32,10 +33,14 @@ log = logging.getLogger(__name__)
 
 
 class LlamaSlot(Slot):
-    def __init__(self, conversation: LlamaConversation) -> None:
+    def __init__(self, conversation: LlamaConversation, store: HostKvStore | None = None) -> None:
         self.conversation = conversation
         #: Whose KV the context holds (None: nobody's yet, it is empty).
         self.kv_owner: Hashable = None
+        #: Where the KV goes when another owner takes the slot (None: dropped).
+        self.store = store
+        #: The owner's session is gone: its KV is not worth keeping.
+        self.owner_gone = False
 
     @property
     def last_stats(self) -> GenerationStats | None:  # type: ignore[override]
@@ -51,6 +56,8 @@ class LlamaSlot(Slot):
         try:
             if kv_owner != self.kv_owner:
                 self._forget_for(kv_owner, messages)
+            else:
+                self.owner_gone = False
             yield from self.conversation.stream(
                 list(messages),
                 max_tokens=params.max_tokens,
@@ -84,8 +91,26 @@ class LlamaSlot(Slot):
                 f"the conversation is {n_tokens} tokens but the context window is "
                 f"{conversation.n_ctx}; start a new conversation or load the model with a larger n_ctx"
             )
+        self._offload()
         conversation.reset()
         self.kv_owner = kv_owner
+        self.owner_gone = False
+        self._restore(kv_owner)
+
+    def _offload(self) -> None:
+        """Copy the outgoing owner's KV to the host store, unless its session is gone."""
+        llama = self.conversation.llama
+        if self.store is None or self.kv_owner is None or self.owner_gone or llama.n_tokens == 0:
+            return
+        blob, tokens = save_kv(llama)
+        self.store.put(self.kv_owner, KvSnapshot(blob, tokens))
+
+    def _restore(self, kv_owner: Hashable) -> None:
+        """Load ``kv_owner``'s KV from the host store if it is there: the
+        prefix match then finds it as if the slot had never changed hands."""
+        snapshot = self.store.take(kv_owner) if self.store is not None else None
+        if snapshot is not None and not load_kv(self.conversation.llama, snapshot.blob, snapshot.tokens):
+            log.warning("the host KV store's copy was refused by llama.cpp; prefilling instead")
 
     def close(self) -> None:
         self.conversation.llama.close()
@@ -109,6 +134,7 @@ class LlamaCppBackend(Backend):
         self.settings = settings
         self.model_path = Path(model_path)
         self._slots: list[LlamaSlot] = []
+        self.kv_store = HostKvStore(settings.kv_offload_mib * 2**20)
         # The first context is loaded now: it answers the metadata questions
         # (prompt format, KV size) and becomes the first slot.
         self._first: LlamaSlot | None = self._load_slot()
@@ -121,7 +147,7 @@ class LlamaCppBackend(Backend):
             seed=self.settings.seed,
         )
         fmt = resolve_prompt_format(llama, self.settings.prompt_format)
-        slot = LlamaSlot(LlamaConversation(llama, fmt))
+        slot = LlamaSlot(LlamaConversation(llama, fmt), self.kv_store if self.kv_store.budget_bytes else None)
         self._slots.append(slot)
         return slot
 
@@ -161,6 +187,12 @@ class LlamaCppBackend(Backend):
             slot, self._first = self._first, None
             return slot
         return self._load_slot()
+
+    def forget_kv(self, kv_owner: Hashable) -> None:
+        self.kv_store.forget(kv_owner)
+        for slot in self._slots:
+            if slot.kv_owner == kv_owner:
+                slot.owner_gone = True
 
     def close(self) -> None:
         for slot in self._slots:
