@@ -76,6 +76,13 @@ class OutOfRange(EdgeServiceError):
     code = grpc.StatusCode.OUT_OF_RANGE
 
 
+class Unavailable(EdgeServiceError):
+    """The edge cannot serve now but another try (or the device) can: an
+    upstream engine that is down, refused the gateway or failed mid-answer."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class DeadlineExceeded(EdgeServiceError):
     """A server-side time limit (``--max-generation-s``) passed."""
 

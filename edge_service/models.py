@@ -53,3 +53,45 @@ def default_edge_model_path(cache_dir: str | Path | None = None) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return target
+
+
+# --- edge models by name ---------------------------------------------------------------
+
+#: The light edge model: the library's and the tests' default (``EdgeSettings``
+#: without a model), a base model served with the plain format.
+GEMMA_270M = "gemma3-270m"
+#: The demo's edge model: an instruct model with a chat template, assembled
+#: from its PyPI parts (:data:`device_runtime.llm.models.QWEN_CODER_05B`).
+#: Chosen over Gemma 3 270M by the measurements in docs/models.md.
+QWEN_CODER_05B = "qwen2.5-coder-0.5b-instruct"
+DEMO_EDGE_MODEL = QWEN_CODER_05B
+
+
+def _qwen_path(cache_dir: str | Path | None = None, *, progress: bool = False) -> Path:
+    from device_runtime.llm.models import parts_model_path
+
+    return parts_model_path(QWEN_CODER_05B, cache_dir, progress=progress)
+
+
+def edge_model_names() -> list[str]:
+    """The names :func:`edge_model_path` accepts in place of a path."""
+    return [GEMMA_270M, QWEN_CODER_05B]
+
+
+def edge_model_path(name_or_path: str | Path, *, progress: bool = False) -> Path:
+    """The GGUF for a model name (:func:`edge_model_names`), assembled or
+    found in its package, or ``name_or_path`` itself, which must exist.
+
+    Assembly is explicit here: a command calls this before it starts an edge,
+    never an import; a model assembled once is found in the cache."""
+    text = str(name_or_path)
+    if text == GEMMA_270M:
+        return default_edge_model_path()
+    if text == QWEN_CODER_05B:
+        return _qwen_path(progress=progress)
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"edge model not found: {text!r} is neither a file nor a model name ({', '.join(edge_model_names())})"
+        )
+    return path

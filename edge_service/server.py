@@ -458,6 +458,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         stats = None
         try:
             self._check_input_tokens(slot, prompt)
+            slot.begin_turn(lease.session.session_id, lease.session.owner)
             for chunk in slot.stream(prompt, params, lease.cancel, lease.kv_owner):
                 put(Chunk(chunk))
                 # A cancelled turn stops at the slot's next token.
@@ -634,8 +635,10 @@ def _summary(stats: GenerationStats, queue_s: float, kv_restored: bool, clipped_
         ttft_s=stats.ttft_s,
         queue_s=queue_s,
         finish_reason="length" if stats.finish_reason == "length" else "stop",
-        kv_restored=kv_restored,
+        # A backend whose KV lives upstream knows better than the session pool.
+        kv_restored=getattr(stats, "kv_restored", kv_restored),
         max_tokens_clipped_to=clipped_to,
+        cached_tokens_unknown=getattr(stats, "cached_tokens_unknown", False),
     )
 
 

@@ -238,6 +238,48 @@ class EdgeSettings:
         ),
     )
 
+    # --- the openai backend (docs/deploy.md) ------------------------------------
+    upstream: tuple[str, ...] = field(
+        default=(),
+        metadata=flag(
+            "--backend openai: base URL of an OpenAI-compatible engine or router, ending in /v1 "
+            "(repeat for replicas; sessions are spread by consistent hashing of their id)",
+            metavar="URL",
+        ),
+    )
+    upstream_model: str | None = field(
+        default=None,
+        metadata=flag("--backend openai: the model name sent upstream (default: the first one the "
+                      "upstream's /models lists)", metavar="NAME"),
+    )
+    upstream_api_key_file: Path | None = field(
+        default=None,
+        metadata=flag("--backend openai: file holding the API key the gateway sends upstream "
+                      "(Authorization: Bearer); read once at start", metavar="FILE"),
+    )
+    upstream_connect_timeout_s: float = field(
+        default=3.0,
+        metadata=flag("seconds to connect to an upstream before trying the next one",
+                      name="--upstream-connect-timeout", metavar="SECONDS"),
+    )
+    upstream_read_timeout_s: float = field(
+        default=60.0,
+        metadata=flag("seconds an upstream may go silent (before its first token, or between two "
+                      "chunks) before the turn fails UNAVAILABLE", name="--upstream-read-timeout",
+                      metavar="SECONDS"),
+    )
+    upstream_health_interval_s: float = field(
+        default=5.0,
+        metadata=flag("seconds between health probes (GET /models) of each upstream",
+                      name="--upstream-health-interval", metavar="SECONDS"),
+    )
+    upstream_cache_salt: bool = field(
+        default=True,
+        metadata=flag("send a per-principal cache_salt so that engines that take it (vLLM, SGLang) "
+                      "never share prefix cache across principals; engines that do not know the "
+                      "field ignore it (llama-cpp-python's server does)"),
+    )
+
     def __post_init__(self) -> None:
         if self.model_path is not None:
             object.__setattr__(self, "model_path", Path(self.model_path).expanduser())
@@ -259,6 +301,24 @@ class EdgeSettings:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s!r}")
         _check_int("seed", self.seed, 0)
         self._check_security()
+        self._check_upstreams()
+
+    def _check_upstreams(self) -> None:
+        """``--upstream`` goes with ``--backend openai`` (and it needs one);
+        the URLs are checked by :func:`edge_service.upstreams.parse_upstream_urls`."""
+        from edge_service.upstreams import parse_upstream_urls
+
+        object.__setattr__(self, "upstream", tuple(self.upstream or ()))
+        if self.upstream_api_key_file is not None:
+            object.__setattr__(self, "upstream_api_key_file", Path(self.upstream_api_key_file).expanduser())
+        if self.backend == "openai":
+            object.__setattr__(self, "upstream", parse_upstream_urls(self.upstream))
+        elif self.upstream:
+            raise ValueError("--upstream is for --backend openai")
+        for name in ("upstream_connect_timeout_s", "upstream_read_timeout_s", "upstream_health_interval_s"):
+            value = getattr(self, name)
+            if not (_finite(value) and 0 < value <= 3600):
+                raise ValueError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
 
     def _check_limits(self) -> None:
         for name in ("max_sessions_per_principal", "max_concurrent_per_principal", "max_queue",

@@ -44,13 +44,13 @@ def test_client_connects_in_the_background_and_warms_up(free_port, fault_edge):
     with EdgeClient(server.target) as c:
         # No call made: the channel connects on its own (connect_now).
         deadline = time.monotonic() + 10
-        while c._state != grpc.ChannelConnectivity.READY and time.monotonic() < deadline:
+        while c.state != grpc.ChannelConnectivity.READY and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert c._state == grpc.ChannelConnectivity.READY
+        assert c.state == grpc.ChannelConnectivity.READY
         assert c.warm_up() > 0
     with EdgeClient(server.target, connect_now=False) as lazy:
         time.sleep(0.2)
-        assert lazy._state == grpc.ChannelConnectivity.IDLE
+        assert lazy.state == grpc.ChannelConnectivity.IDLE
     with EdgeClient(f"127.0.0.1:{free_port()}", connect_timeout_s=0.3) as dead:
         assert dead.warm_up() is None  # logged, not raised
 

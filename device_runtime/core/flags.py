@@ -116,7 +116,13 @@ def add_flags(
         if _required(f) and f.name not in (defaults or {}):
             kwargs["required"] = True  # a field without a default is a flag the user must give
         base, _ = _scalar_type(hints[f.name])
-        if base is bool:
+        if typing.get_origin(base) is tuple and spec["type"] is None:
+            # ``tuple[str, ...]``: a repeatable flag; none given keeps the field's default.
+            # (A tuple field with its own ``type``, e.g. ``--parts link,edge``, parses one value.)
+            kwargs.update(action="append", default=None, type=spec["type"] or typing.get_args(base)[0])
+            if spec["metavar"]:
+                kwargs["metavar"] = spec["metavar"]
+        elif base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         else:
             conv = spec["type"] or (str if base is Path else base)
@@ -139,10 +145,14 @@ def add_flags(
 def from_args(cls: type, args: argparse.Namespace, **overrides: Any):
     """Build ``cls`` from the options :func:`add_flags` added (fields without
     a parsed value keep their default); ``overrides`` win over both."""
+    hints = typing.get_type_hints(cls)
     values = {
-        f.name: getattr(args, dest_name(f))
+        f.name: tuple(value) if isinstance(value, list) else value
         for f in dataclasses.fields(cls)
         if f.init and dest_name(f) in vars(args)
+        # A repeatable flag never given (None) keeps the field's default.
+        and not ((value := getattr(args, dest_name(f))) is None
+                 and typing.get_origin(_scalar_type(hints[f.name])[0]) is tuple)
     }
     values.update(overrides)
     return cls(**values)

@@ -37,10 +37,11 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import grpc
 
+from device_runtime.link.breaker import DEFAULT_COOL_DOWN_S, CircuitBreaker, parse_edge_targets
 from device_runtime.link.credentials import ChannelSecurity
 from device_runtime.link.estimation import QueueWaitEstimator, QueueWaitSettings
 from edgeroute.v1 import edge_pb2, edge_pb2_grpc
@@ -177,6 +178,10 @@ class EdgeTurnResult:
     server_ttft_s: float = 0.0
     #: Seconds the call waited on the edge for a free slot (the edge's ``queue_s``).
     queue_s: float = 0.0
+    #: The edge could not say how many prompt tokens it reused (an engine
+    #: behind the ``openai`` backend that reports no cached-token count):
+    #: ``cached_tokens`` (0) is no measurement then.
+    cached_tokens_unknown: bool = False
 
 
 def reported_wait_s(info: ServerInfo) -> float | None:
@@ -249,9 +254,11 @@ class EdgeStream:
     for a slot (its ``queue_s``, or the time until a RESOURCE_EXHAUSTED)."""
 
     def __init__(
-        self, call, t_start: float, max_tokens: int | None = None, queue: EdgeQueue | None = None
+        self, call, t_start: float, max_tokens: int | None = None, queue: EdgeQueue | None = None,
+        on_unavailable: Callable[[Exception], None] | None = None,
     ) -> None:
         self._call = call
+        self._on_unavailable = on_unavailable
         self._t_start = t_start
         self._max_tokens = max_tokens
         self._queue = queue
@@ -287,7 +294,10 @@ class EdgeStream:
                 # No slot (the edge's queue timed out, or a quota): the wait
                 # is at least as long as this call took.
                 self._queue.observe_floor(time.perf_counter() - self._t_start)
-            raise _map_rpc_error(exc) from None
+            error = _map_rpc_error(exc)
+            if isinstance(error, EdgeUnavailable) and self._on_unavailable is not None:
+                self._on_unavailable(error)  # the client's circuit breaker
+            raise error from None
         if self._result is None and not self._cancelled:
             raise EdgeError(grpc.StatusCode.INTERNAL, "the edge closed the stream without a final message")
 
@@ -322,6 +332,9 @@ class EdgeStream:
             kv_restored=summary.kv_restored,
             server_ttft_s=summary.ttft_s,
             queue_s=summary.queue_s,
+            # A field newer edges send (an engine that reports no cached-token
+            # count); an older edge's summary has no such field: known.
+            cached_tokens_unknown=bool(getattr(summary, "cached_tokens_unknown", False)),
         )
         if self._queue is not None:
             self._queue.observe_wait(summary.queue_s)
@@ -354,75 +367,45 @@ class EdgeStream:
         return self.result
 
 
-class EdgeClient:
-    """Blocking client of ``edgeroute.v1.EdgeLLM`` over one gRPC channel."""
+class _Endpoint:
+    """One edge address and its gRPC channel, secured by the client's
+    :class:`ChannelSecurity` (the same TLS settings and token for every
+    address of a list: each gateway's certificate must name its own address)."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        security: ChannelSecurity | None = None,
-        timeout_s: float = 120.0,
-        connect_timeout_s: float = 2.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        connect_now: bool = True,
-        queue: QueueWaitSettings | None = None,
-    ) -> None:
-        """``security``: TLS, mTLS and the bearer token (default: plaintext, no
-        token; a :class:`~device_runtime.link.credentials.CredentialsError` here
-        for unreadable files or a token that would cross the network in clear).
-        ``connect_now``: start connecting in the background at once, so the
-        first turn does not pay for the TCP, TLS and HTTP/2 handshakes (2-3
-        round trips over the link); False connects on the first call.
-        ``queue``: how W_q, the edge's expected slot wait, is kept
-        (:attr:`queue`, :meth:`expected_queue_s`)."""
-        if not target:
-            raise ValueError("target must be HOST:PORT")
-        if not timeout_s > 0 or not connect_timeout_s > 0:
-            raise ValueError("timeout_s and connect_timeout_s must be > 0")
+    def __init__(self, target: str, security: ChannelSecurity, options: list, connect_now: bool,
+                 connect_timeout_s: float) -> None:
         self.target = target
-        self.timeout_s = timeout_s
+        self.security = security
         self.connect_timeout_s = connect_timeout_s
-        self.security = security or ChannelSecurity()
-        self.queue = EdgeQueue(queue)
         # Every call carries it; computed once, so a refusal comes now.
-        self._metadata = self.security.metadata(target) or None
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            # Reconnect quickly after the edge comes back; the default
-            # backoff starts at 1 s and grows to two minutes.  The cap stays
-            # well under connect_timeout_s, so a restarted edge is retried
-            # several times within one connect wait.
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.min_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
-        credentials = self.security.channel_credentials()
+        self.metadata = security.metadata(target) or None
+        credentials = security.channel_credentials()
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self.channel = grpc.insecure_channel(target, options=options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._stub = edge_pb2_grpc.EdgeLLMStub(self._channel)
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        self.stub = edge_pb2_grpc.EdgeLLMStub(self.channel)
         self._state = grpc.ChannelConnectivity.IDLE
         self._state_lock = threading.Lock()
-        self._channel.subscribe(self._on_state, try_to_connect=connect_now)
-        self._closed = False
+        self.channel.subscribe(self._on_state, try_to_connect=connect_now)
 
     def _on_state(self, state: grpc.ChannelConnectivity) -> None:
         with self._state_lock:
             self._state = state
 
-    def _ensure_connected(self, timeout_s: float | None = None) -> None:
+    @property
+    def state(self) -> grpc.ChannelConnectivity:
+        with self._state_lock:
+            return self._state
+
+    def ensure_connected(self, timeout_s: float | None = None) -> None:
         """Wait up to ``connect_timeout_s`` (or the call's shorter ``timeout_s``)
         for the channel, so a dead edge fails fast."""
-        if self._closed:
-            raise RuntimeError("the edge client is closed")
         with self._state_lock:
             if self._state == grpc.ChannelConnectivity.READY:
                 return
         wait_s = min(self.connect_timeout_s, timeout_s or self.connect_timeout_s)
-        ready = grpc.channel_ready_future(self._channel)
+        ready = grpc.channel_ready_future(self.channel)
         try:
             ready.result(timeout=wait_s)
         except grpc.FutureTimeoutError:
@@ -439,33 +422,188 @@ class EdgeClient:
         closed", "Tls handshake failed"), for the message: a call that does not
         wait for the channel fails at once with it."""
         try:
-            self._stub.Echo(edge_pb2.EchoRequest(), timeout=0.5, metadata=self._metadata)
+            self.stub.Echo(edge_pb2.EchoRequest(), timeout=0.5, metadata=self.metadata)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 return _cap(exc.details() or "")
         return ""
 
-    def _unary(self, method, request, timeout_s: float | None):
-        self._ensure_connected(timeout_s)
+    def close(self) -> None:
         try:
-            return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+            self.channel.unsubscribe(self._on_state)
+            # grpc's connectivity poller notices the last unsubscribe only at
+            # its next 0.2 s tick; closing the channel before that makes the
+            # poller thread raise "Channel closed!".  Let it exit first.
+            state = getattr(self.channel, "_connectivity_state", None)
+            deadline = time.monotonic() + 1.0
+            while getattr(state, "polling", False) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            self.channel.close()
+
+
+class EdgeClient:
+    """Blocking client of ``edgeroute.v1.EdgeLLM`` over one gRPC channel per
+    edge address.
+
+    With several addresses (``"A,B"``, stateless gateways of one fleet) each
+    call goes to the first one whose circuit breaker is closed
+    (:class:`~device_runtime.link.breaker.CircuitBreaker`): a call that cannot
+    connect moves on to the next address at once; one that fails UNAVAILABLE
+    or past its deadline opens the breaker, so the next call goes elsewhere.
+    :attr:`target` is the address in use.  A gateway does not know the
+    sessions of another: the orchestrator reopens its session on the new one
+    with the whole conversation (see :meth:`connect`).
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        security: ChannelSecurity | None = None,
+        timeout_s: float = 120.0,
+        connect_timeout_s: float = 2.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        connect_now: bool = True,
+        queue: QueueWaitSettings | None = None,
+        cool_down_s: float = DEFAULT_COOL_DOWN_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``target``: ``HOST:PORT``, or several as ``"A,B"`` or a list, tried in
+        order (:func:`~device_runtime.link.breaker.parse_edge_targets`; a
+        ValueError names a bad one).
+        ``security``: TLS, mTLS and the bearer token, for every address (default:
+        plaintext, no token; a :class:`~device_runtime.link.credentials.CredentialsError`
+        here for unreadable files or a token that would cross the network in clear).
+        ``connect_now``: start connecting in the background at once, so the
+        first turn does not pay for the TCP, TLS and HTTP/2 handshakes (2-3
+        round trips over the link); False connects on the first call.
+        ``queue``: how W_q, the edge's expected slot wait, is kept
+        (:attr:`queue`, :meth:`expected_queue_s`).
+        ``cool_down_s``: how long an address that failed is skipped; ``clock``
+        the breaker's clock (tests step it)."""
+        self.targets = parse_edge_targets(target)
+        if not timeout_s > 0 or not connect_timeout_s > 0:
+            raise ValueError("timeout_s and connect_timeout_s must be > 0")
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.security = security or ChannelSecurity()
+        self.queue = EdgeQueue(queue)
+        self.breaker = CircuitBreaker(self.targets, cool_down_s, clock)
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # Reconnect quickly after the edge comes back; the default
+            # backoff starts at 1 s and grows to two minutes.  The cap stays
+            # well under connect_timeout_s, so a restarted edge is retried
+            # several times within one connect wait.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        self._endpoints: dict[str, _Endpoint] = {}
+        try:
+            for address in self.targets:
+                self._endpoints[address] = _Endpoint(
+                    address, self.security, options, connect_now, connect_timeout_s
+                )
+        except BaseException:
+            for endpoint in self._endpoints.values():
+                endpoint.close()
+            raise
+        self._current = self.targets[0]
+        self._closed = False
+
+    @property
+    def target(self) -> str:
+        """The address the last call went to (the first one before any call)."""
+        return self._current
+
+    @property
+    def state(self) -> grpc.ChannelConnectivity:
+        """The connectivity of :attr:`target`'s channel."""
+        return self._endpoints[self._current].state
+
+    def connect(self, timeout_s: float | None = None) -> str:
+        """Connect to the address the next call goes to, and return it.
+
+        The breaker's candidates are tried in order; one that does not connect
+        within ``connect_timeout_s`` opens its breaker and the next is tried.
+        :class:`EdgeUnavailable` (the last one's) when none connects.  A caller
+        that keeps state on the edge (a session) compares the address with the
+        one the state is on."""
+        if self._closed:
+            raise RuntimeError("the edge client is closed")
+        error: EdgeUnavailable | None = None
+        for address in self.breaker.candidates():
+            try:
+                self._endpoints[address].ensure_connected(timeout_s)
+            except EdgeUnavailable as exc:
+                self._failed(address, exc)
+                error = exc
+                continue
+            self._current = address
+            return address
+        assert error is not None
+        raise error
+
+    def mark_failed(self, address: str) -> None:
+        """A call to ``address`` failed UNAVAILABLE or past its deadline: skip
+        it for the cool-down (a stream does this itself; for callers whose
+        failure the client did not see; one it saw already is not counted twice)."""
+        if address in self._endpoints and not self.breaker.cooling(address):
+            self.breaker.failed(address)
+
+    def _failed(self, address: str, exc: Exception) -> None:
+        if len(self.targets) > 1:
+            log.warning("edge at %s failed (%s); skipping it for %.0f s", address, exc, self.breaker.cool_down_s)
+        self.breaker.failed(address)
+
+    def _endpoint(self, address: str | None, timeout_s: float | None) -> _Endpoint:
+        """The endpoint of ``address`` (connected), or of :meth:`connect`'s choice."""
+        if address is None:
+            return self._endpoints[self.connect(timeout_s)]
+        if self._closed:
+            raise RuntimeError("the edge client is closed")
+        if address not in self._endpoints:
+            raise ValueError(f"{address} is not one of this client's edge addresses {self.targets}")
+        endpoint = self._endpoints[address]
+        try:
+            endpoint.ensure_connected(timeout_s)
+        except EdgeUnavailable as exc:
+            self._failed(address, exc)
+            raise
+        self._current = address
+        return endpoint
+
+    def _unary(self, name: str, request, timeout_s: float | None, address: str | None = None):
+        endpoint = self._endpoint(address, timeout_s)
+        try:
+            return getattr(endpoint.stub, name)(
+                request, timeout=timeout_s or self.timeout_s, metadata=endpoint.metadata
+            )
         except grpc.RpcError as exc:
-            raise _map_rpc_error(exc) from None
+            error = _map_rpc_error(exc)
+            if isinstance(error, EdgeUnavailable):
+                self._failed(endpoint.target, error)
+            raise error from None
 
     # --- API ------------------------------------------------------------------
 
     def open_session(self, session_id: str | None = None) -> str:
         """Open a session on the edge (``session_id`` or a new id)."""
         request = edge_pb2.OpenSessionRequest(session_id=session_id or "")
-        return self._unary(self._stub.OpenSession, request, None).session_id
+        return self._unary("OpenSession", request, None).session_id
 
     def close_session(self, session_id: str) -> None:
-        self._unary(self._stub.CloseSession, edge_pb2.CloseSessionRequest(session_id=session_id), None)
+        """Close a session on the address the last call went to (where a
+        conversation's session is), never on another gateway."""
+        self._unary("CloseSession", edge_pb2.CloseSessionRequest(session_id=session_id), None, self._current)
 
     def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
         """What the edge runs, and its queue now (fed to :attr:`queue`)."""
         info = ServerInfo.from_pb(
-            self._unary(self._stub.GetServerInfo, edge_pb2.GetServerInfoRequest(), timeout_s)
+            self._unary("GetServerInfo", edge_pb2.GetServerInfoRequest(), timeout_s)
         )
         self.queue.observe_server_info(info)
         return info
@@ -485,6 +623,7 @@ class EdgeClient:
         open_session: bool = False,
         transcript_length: int | None = None,
         transcript_digest: bytes | None = None,
+        address: str | None = None,
     ) -> EdgeStream:
         """Append ``new_messages`` (the turns the edge has not seen) and stream the answer.
 
@@ -501,6 +640,9 @@ class EdgeClient:
         only a transcript whose prefix has this digest, and answers
         OUT_OF_RANGE otherwise.  A count alone says nothing about content:
         send both.
+        ``address``: call this one of the client's addresses (the one
+        :meth:`connect` returned, where the session is), with no failover;
+        None: :meth:`connect`'s choice.
         """
         if open_session and not session_id:
             raise ValueError("open_session needs a session_id (see edge_client.new_session_id)")
@@ -519,13 +661,19 @@ class EdgeClient:
             transcript_length=transcript_length,
             transcript_digest=transcript_digest,
         )
-        self._ensure_connected()
+        endpoint = self._endpoint(address, None)
         t_start = time.perf_counter()
         try:
-            call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+            call = endpoint.stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=endpoint.metadata)
         except grpc.RpcError as exc:
-            raise _map_rpc_error(exc) from None
-        return EdgeStream(call, t_start, params.max_tokens, self.queue)
+            error = _map_rpc_error(exc)
+            if isinstance(error, EdgeUnavailable):
+                self._failed(endpoint.target, error)
+            raise error from None
+        return EdgeStream(
+            call, t_start, params.max_tokens, self.queue,
+            on_unavailable=lambda exc: self._failed(endpoint.target, exc),
+        )
 
     def warm_up(self, timeout_s: float | None = None) -> float | None:
         """Connect and send one empty Echo; its round-trip seconds, or None when
@@ -544,12 +692,15 @@ class EdgeClient:
         if payload_bytes < 0 or response_bytes < 0:
             raise ValueError("payload_bytes and response_bytes must be >= 0")
         request = edge_pb2.EchoRequest(payload=bytes(payload_bytes), response_bytes=response_bytes)
-        self._ensure_connected(timeout_s)
+        endpoint = self._endpoint(None, timeout_s)
         t0 = time.perf_counter()
         try:
-            response = self._stub.Echo(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+            response = endpoint.stub.Echo(request, timeout=timeout_s or self.timeout_s, metadata=endpoint.metadata)
         except grpc.RpcError as exc:
-            raise _map_rpc_error(exc) from None
+            error = _map_rpc_error(exc)
+            if isinstance(error, EdgeUnavailable):
+                self._failed(endpoint.target, error)
+            raise error from None
         rtt = time.perf_counter() - t0
         if len(response.payload) != response_bytes:
             raise EdgeError(
@@ -561,17 +712,8 @@ class EdgeClient:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._channel.unsubscribe(self._on_state)
-            # grpc's connectivity poller notices the last unsubscribe only at
-            # its next 0.2 s tick; closing the channel before that makes the
-            # poller thread raise "Channel closed!".  Let it exit first.
-            state = getattr(self._channel, "_connectivity_state", None)
-            deadline = time.monotonic() + 1.0
-            while getattr(state, "polling", False) and time.monotonic() < deadline:
-                time.sleep(0.01)
-        finally:
-            self._channel.close()
+        for endpoint in self._endpoints.values():
+            endpoint.close()
 
     def __enter__(self) -> "EdgeClient":
         return self

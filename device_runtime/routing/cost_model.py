@@ -135,6 +135,10 @@ class TurnInputs:
     router_tokens: int | None = None
     response_device: float | None = None
     response_edge: float | None = None
+    #: The edge cannot say what its KV cache holds (its engine reports no
+    #: cached-token count): eq. (1) charges it the whole context, see
+    #: :func:`prefill_delta_c`.
+    edge_cache_unknown: bool = False
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "context_tokens", "delta_c_device", "delta_c_edge"):
@@ -190,6 +194,21 @@ class Decision:
 
 
 # --- eqs. (1)-(5) -----------------------------------------------------------
+
+
+def prefill_delta_c(turn: TurnInputs, target: Target) -> int:
+    """The ΔC_t that eq. (1) charges ``target``'s prefill.
+
+    ΔC_t is the context the model's KV cache lacks.  When the edge cannot say
+    how much of the prompt it reused (an engine behind the gateway that reports
+    no cached-token count), nothing is assumed cached: the whole context C_t,
+    a full re-prefill, the conservative case.  The upload (eq. 3, ``session``
+    mode) still counts only what the edge session lacks: the gateway keeps the
+    transcript whatever its engine's cache holds.
+    """
+    if target == "edge" and turn.edge_cache_unknown:
+        return turn.context_tokens
+    return turn.delta_c(target)
 
 
 def comp_latency(timing: ModelTiming, delta_c: float, prompt_tokens: float) -> float:
@@ -249,7 +268,7 @@ def latency(params: CostParams, turn: TurnInputs, target: Target) -> LatencyBrea
     )
     router_s = router_latency(params.tau_r, router_tokens)
     timing = params.timing(target)
-    comp_s = comp_latency(timing, turn.delta_c(target), turn.prompt_tokens)
+    comp_s = comp_latency(timing, prefill_delta_c(turn, target), turn.prompt_tokens)
     if target == "device":
         response = params.response.device if turn.response_device is None else turn.response_device
         return LatencyBreakdown("device", comp_s, 0.0, 0.0, 0.0, router_s, gen_latency(timing, response))
@@ -328,6 +347,9 @@ class ContextLedger:
 
     context_tokens: int = 0
     seen: dict[str, int] = field(default_factory=lambda: {"device": 0, "edge": 0})
+    #: Targets whose last answer came with no cached-token count: what their
+    #: KV cache holds is unknown (see :func:`prefill_delta_c`).
+    cache_unknown: set[str] = field(default_factory=set)
 
     def delta_c(self, target: Target) -> int:
         return self.context_tokens - self.seen[target]
@@ -338,24 +360,35 @@ class ContextLedger:
             context_tokens=self.context_tokens,
             delta_c_device=self.delta_c("device"),
             delta_c_edge=self.delta_c("edge"),
+            edge_cache_unknown="edge" in self.cache_unknown,
             **overrides,
         )
 
-    def commit(self, target: Target, prompt_tokens: int, response_tokens: int, *, held: bool = True) -> None:
+    def commit(
+        self, target: Target, prompt_tokens: int, response_tokens: int, *, held: bool = True,
+        cache_known: bool = True,
+    ) -> None:
         """Record that ``target`` answered a turn: the context grows by L_p + L_r.
 
         ``held=False``: the turn is in the dialogue but not in ``target``'s
         cache (an edge answer cancelled before its final message: the edge
         session did not keep it), so that side still lacks it.
+        ``cache_known=False``: ``target`` holds the turn in its transcript but
+        did not say what its KV cache reused, so its next prefill is predicted
+        in full until an answer says otherwise.
         """
         _check_nonneg("prompt_tokens", prompt_tokens)
         _check_nonneg("response_tokens", response_tokens)
         self.context_tokens += prompt_tokens + response_tokens
         if held:
             self.seen[target] = self.context_tokens
+            if cache_known:
+                self.cache_unknown.discard(target)
+            else:
+                self.cache_unknown.add(target)
 
     def copy(self) -> "ContextLedger":
-        return ContextLedger(self.context_tokens, dict(self.seen))
+        return ContextLedger(self.context_tokens, dict(self.seen), set(self.cache_unknown))
 
 
 # --- presets (Tables I-III) --------------------------------------------------

@@ -28,6 +28,12 @@ Optional keys beyond the contract (absent when they do not apply):
   answer's actual length (device-SLM tokens of its text) in place of L̄_r, so
   that γ, B and δ can be checked apart from the length guess.  Absent on a
   fallback turn and for a policy that makes no prediction.
+- ``edge_cache_unknown``: true when the last edge answer came without a
+  cached-token count (an engine behind the ``openai`` backend that reports
+  none), so this turn's ``predicted_s.edge`` charged a prefill of the whole
+  context (``cost_model.prefill_delta_c``).
+- ``cached_tokens_unknown``: true on an edge answer without a cached-token
+  count: its ``cached_tokens`` (0) is not a measurement.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ FIELDS: dict[str, tuple[type, ...]] = {
 
 
 #: Keys a record may carry beyond the contract.
-OPTIONAL_FIELDS = ("estimates", "predicted_posthoc_s")
+OPTIONAL_FIELDS = ("estimates", "predicted_posthoc_s", "edge_cache_unknown", "cached_tokens_unknown")
 
 
 class TelemetryError(ValueError):
@@ -88,6 +94,12 @@ class TurnTelemetry:
     #: The served target's latency predicted with the answer's actual length
     #: (eqs. 6-7); None on a fallback turn.  Optional, like ``estimates``.
     predicted_posthoc_s: float | None = None
+    #: True when the edge's cache state was unknown for this turn's decision:
+    #: ``predicted_s["edge"]`` charges a prefill of the whole context.  Optional.
+    edge_cache_unknown: bool | None = None
+    #: True when the edge answered without a cached-token count: ``cached_tokens``
+    #: (0) is not a measurement.  Optional.
+    cached_tokens_unknown: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -50,6 +50,11 @@ class Slot(ABC):
         ``cancel`` is set.
         """
 
+    def begin_turn(self, session_id: str, principal: str) -> None:
+        """Who the next :meth:`stream` is for.  Backends whose KV lives in
+        another process (``openai``) route and label the upstream request by
+        it; the others need nothing beyond ``kv_owner``."""
+
     def count_tokens(self, messages: Sequence[dict]) -> int | None:
         """Tokens of ``messages`` formatted as this slot's prompt, without
         touching the KV cache (for ``--max-input-tokens``); None when the
@@ -106,5 +111,7 @@ BackendFactory = Callable[["EdgeSettings"], Backend]
 #: llama_cpp, the CLI's ``choices`` reading it).  An unknown name is a
 #: ``ValueError``, which ``edgeroute serve`` reports in one line.
 BACKENDS: Registry[BackendFactory] = Registry(
-    "backend", lazy={"llama_cpp": "edge_service.backends.llama_cpp"}, error=ValueError
+    "backend",
+    lazy={"llama_cpp": "edge_service.backends.llama_cpp", "openai": "edge_service.backends.openai"},
+    error=ValueError,
 )

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64geroute/v1/edge.proto\x12\x0c\x65\x64geroute.v1\"<\n\x07Message\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.edgeroute.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"(\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"u\n\x10GenerationParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x08\n\x06_top_p\"\x80\x02\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.edgeroute.v1.Message\x12.\n\x06params\x18\x03 \x01(\x0b\x32\x1e.edgeroute.v1.GenerationParams\x12\x14\n\x0copen_session\x18\x04 \x01(\x08\x12\x1e\n\x11transcript_length\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x11transcript_digest\x18\x06 \x01(\x0cH\x01\x88\x01\x01\x42\x14\n\x12_transcript_lengthB\x14\n\x12_transcript_digest\"\x1a\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"d\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0eprefill_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x15\n\routput_tokens\x18\x04 \x01(\r\"U\n\rServerTimings\x12\x11\n\tprefill_s\x18\x01 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x02 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x0f\n\x07queue_s\x18\x04 \x01(\x01\"\xe6\x01\n\x0cGenerateDone\x12\"\n\x05usage\x18\x01 \x01(\x0b\x32\x13.edgeroute.v1.Usage\x12,\n\x07timings\x18\x02 \x01(\x0b\x32\x1b.edgeroute.v1.ServerTimings\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.edgeroute.v1.FinishReason\x12\x13\n\x0bkv_restored\x18\x04 \x01(\x08\x12\"\n\x15max_tokens_clipped_to\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x18\n\x16_max_tokens_clipped_to\"r\n\x10GenerateResponse\x12)\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.edgeroute.v1.TokenChunkH\x00\x12*\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1a.edgeroute.v1.GenerateDoneH\x00\x42\x07\n\x05\x65vent\"6\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x16\n\x0eresponse_bytes\x18\x02 \x01(\r\"\x1f\n\x0c\x45\x63hoResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x16\n\x14GetServerInfoRequest\"\xc1\x03\n\nServerInfo\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_format\x18\x03 \x01(\t\x12\r\n\x05n_ctx\x18\x04 \x01(\r\x12\x0f\n\x07n_slots\x18\x05 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x08 \x01(\r\x12\x12\n\nbusy_slots\x18\t \x01(\r\x12\x14\n\x0cqueue_wait_s\x18\n \x01(\x01\x12\"\n\x15\x65xpected_queue_wait_s\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x11max_output_tokens\x18\x0c \x01(\r\x12\x18\n\x10max_input_tokens\x18\r \x01(\r\x12\x16\n\x0emax_echo_bytes\x18\x0e \x01(\r\x12\"\n\x1amax_sessions_per_principal\x18\x0f \x01(\r\x12$\n\x1cmax_concurrent_per_principal\x18\x10 \x01(\r\x12\x17\n\x0fqueue_timeout_s\x18\x11 \x01(\x01\x42\x18\n\x16_expected_queue_wait_s*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x8f\x03\n\x07\x45\x64geLLM\x12R\n\x0bOpenSession\x12 .edgeroute.v1.OpenSessionRequest\x1a!.edgeroute.v1.OpenSessionResponse\x12U\n\x0c\x43loseSession\x12!.edgeroute.v1.CloseSessionRequest\x1a\".edgeroute.v1.CloseSessionResponse\x12K\n\x08Generate\x12\x1d.edgeroute.v1.GenerateRequest\x1a\x1e.edgeroute.v1.GenerateResponse0\x01\x12=\n\x04\x45\x63ho\x12\x19.edgeroute.v1.EchoRequest\x1a\x1a.edgeroute.v1.EchoResponse\x12M\n\rGetServerInfo\x12\".edgeroute.v1.GetServerInfoRequest\x1a\x18.edgeroute.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64geroute/v1/edge.proto\x12\x0c\x65\x64geroute.v1\"<\n\x07Message\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.edgeroute.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"(\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"u\n\x10GenerationParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x08\n\x06_top_p\"\x80\x02\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.edgeroute.v1.Message\x12.\n\x06params\x18\x03 \x01(\x0b\x32\x1e.edgeroute.v1.GenerationParams\x12\x14\n\x0copen_session\x18\x04 \x01(\x08\x12\x1e\n\x11transcript_length\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x11transcript_digest\x18\x06 \x01(\x0cH\x01\x88\x01\x01\x42\x14\n\x12_transcript_lengthB\x14\n\x12_transcript_digest\"\x1a\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x83\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0eprefill_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x15\n\routput_tokens\x18\x04 \x01(\r\x12\x1d\n\x15\x63\x61\x63hed_tokens_unknown\x18\x05 \x01(\x08\"U\n\rServerTimings\x12\x11\n\tprefill_s\x18\x01 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x02 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x0f\n\x07queue_s\x18\x04 \x01(\x01\"\xe6\x01\n\x0cGenerateDone\x12\"\n\x05usage\x18\x01 \x01(\x0b\x32\x13.edgeroute.v1.Usage\x12,\n\x07timings\x18\x02 \x01(\x0b\x32\x1b.edgeroute.v1.ServerTimings\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.edgeroute.v1.FinishReason\x12\x13\n\x0bkv_restored\x18\x04 \x01(\x08\x12\"\n\x15max_tokens_clipped_to\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x18\n\x16_max_tokens_clipped_to\"r\n\x10GenerateResponse\x12)\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.edgeroute.v1.TokenChunkH\x00\x12*\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1a.edgeroute.v1.GenerateDoneH\x00\x42\x07\n\x05\x65vent\"6\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x16\n\x0eresponse_bytes\x18\x02 \x01(\r\"\x1f\n\x0c\x45\x63hoResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x16\n\x14GetServerInfoRequest\"\xc1\x03\n\nServerInfo\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_format\x18\x03 \x01(\t\x12\r\n\x05n_ctx\x18\x04 \x01(\r\x12\x0f\n\x07n_slots\x18\x05 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x08 \x01(\r\x12\x12\n\nbusy_slots\x18\t \x01(\r\x12\x14\n\x0cqueue_wait_s\x18\n \x01(\x01\x12\"\n\x15\x65xpected_queue_wait_s\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x11max_output_tokens\x18\x0c \x01(\r\x12\x18\n\x10max_input_tokens\x18\r \x01(\r\x12\x16\n\x0emax_echo_bytes\x18\x0e \x01(\r\x12\"\n\x1amax_sessions_per_principal\x18\x0f \x01(\r\x12$\n\x1cmax_concurrent_per_principal\x18\x10 \x01(\r\x12\x17\n\x0fqueue_timeout_s\x18\x11 \x01(\x01\x42\x18\n\x16_expected_queue_wait_s*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x8f\x03\n\x07\x45\x64geLLM\x12R\n\x0bOpenSession\x12 .edgeroute.v1.OpenSessionRequest\x1a!.edgeroute.v1.OpenSessionResponse\x12U\n\x0c\x43loseSession\x12!.edgeroute.v1.CloseSessionRequest\x1a\".edgeroute.v1.CloseSessionResponse\x12K\n\x08Generate\x12\x1d.edgeroute.v1.GenerateRequest\x1a\x1e.edgeroute.v1.GenerateResponse0\x01\x12=\n\x04\x45\x63ho\x12\x19.edgeroute.v1.EchoRequest\x1a\x1a.edgeroute.v1.EchoResponse\x12M\n\rGetServerInfo\x12\".edgeroute.v1.GetServerInfoRequest\x1a\x18.edgeroute.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgeroute.v1.edge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1764
-  _globals['_ROLE']._serialized_end=1844
-  _globals['_FINISHREASON']._serialized_start=1846
-  _globals['_FINISHREASON']._serialized_end=1941
+  _globals['_ROLE']._serialized_start=1796
+  _globals['_ROLE']._serialized_end=1876
+  _globals['_FINISHREASON']._serialized_start=1878
+  _globals['_FINISHREASON']._serialized_end=1973
   _globals['_MESSAGE']._serialized_start=41
   _globals['_MESSAGE']._serialized_end=101
   _globals['_OPENSESSIONREQUEST']._serialized_start=103
@@ -51,22 +51,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=631
   _globals['_TOKENCHUNK']._serialized_start=633
   _globals['_TOKENCHUNK']._serialized_end=659
-  _globals['_USAGE']._serialized_start=661
-  _globals['_USAGE']._serialized_end=761
-  _globals['_SERVERTIMINGS']._serialized_start=763
-  _globals['_SERVERTIMINGS']._serialized_end=848
-  _globals['_GENERATEDONE']._serialized_start=851
-  _globals['_GENERATEDONE']._serialized_end=1081
-  _globals['_GENERATERESPONSE']._serialized_start=1083
-  _globals['_GENERATERESPONSE']._serialized_end=1197
-  _globals['_ECHOREQUEST']._serialized_start=1199
-  _globals['_ECHOREQUEST']._serialized_end=1253
-  _globals['_ECHORESPONSE']._serialized_start=1255
-  _globals['_ECHORESPONSE']._serialized_end=1286
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1288
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1310
-  _globals['_SERVERINFO']._serialized_start=1313
-  _globals['_SERVERINFO']._serialized_end=1762
-  _globals['_EDGELLM']._serialized_start=1944
-  _globals['_EDGELLM']._serialized_end=2343
+  _globals['_USAGE']._serialized_start=662
+  _globals['_USAGE']._serialized_end=793
+  _globals['_SERVERTIMINGS']._serialized_start=795
+  _globals['_SERVERTIMINGS']._serialized_end=880
+  _globals['_GENERATEDONE']._serialized_start=883
+  _globals['_GENERATEDONE']._serialized_end=1113
+  _globals['_GENERATERESPONSE']._serialized_start=1115
+  _globals['_GENERATERESPONSE']._serialized_end=1229
+  _globals['_ECHOREQUEST']._serialized_start=1231
+  _globals['_ECHOREQUEST']._serialized_end=1285
+  _globals['_ECHORESPONSE']._serialized_start=1287
+  _globals['_ECHORESPONSE']._serialized_end=1318
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1320
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1342
+  _globals['_SERVERINFO']._serialized_start=1345
+  _globals['_SERVERINFO']._serialized_end=1794
+  _globals['_EDGELLM']._serialized_start=1976
+  _globals['_EDGELLM']._serialized_end=2375
 # @@protoc_insertion_point(module_scope)

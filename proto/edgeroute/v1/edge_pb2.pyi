@@ -94,16 +94,18 @@ class TokenChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "prefill_tokens", "cached_tokens", "output_tokens")
+    __slots__ = ("prompt_tokens", "prefill_tokens", "cached_tokens", "output_tokens", "cached_tokens_unknown")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     prefill_tokens: int
     cached_tokens: int
     output_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
+    cached_tokens_unknown: bool
+    def __init__(self, prompt_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cached_tokens_unknown: _Optional[bool] = ...) -> None: ...
 
 class ServerTimings(_message.Message):
     __slots__ = ("prefill_s", "decode_s", "ttft_s", "queue_s")

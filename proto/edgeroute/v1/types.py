@@ -144,6 +144,10 @@ class GenerationSummary:
     #: The server's ``--max-output-tokens`` when it clipped the request's
     #: ``max_tokens`` to it; None when the request's own value was used.
     max_tokens_clipped_to: int | None = None
+    #: The server could not tell the cached tokens (an upstream engine that
+    #: does not report them): ``cached_tokens`` is then 0 and ``prefill_tokens``
+    #: an upper bound; plan as if nothing was cached.
+    cached_tokens_unknown: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens_clipped_to is not None and (
@@ -168,6 +172,7 @@ class GenerationSummary:
                 prefill_tokens=self.prefill_tokens,
                 cached_tokens=self.cached_tokens,
                 output_tokens=self.output_tokens,
+                cached_tokens_unknown=self.cached_tokens_unknown,
             ),
             timings=edge_pb2.ServerTimings(
                 prefill_s=self.prefill_s, decode_s=self.decode_s, ttft_s=self.ttft_s, queue_s=self.queue_s
@@ -191,6 +196,7 @@ class GenerationSummary:
             finish_reason=_FINISH_FROM_PB.get(pb.finish_reason, "stop"),
             kv_restored=pb.kv_restored,
             max_tokens_clipped_to=pb.max_tokens_clipped_to if pb.HasField("max_tokens_clipped_to") else None,
+            cached_tokens_unknown=pb.usage.cached_tokens_unknown,
         )
 
 
