@@ -38,6 +38,19 @@ def run_edgeroute(*args: str, stdin: str | None = None, timeout: float = 300,
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_state_dir(tmp_path_factory):
+    """``chat`` journals by default into ``$XDG_STATE_HOME``: in tests that is
+    a temporary directory, never the user's own journal."""
+    old = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def run_cli() -> Callable[..., subprocess.CompletedProcess]:
     """``run_cli("chat", "--edge", target, stdin=..., timeout=...)``."""
