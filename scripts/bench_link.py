@@ -264,7 +264,8 @@ def run_phases(args, dialogues: list[dict]) -> int:
     records: list[dict] = []
     t_start = time.perf_counter()
     with NetLab(settings=LINKS[phases[0][0]]) as lab:
-        start_edge(lab, extra=["--n-slots", "1", "--threads", str(args.threads)])
+        start_edge(lab, extra=["--n-slots", "1", "--threads", str(args.threads),
+                               *(["--model", args.edge_model] if args.edge_model else [])])
         relay = lab.start_relay(EDGE_PORT, seed=args.seed)
         target = f"127.0.0.1:{relay}"
         # Profiled once, on the first phase's link, as a deployed device would be.
@@ -350,6 +351,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                     help="α of eq. (11) for every run (default: the mt-bench preset's)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "figures" / "link")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--edge-model", metavar="GGUF", help="edge model file (default: the edge service's, Gemma 3 270M)")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads of the device SLM and of the edge model each (1: they do not "
                          "fight over the 2 cores of the test machine)")
@@ -451,7 +453,8 @@ def run_links(args, links: dict[str, LinkSettings], policies: list[str], dialogu
     from netlab.live import EDGE_PORT, start_edge
 
     with NetLab(settings=next(iter(links.values()))) as lab:
-        start_edge(lab, extra=["--n-slots", "1", "--threads", str(args.threads)])
+        start_edge(lab, extra=["--n-slots", "1", "--threads", str(args.threads),
+                               *(["--model", args.edge_model] if args.edge_model else [])])
         relay = lab.start_relay(EDGE_PORT, seed=args.seed)
         target = f"127.0.0.1:{relay}"
         base_profile = None

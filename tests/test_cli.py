@@ -15,6 +15,7 @@ from device_runtime.cli import main as cli
 #: a command whose module fails to import shows a placeholder without them.
 SUBCOMMANDS = {
     "simulate": ["--benchmark", "--routers"],
+    "calibrate": ["--target-quality", "--telemetry"],
     "router": ["score"],
     "export": ["--out"],
     "serve": ["--n-slots"],
@@ -23,6 +24,8 @@ SUBCOMMANDS = {
     "profile": ["--out"],
     "bench": ["router"],
     "token": ["new"],
+    "models": ["assemble"],
+    "journal": ["list"],
 }
 
 

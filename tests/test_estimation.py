@@ -265,3 +265,16 @@ def test_online_estimator_updates_gamma_and_skips_tiny_samples():
     assert p.gamma_s.decode_s_per_token == pytest.approx(0.02, rel=0.05)
     est.observe_device_turn(prefill_tokens=4, prefill_s=5.0, output_tokens=0, decode_s=0.0)
     assert est.params().gamma_s.prefill_s_per_token == pytest.approx(0.005, rel=0.05)
+
+
+def test_online_device_gamma_leaves_out_the_profiled_call_time():
+    # A self-profiled per-call time (call_s_device) is charged apart by eq. (1):
+    # the prefill samples must not charge it to γ_s again.
+    base = paper_params("gsm8k")
+    base = base.with_(gamma_s=ModelTiming(0.005, 0.02, call_s=0.1))
+    est = OnlineEstimator(base, min_prefill_tokens=16)
+    for _ in range(5):
+        est.observe_device_turn(prefill_tokens=100, prefill_s=0.6, output_tokens=50, decode_s=1.0)
+    p = est.params()
+    assert p.gamma_s.prefill_s_per_token == pytest.approx(0.005, rel=1e-6)
+    assert p.gamma_s.call_s == 0.1

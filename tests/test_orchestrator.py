@@ -908,7 +908,7 @@ def test_an_edge_with_a_smaller_window_sets_the_conversation_window(free_port, s
         with EdgeClient(server.target, timeout_s=30) as edge:
             # The window is settled before the orchestrator exists.
             device = DeviceSide(slm, FixedPolicy("edge"), live_cost_params(), settings)
-            orch = assemble(device, edge, argparse.Namespace(online=False))
+            orch = assemble(device, edge, argparse.Namespace(online=False, no_online=True))
             assert orch.settings.context_window == 64 and orch.edge is edge
             chosen = dataclasses.replace(settings, context_window=512)
             assert fit_edge_window(edge, chosen, slm.context_window) == chosen  # the user's choice stands
@@ -957,3 +957,45 @@ def test_hooks_hear_every_turn_and_set_params_through_the_orchestrator(slm):
     orch.close()
     assert heard == [("before", 0), ("after", 1), ("before", 1), ("after", None), ("close", 1)]
     assert orch.params == cheaper
+
+
+# --- an edge that cannot say what it cached (issue 15, item 2) -----------------------
+
+
+def test_unknown_edge_cache_is_predicted_as_a_full_re_prefill():
+    params = live_cost_params().with_(upload_mode="session")
+    ledger = cost_model.ContextLedger()
+    ledger.commit("edge", 40, 60)  # the edge answered and said what it cached
+    known = ledger.turn_inputs(20)
+    assert not known.edge_cache_unknown and cost_model.prefill_delta_c(known, "edge") == 0
+    ledger.commit("edge", 30, 50, cache_known=False)  # an engine that reports no cached count
+    unknown = ledger.turn_inputs(20)
+    assert unknown.edge_cache_unknown and unknown.delta_c_edge == 0
+    assert cost_model.prefill_delta_c(unknown, "edge") == unknown.context_tokens == 180
+    assert cost_model.prefill_delta_c(unknown, "device") == unknown.delta_c_device  # the device knows its own
+    full, cached = cost_model.latency(params, unknown, "edge"), cost_model.latency(params, known, "edge")
+    # Eq. (1) charges the whole context; the upload (eq. 3) only what the session lacks.
+    assert full.comp_s == pytest.approx(cost_model.comp_latency(params.gamma_e, 180, 20))
+    assert full.upload_s == pytest.approx(cost_model.upload_latency(params.link, 20))
+    assert full.comp_s > cached.comp_s
+    # A device turn keeps the edge's state unknown; an edge answer with a count clears it.
+    ledger.commit("device", 10, 10)
+    assert ledger.turn_inputs(5).edge_cache_unknown and ledger.copy().cache_unknown == {"edge"}
+    ledger.commit("edge", 10, 10, held=False, cache_known=True)  # cancelled: nothing learnt
+    assert ledger.turn_inputs(5).edge_cache_unknown
+    ledger.commit("edge", 10, 10)
+    assert not ledger.turn_inputs(5).edge_cache_unknown
+
+
+def test_unknown_edge_cache_can_tip_the_decision_to_the_device():
+    params = live_cost_params().with_(
+        gamma_e=cost_model.ModelTiming(0.05, 0.001), gamma_s=cost_model.ModelTiming(0.001, 0.001), alpha=1.0,
+    )
+    ledger = cost_model.ContextLedger(context_tokens=400, seen={"device": 400, "edge": 400})
+    theta = cost_model.decide(params, ledger.turn_inputs(10), p=0.9, threshold=0.0).p_fused - 1.0
+    known = cost_model.decide(params, ledger.turn_inputs(10), p=0.9, threshold=theta)
+    ledger.cache_unknown.add("edge")
+    unknown = cost_model.decide(params, ledger.turn_inputs(10), p=0.9, threshold=theta)
+    # 400 context tokens at 50 ms each: p̃ drops by α·20 s, below θ.
+    assert unknown.edge.comp_s - known.edge.comp_s == pytest.approx(0.05 * 400)
+    assert known.target == "edge" and unknown.target == "device"

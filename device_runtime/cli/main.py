@@ -16,6 +16,7 @@ import sys
 # Subcommand name -> module that defines it.  Order is the order in --help.
 COMMANDS: dict[str, str] = {
     "simulate": "device_runtime.cli.simulate",
+    "calibrate": "device_runtime.cli.calibrate",
     "router": "device_runtime.cli.router",
     "export": "export.cli",
     "serve": "edge_service.cli",
@@ -24,6 +25,8 @@ COMMANDS: dict[str, str] = {
     "profile": "device_runtime.cli.profile",
     "bench": "device_runtime.cli.bench",
     "token": "device_runtime.cli.token",
+    "models": "device_runtime.cli.models",
+    "journal": "device_runtime.cli.journal",
 }
 
 

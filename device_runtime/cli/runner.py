@@ -13,7 +13,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence, TextIO
 
+from device_runtime.cli.calibrate import apply_calibration
 from device_runtime.core.flags import add_flags, flag, from_args
+from device_runtime.link.breaker import DEFAULT_COOL_DOWN_S, MAX_COOL_DOWN_S, parse_edge_targets
 from device_runtime.link.credentials import ENV_TOKEN, ChannelSecurity, CredentialsError, EdgeSecuritySettings
 from device_runtime.link.estimation import QueueWaitSettings
 from device_runtime.link.profile import LiveCostSettings
@@ -21,7 +23,8 @@ from device_runtime.llm.slm import SLMSettings
 from device_runtime.routing.policies import PolicySettings
 from device_runtime.runtime.dialogues import ScriptItem
 from device_runtime.runtime.orchestrator import OrchestratorSettings
-from device_runtime.runtime.telemetry import TurnTelemetry
+from device_runtime.runtime.self_profile import SelfProfileSettings
+from device_runtime.runtime.telemetry import TelemetryLog, TurnTelemetry
 
 if TYPE_CHECKING:  # pragma: no cover
     from device_runtime.link.edge_client import EdgeClient
@@ -39,9 +42,17 @@ class RuntimeCliSettings:
     settings class: the edge client's deadline and what the command prints."""
 
     edge_timeout: float = field(default=120.0, metadata=flag("edge call deadline (s)"))
+    edge_cool_down: float = field(default=DEFAULT_COOL_DOWN_S, metadata=flag(
+        "with several --edge addresses: seconds one that failed is skipped before it is tried again"
+    ))
     online: bool = field(default=False, metadata=flag(
-        "update γ, B and δ from every turn (EWMA with outlier rejection) and show the "
-        "estimates in the telemetry's `estimates` key"
+        "show the online estimates of γ, B and δ in the telemetry's `estimates` key (online "
+        "estimation itself, an EWMA with outlier rejection updated from every turn, is on by "
+        "default: see --no-online)"
+    ))
+    no_online: bool = field(default=False, metadata=flag(
+        "keep the cost parameters fixed (the self-profile's, --profile's or the preset's) "
+        "instead of updating them from every turn"
     ))
     json: bool = field(default=False, metadata=flag("stdout: one telemetry JSON line per turn, nothing else"))
 
@@ -54,9 +65,12 @@ def add_runtime_args(p: argparse.ArgumentParser, *, max_tokens: int = 128) -> No
     add_flags(g, PolicySettings, only=["policy"])
     add_flags(g, SLMSettings)
     add_flags(g, PolicySettings, only=["router", "bundle", "threshold"])
+    g.add_argument("--calibration", metavar="FILE",
+                   help="θ and α from `edgeroute calibrate --out FILE` (docs/simulation.md)")
     add_flags(g, LiveCostSettings)
     add_flags(g, OrchestratorSettings, defaults={"max_tokens": max_tokens})
     add_flags(g, RuntimeCliSettings)
+    add_flags(g, SelfProfileSettings)
     add_flags(g, QueueWaitSettings)
     add_security_args(p)
 
@@ -66,7 +80,26 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
     add_flags(p.add_argument_group("edge link security (docs/security.md)"), EdgeSecuritySettings)
 
 
-def edge_security(args: argparse.Namespace, target: str | None) -> ChannelSecurity | None:
+EDGE_HELP = ("edge service address, or several stateless gateways of one fleet tried in order "
+             "(HOST:PORT[,HOST2:PORT2...]; see --edge-cool-down)")
+
+
+def edge_targets(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The ``--edge`` addresses, checked (empty items, bad ports, an address
+    twice: a ValueError naming it), and ``--edge-cool-down``; None without
+    ``--edge``."""
+    cool_down = getattr(args, "edge_cool_down", DEFAULT_COOL_DOWN_S)
+    if not 0 < cool_down <= MAX_COOL_DOWN_S:
+        raise ValueError(f"--edge-cool-down must be in (0, {MAX_COOL_DOWN_S:g}] seconds, got {cool_down:g}")
+    if args.edge is None:
+        return None
+    try:
+        return parse_edge_targets(args.edge)
+    except ValueError as exc:
+        raise ValueError(f"--edge {args.edge!r}: {exc}") from None
+
+
+def edge_security(args: argparse.Namespace, target: "str | Sequence[str] | None") -> ChannelSecurity | None:
     """The checked credentials for ``target`` from the flags and, without
     ``--token-file``, the ``EDGEROUTE_TOKEN`` environment variable (read here,
     in the command, never in the library); None without a target.
@@ -80,7 +113,8 @@ def edge_security(args: argparse.Namespace, target: str | None) -> ChannelSecuri
             raise CredentialsError("--tls, --tls-ca, --tls-cert, --tls-key and --token-file need --edge HOST:PORT")
         return None
     security = settings.channel_security(os.environ.get(ENV_TOKEN))
-    security.metadata(target)
+    for address in parse_edge_targets(target):  # the same settings for every gateway
+        security.metadata(address)
     return security
 
 
@@ -106,7 +140,11 @@ def build_device(args: argparse.Namespace) -> DeviceSide:
         raise ValueError(
             f"--context-window ({args.context_window}) cannot exceed the SLM's --n-ctx ({args.n_ctx})"
         )
+    if args.online and args.no_online:
+        raise ValueError("--online and --no-online contradict each other")
     settings = from_args(OrchestratorSettings, args)
+    if getattr(args, "calibration", None):  # θ and α from `edgeroute calibrate` (before they are read)
+        apply_calibration(args)
     params = from_args(LiveCostSettings, args).cost_params()
     policy_settings = from_args(PolicySettings, args, threshold=validate_threshold(args.threshold))
     if args.bundle and not (args.policy == "auto" and args.router == "bert"):
@@ -116,15 +154,20 @@ def build_device(args: argparse.Namespace) -> DeviceSide:
     return DeviceSide(slm, policy, params, settings)
 
 
-def connect_edge(target: str, args: argparse.Namespace, security: ChannelSecurity | None = None) -> "EdgeClient":
+def connect_edge(
+    target: "str | Sequence[str]", args: argparse.Namespace, security: ChannelSecurity | None = None,
+) -> "EdgeClient":
     """An edge client for ``target`` secured by ``security`` (see
     :func:`edge_security`); it starts connecting in the background, so the
     first edge turn finds the channel ready.  ``--edge-queue``: how it keeps
-    W_q, the edge's expected slot wait that each decision adds to Tᵉ."""
+    W_q, the edge's expected slot wait that each decision adds to Tᵉ.
+    Several addresses: tried in order, one that failed skipped for
+    ``--edge-cool-down`` seconds (:class:`~device_runtime.link.breaker.CircuitBreaker`)."""
     from device_runtime.link.edge_client import EdgeClient
 
     return EdgeClient(
-        target, security=security, timeout_s=args.edge_timeout, queue=from_args(QueueWaitSettings, args)
+        target, security=security, timeout_s=args.edge_timeout, queue=from_args(QueueWaitSettings, args),
+        cool_down_s=getattr(args, "edge_cool_down", DEFAULT_COOL_DOWN_S),
     )
 
 
@@ -155,24 +198,49 @@ def fit_edge_window(edge: "EdgeClient", settings: OrchestratorSettings, slm_wind
     return settings
 
 
+def profiles_itself(args: argparse.Namespace) -> bool:
+    """Whether :func:`assemble` measures this machine: by default, unless a
+    saved ``--profile`` is given (it wins) or ``--no-self-profile``."""
+    return bool(getattr(args, "self_profile", False)) and not args.profile
+
+
+def measure_machine(device: DeviceSide, edge: "EdgeClient | None", args: argparse.Namespace) -> None:
+    """The self-profile (:mod:`device_runtime.runtime.self_profile`): ``device.params``
+    with this machine's γ, τ_r, δ, B and answer lengths, before the first turn."""
+    import time
+
+    from device_runtime.runtime.self_profile import self_profiled_params
+
+    t0 = time.perf_counter()
+    router = getattr(device.policy, "router", None)
+    device.params, result = self_profiled_params(
+        device.params, device.slm, edge, router, max_tokens=device.settings.max_tokens,
+        settings=from_args(SelfProfileSettings, args),
+    )
+    log.info("%s; %.1f s in all", result.describe(), time.perf_counter() - t0)
+
+
 def assemble(device: DeviceSide, edge: "EdgeClient | None", args: argparse.Namespace) -> "Orchestrator":
     """The orchestrator of ``device`` and ``edge`` (its window fitted to the
-    edge's), with online estimation as a turn hook under ``--online``."""
+    edge's), after the self-profile (:func:`profiles_itself`), with online
+    estimation as a turn hook unless ``--no-online``."""
     from device_runtime.runtime.orchestrator import Orchestrator
 
     settings = device.settings
     if edge is not None:
         settings = fit_edge_window(edge, settings, device.slm.context_window)
+    if profiles_itself(args):
+        measure_machine(device, edge, args)
     hooks = []
-    if args.online:
-        from device_runtime.runtime.online import OnlineRouting
+    if not args.no_online:
+        from device_runtime.runtime.online import OnlineRouting, OnlineSettings
 
-        hooks.append(OnlineRouting(device.params))
+        hooks.append(OnlineRouting(device.params, OnlineSettings(report_estimates=args.online)))
     return Orchestrator(device.slm, device.policy, device.params, edge=edge, settings=settings, hooks=hooks)
 
 
 def build_orchestrator(
-    args: argparse.Namespace, edge_target: str | None, security: ChannelSecurity | None = None,
+    args: argparse.Namespace, edge_target: "str | Sequence[str] | None", security: ChannelSecurity | None = None,
 ) -> "Orchestrator":
     """The whole runtime from the flags: the device side, then the edge client."""
     device = build_device(args)
@@ -202,10 +270,15 @@ def table_row(dialogue: int, rec: TurnTelemetry) -> str:
     )
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict, telemetry: TelemetryLog | None = None) -> str:
+    """The run's summary; with its ``telemetry``, also each side's median relative
+    prediction error (:func:`~device_runtime.runtime.self_profile.prediction_errors`)."""
+    from device_runtime.runtime.self_profile import format_errors, prediction_errors
+
     if not summary.get("turns"):
         return "no turns played"
     s = summary
+    errors = [format_errors(prediction_errors(telemetry))] if telemetry is not None else []
     return "\n".join([
         f"turns: {s['turns']}  (edge {s['edge_turns']}, device {s['device_turns']}, "
         f"edge_share {s['edge_share']:.2f}, fallbacks {s['fallbacks']})",
@@ -214,6 +287,7 @@ def format_summary(summary: dict) -> str:
         f"mean predicted (chosen side) {s['mean_predicted_s']:.3f} s",
         f"tokens: prefilled {s['prefill_tokens']}, reused from KV {s['cached_tokens']}, "
         f"generated {s['output_tokens']}",
+        *errors,
     ])
 
 
@@ -249,7 +323,8 @@ def play(orch: "Orchestrator", items: Sequence[ScriptItem], out: Output,
         print(TABLE_HEADER, file=out.table_stream, flush=True)
     for item in items:
         if item.new_conversation or dialogue == 0:
-            if item.new_conversation and played:
+            # A dialogue starts a new conversation, also after a resumed one.
+            if item.new_conversation and (played or orch.turn_index):
                 orch.new_conversation()
             dialogue += 1
             if out.show_text:
@@ -265,7 +340,7 @@ def play(orch: "Orchestrator", items: Sequence[ScriptItem], out: Output,
 
             def on_event(kind: str, detail: str) -> None:
                 if kind == "edge_lost":
-                    print(f"\n[edge lost mid-answer ({detail}); answering on the device]",
+                    print(f"\n[edge lost mid-answer ({detail}); the answer restarts]",
                           file=out.stderr, flush=True)
                 elif kind == "truncated":
                     print(f"[context window: {detail}]", file=out.stderr, flush=True)

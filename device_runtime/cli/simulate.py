@@ -1,7 +1,7 @@
 """``edgeroute simulate``: trace-driven evaluation on RouteLLM-format data.
 
     edgeroute simulate --benchmark {mmlu,gsm8k,mt-bench} --data-dir DIR \\
-        --routers random,oracle[,bert] [--preset paper] [--alpha A] [--out DIR] [--json]
+        --routers random,oracle[,bert] [--preset paper] [--alpha A] [--threshold T] [--out DIR] [--json]
 
 With ``--json`` stdout carries exactly one JSON object; progress bars and logs
 go to stderr.  ``--out DIR`` writes ``summary.json`` and the PNG plots.
@@ -149,4 +149,10 @@ def format_table(summary: dict) -> str:
     ]
     for name, r in summary["routers"].items():
         lines.append(f"{name:<22}{r['apgr']:>8.3f}{r['cpt50']:>10.3f}{r['cpt80']:>10.3f}")
+    at = {name: r["at_threshold"] for name, r in summary["routers"].items() if "at_threshold" in r}
+    if at:
+        theta = next(iter(at.values()))["threshold"]
+        lines += ["", f"{'at θ = ' + format(theta, '.4g'):<22}{unit:>8}{'edge_share':>12}{'latency_s':>12}"]
+        for name, p in at.items():
+            lines.append(f"{name:<22}{p['quality']:>8.3f}{p['edge_share']:>12.3f}{p['mean_latency_s']:>12.2f}")
     return "\n".join(lines) + "\n"

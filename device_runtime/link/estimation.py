@@ -504,9 +504,14 @@ class OnlineEstimator:
         self.link = LinkEstimator(b.link, self.settings)
 
     def observe_device_turn(self, prefill_tokens: int, prefill_s: float, output_tokens: int, decode_s: float) -> None:
-        """A turn the device SLM answered: updates γ_s (eqs. 1, 5)."""
+        """A turn the device SLM answered: updates γ_s (eqs. 1, 5).
+
+        The device's per-call time (``call_s``, from a profile or the
+        self-profile) is taken out of the prefill first, as eq. (1) charges it
+        apart; otherwise it would be charged twice."""
         if prefill_tokens >= self.min_prefill_tokens and prefill_s > 0:
-            self.gamma["gamma_s_prefill"].update(prefill_s / prefill_tokens)
+            per_token = max(0.0, prefill_s - self.base.gamma_s.call_s) / prefill_tokens
+            self.gamma["gamma_s_prefill"].update(per_token)
         if output_tokens >= self.min_decode_tokens and decode_s > 0:
             self.gamma["gamma_s_decode"].update(decode_s / output_tokens)
 

@@ -295,7 +295,8 @@ def text_of_tokens(texts: Sequence[str], n_tokens: int, count_tokens: Callable[[
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+    # disable=None: no bar when stderr is not a terminal (a log, a test's pipe).
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, disable=None)
 
 
 def measure_link(ping: Callable[[int, int], float], settings: ProfileSettings, direction: str) -> tuple[list[int], list[float]]:
@@ -342,9 +343,6 @@ def profile_link(client, settings: ProfileSettings) -> LinkProfile:
 
 def _gamma_runs(run_one: Answerer, texts, settings: ProfileSettings, count_tokens, desc: str) -> GammaFit:
     """Shared by the SLM and the edge: per prompt length, ``reps`` answers."""
-    from device_runtime.link.estimation import per_token_time
-
-    prefill_s, prefill_tok, decode_s, decode_tok = [], [], [], []
     runs = []
     # The first call pays one-off costs (buffers, caches, graph build) that no
     # later turn pays: run it once unrecorded.
@@ -357,19 +355,29 @@ def _gamma_runs(run_one: Answerer, texts, settings: ProfileSettings, count_token
                 k = (7 * (i * settings.reps + rep)) % len(texts)
                 _, r = run_one(text_of_tokens(texts[k:] + texts[:k], n, count_tokens))
                 runs.append(r)
-                prefill_s.append(r.prefill_s)
-                prefill_tok.append(r.prompt_tokens)
-                # decode_s runs from the first token, so it times output - 1 steps.
-                if r.output_tokens >= 2:
-                    decode_s.append(r.decode_s)
-                    decode_tok.append(r.output_tokens - 1)
                 bar.update()
-    if not decode_tok:
+    return fit_gamma(runs, desc)
+
+
+def fit_gamma(runs: Sequence[SlmRun | EdgeRun], desc: str = "γ") -> GammaFit:
+    """γ prefill (the slope of prefill seconds against prompt tokens), γ decode
+    (decode seconds per generated token after the first) and the fixed prefill
+    part, from answers timed by the model that gave them (``edgeroute profile``'s
+    sweep, or the self-profile's real prompts, :mod:`device_runtime.runtime.self_profile`)."""
+    from device_runtime.link.estimation import per_token_time
+
+    if not runs:
+        raise ValueError(f"{desc}: no runs to fit")
+    prefill_s = [r.prefill_s for r in runs]
+    prefill_tok = [r.prompt_tokens for r in runs]
+    # decode_s runs from the first token, so it times output - 1 steps.
+    decoded = [(r.decode_s, r.output_tokens - 1) for r in runs if r.output_tokens >= 2]
+    if not decoded:
         raise RuntimeError(f"{desc}: no run produced two or more tokens; cannot time decode")
     prefill = per_token_time(prefill_s, prefill_tok)
     return GammaFit(
         prefill=prefill,
-        decode=sum(decode_s) / sum(decode_tok),
+        decode=sum(s for s, _ in decoded) / sum(n for _, n in decoded),
         prefill_fixed_s=statistics.median(s - prefill * t for s, t in zip(prefill_s, prefill_tok)),
         runs=tuple(runs),
     )
@@ -388,28 +396,40 @@ def mean_answer_tokens(answer: Answerer, prompts: Sequence[str], desc: str) -> A
     return AnswerLengths(lengths=tuple(lengths), runs=tuple(runs))
 
 
-def call_time(runs: Sequence[EdgeRun], gamma_prefill: float, gamma_decode: float) -> float:
+def call_time(runs: Sequence[SlmRun | EdgeRun], gamma_prefill: float, gamma_decode: float) -> float:
     """The per-call time the cost model leaves out (``ModelTiming.call_s``).
 
-    The median over runs of what the server spent from the request to the last
-    token (``server_ttft_s + decode_s``) minus what eqs. (1) and (5) charge for
-    it, γ_p · L_p + γ_d · L_r, in the cost model's tokens; at least 0.
+    The median over runs of what the model spent from the request to the last
+    token (the edge's ``server_ttft_s + decode_s``, the SLM's ``prefill_s +
+    decode_s``) minus what eqs. (1) and (5) charge for it, γ_p · L_p + γ_d · L_r,
+    in the cost model's tokens; at least 0.
     """
     if not runs:
         raise ValueError("no runs to time")
     residuals = [
-        r.server_ttft_s + r.decode_s - gamma_prefill * r.prompt_tokens - gamma_decode * r.output_tokens
+        _busy_s(r) - gamma_prefill * r.prompt_tokens - gamma_decode * r.output_tokens
         for r in runs
     ]
     return max(0.0, statistics.median(residuals))
 
 
-def slm_answer(slm, settings: ProfileSettings) -> Answerer:
+def _busy_s(run: SlmRun | EdgeRun) -> float:
+    if isinstance(run, EdgeRun):
+        return run.server_ttft_s + run.decode_s
+    return run.prefill_s + run.decode_s
+
+
+def slm_answer(slm, settings: ProfileSettings, *, reset: bool = True) -> Answerer:
     """One answer from a cold cache (the whole prompt is prefilled): its text
-    and the SLM's stats.  An empty text counts the SLM's own output tokens."""
+    and the SLM's stats.  An empty text counts the SLM's own output tokens.
+
+    ``reset=False`` keeps what the cache shares with the prompt (the system
+    message and template head of an earlier answer), as a conversation's first
+    turn finds it: the self-profile's runs are timed like the turns they predict."""
 
     def answer(prompt: str) -> tuple[str, SlmRun]:
-        slm.reset()
+        if reset:
+            slm.reset()
         text = "".join(slm.stream([{"role": "user", "content": prompt}], max_tokens=settings.max_tokens, temperature=0.0))
         st = slm.last_stats
         return text, SlmRun(
@@ -432,6 +452,7 @@ def edge_answer(client, settings: ProfileSettings, count_tokens: Callable[[str],
             res = client.generate(
                 sid, [{"role": "user", "content": prompt}],
                 GenerationParams(max_tokens=settings.max_tokens, temperature=0.0), open_session=True,
+                timeout_s=settings.timeout_s,
             ).consume()
         finally:
             client.close_session(sid)

@@ -94,6 +94,11 @@ class OnlineSettings:
     the edge for its queue (one GetServerInfo, as small as an Echo; not while
     the link is down, nor with ``--no-edge-queue``), so that W_q follows the
     edge while no turn goes there."""
+    report_estimates: bool = True
+    """Write the estimates after each turn into its telemetry (the optional
+    ``estimates`` key).  ``chat`` and ``demo`` estimate online by default but
+    write the key only with ``--online``, so that the default telemetry keeps
+    the keys it had before online estimation became the default."""
     confirm_probe: bool = True
     """When a turn's link sample is held back as an outlier, Echo at once: a
     second outlier on the same side is a new regime (see ``EwmaSettings.regime_after``),
@@ -214,7 +219,8 @@ class OnlineRouting(TurnHook):
         self._apply_params(orch)
         self.estimates = self.estimator.snapshot()
         # The telemetry contract's optional key: the estimates after this turn.
-        result.telemetry.estimates = dict(self.estimates)
+        if self.settings.report_estimates:
+            result.telemetry.estimates = dict(self.estimates)
 
     def _observe(self, orch: "Orchestrator", result: "TurnResult") -> None:
         """Feed one turn's measurements to the estimator (and probe the link)."""

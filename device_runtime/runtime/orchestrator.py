@@ -37,6 +37,25 @@ number of messages the edge should hold and their digest
 back a turn whose answer this side never took, and a session whose content
 differs is refused (OUT_OF_RANGE) and reopened with the whole conversation.
 
+Several edge addresses (stateless gateways, ``--edge A,B``): the edge client
+picks the address of each call (the first whose circuit breaker is closed,
+:mod:`device_runtime.link.breaker`).  A gateway holds only the sessions opened
+on it, so when a call goes to another address the session moves: the same id,
+opened there with the whole transcript (``edge_moved``).  A gateway that
+fails UNAVAILABLE or past its deadline *during* a turn, before or after some
+chunks, does not end the turn on the device while another address is left:
+the turn is asked again on the next gateway (the partial answer is dropped,
+``edge_lost``), because the user chose the edge's answer and a fleet with one
+gateway down can still give it.  The transcript takes only the answer that
+completed, once; the dead gateway is skipped for its cool-down, so the next
+turn goes to the other one too.  The device stays the source of truth: every
+gateway is sent what this side holds, never the other way round.
+
+If the edge's answer comes without a cached-token count (an engine that
+reports none), the ledger marks the edge's KV state unknown and the next
+decisions charge its prefill the whole context (``cost_model.prefill_delta_c``),
+saying so in the telemetry (``edge_cache_unknown``).
+
 The policies themselves are in :mod:`device_runtime.routing.policies`.
 Whatever follows the turns (online estimation, :mod:`device_runtime.runtime.online`)
 is a :class:`TurnHook`: the orchestrator calls it before and after each turn,
@@ -152,6 +171,13 @@ class TurnHook:
     def before_turn(self, orch: "Orchestrator") -> None:
         """Before the turn is routed (``orch.turn_index == 0``: a new conversation)."""
 
+    def before_routing(self, orch: "Orchestrator", prompt: str) -> None:
+        """The prompt was accepted (it fits the window) and is about to be
+        routed: e.g. a journal records it as a pending turn."""
+
+    def on_chunk(self, orch: "Orchestrator", target: Target, chunk: str) -> None:
+        """A chunk of the answer streamed from ``target``."""
+
     def after_turn(self, orch: "Orchestrator", result: TurnResult | None) -> None:
         """After the turn: its result, or None when the turn raised (a refused
         prompt, Ctrl-C), so that a hook can still restart what it paused."""
@@ -175,14 +201,21 @@ class EdgeSession:
     id: str | None = None
     seen: int = 0
     announced: bool = True
+    #: The edge address (gateway) the session is on; None before its first call.
+    address: str | None = None
 
     def start(self, session_id: str) -> None:
         """A new session: it holds nothing yet and is not announced."""
         self.id, self.seen, self.announced = session_id, 0, False
 
+    def move(self, address: str) -> None:
+        """The session continues on another gateway, which holds none of it:
+        the same id, reopened there with the whole conversation."""
+        self.address, self.seen = address, 0
+
     def forget(self) -> None:
         """No session (closed, or lost on the edge): the next edge turn opens one."""
-        self.id, self.seen = None, 0
+        self.id, self.seen, self.address = None, 0, None
 
     def announce(self, on_event: EventCallback) -> None:
         """``edge_session`` once the edge has answered on a new session."""
@@ -256,6 +289,8 @@ class Orchestrator:
         self.turn_index = 0
         self.edge_session = EdgeSession()
         self._hooks: list[TurnHook] = list(hooks)
+        #: The edge address of the edge attempt in progress (None before it connects).
+        self._edge_address: str | None = None
         self._start_transcript()
 
     def _start_transcript(self) -> None:
@@ -283,6 +318,35 @@ class Orchestrator:
         self._start_transcript()
         self.ledger = ContextLedger()
         self.turn_index = 0
+
+    def resume(self, messages: Sequence[dict[str, str]], *, edge_session: str | None = None,
+               edge_seen: int = 0) -> None:
+        """Continue a conversation kept elsewhere (a journal, after a restart).
+
+        ``messages``: its complete turns (an optional system message, then
+        user/assistant pairs); ``edge_session``/``edge_seen``: the edge session
+        it was on and how many of ``messages`` that session holds.  The edge
+        may have lost the session (NOT_FOUND) or hold a turn this side never
+        took (cut back by count and digest): the next edge turn then reopens
+        it with the whole conversation.  The device SLM's KV cache is cold,
+        so the ledger says the device has seen nothing.
+        """
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        start = 1 if msgs and msgs[0]["role"] == "system" else 0
+        pairs = msgs[start:]
+        if len(pairs) % 2 or any(
+            m["role"] != ("user", "assistant")[i % 2] for i, m in enumerate(pairs)
+        ):
+            raise ValueError("a resumed conversation is user/assistant pairs after an optional system message")
+        if not 0 <= edge_seen <= len(msgs) or (edge_session is None and edge_seen):
+            raise ValueError(f"edge_seen {edge_seen} does not fit {len(msgs)} messages")
+        self._close_edge_session()
+        counts = [self.slm.count_tokens(m["content"]) for m in pairs]
+        edge_tokens = sum(counts[: max(0, edge_seen - start)])
+        self.transcript = msgs
+        self.ledger = ContextLedger(sum(counts), {"device": 0, "edge": edge_tokens})
+        self.turn_index = len(pairs) // 2
+        self.edge_session = EdgeSession(edge_session, edge_seen if edge_session else 0)
 
     def close(self) -> None:
         """Stop the hooks' background work, then close the edge session."""
@@ -337,6 +401,8 @@ class Orchestrator:
         # The router reads the dialogue, not the system message (its training
         # turns have none, and C_t of eq. 4 does not count it).
         history = [m for m in self.transcript if m["role"] != "system"]
+        for hook in self._hooks:
+            hook.before_routing(self, prompt)
         decision = self.policy.choose(self._decision_params(), turn_inputs, prompt, history)
         target, failure, answer = self._answer(decision.target, user_msg, io)
         measured_s = time.perf_counter() - io.t0
@@ -374,7 +440,9 @@ class Orchestrator:
             self.edge_session.seen = len(self.transcript)
         answer_tokens = self.slm.count_tokens(answer.text)
         delta_c_tokens = self.ledger.delta_c(target)
-        self.ledger.commit(target, prompt_tokens, answer_tokens, held=answer.edge_kept)
+        cache_unknown = answer.edge_result is not None and answer.edge_result.cached_tokens_unknown
+        self.ledger.commit(target, prompt_tokens, answer_tokens, held=answer.edge_kept,
+                           cache_known=not cache_unknown)
         self.turn_index += 1
         posthoc_s = None if fallback_reason is not None else decision.posthoc_s(target, answer_tokens)
         record = TurnTelemetry(
@@ -393,6 +461,10 @@ class Orchestrator:
             output_tokens=answer.output_tokens,
             fallback=fallback_reason is not None,
             predicted_posthoc_s=posthoc_s,
+            # Optional keys: the edge prediction assumed a full re-prefill (the
+            # edge's cache state unknown), and this answer's cached count is none.
+            edge_cache_unknown=True if getattr(decision.inputs, "edge_cache_unknown", False) else None,
+            cached_tokens_unknown=True if cache_unknown else None,
         )
         self.telemetry.append(record)
         return TurnResult(
@@ -447,48 +519,83 @@ class Orchestrator:
                 ttft = time.perf_counter() - io.t0
             chunks.append(chunk)
             io.on_text(chunk)
+            for hook in self._hooks:
+                hook.on_chunk(self, "device", chunk)
         stats = self.slm.last_stats
         return _Answer("".join(chunks), ttft, stats.prefill_tokens, stats.cached_tokens, stats.output_tokens)
 
     # -- the edge side of a turn
 
     def _answer_on_edge(self, user_msg: dict, io: _TurnIO) -> _Answer:
-        """Answer on the edge, or raise :class:`_EdgeFailed` (the caller falls back)."""
+        """Answer on the edge, or raise :class:`_EdgeFailed` (the caller falls back).
+
+        With several edge addresses (stateless gateways), a gateway that fails
+        UNAVAILABLE or past its deadline, before or during the answer, is left
+        for the next one, each at most once a turn: the turn is asked again
+        there (see the module docstring), and a partial answer already shown
+        is replaced (``edge_lost``).  Only when none answers does the device.
+        """
         from device_runtime.link.edge_client import EdgeError, EdgeUnavailable
 
         if self.edge is None:
             raise _EdgeFailed("no edge configured")
-        for attempt in (1, 2):
+        reopened, tried = False, set()
+        for _ in range(len(getattr(self.edge, "targets", ())) + 2):
             chunks: list[str] = []
+            self._edge_address = None
             try:
-                return self._edge_attempt(attempt, user_msg, chunks, io)
+                return self._edge_attempt(reopened, user_msg, chunks, io)
             except (EdgeUnavailable, EdgeError) as exc:
-                if attempt == 1 and not chunks and _must_reopen_session(exc):
+                if not reopened and not chunks and _must_reopen_session(exc):
                     # The edge restarted or evicted the session, or holds less
                     # of it than this side: open a new one and send the whole
                     # transcript.
                     self.edge_session.forget()
+                    reopened = True
                     continue
                 if chunks:
                     # The caller saw part of an answer that will be replaced.
                     io.on_event("edge_lost", str(exc))
+                if isinstance(exc, EdgeUnavailable) and self._next_gateway(tried):
+                    continue
                 code = getattr(exc, "code", None)
                 raise _EdgeFailed(f"{type(exc).__name__}: {exc}", getattr(code, "name", None)) from exc
-        raise _EdgeFailed("unreachable")  # pragma: no cover
+        raise _EdgeFailed("no edge address answered")
 
-    def _edge_attempt(self, attempt: int, user_msg: dict, chunks: list[str], io: _TurnIO) -> _Answer:
+    def _next_gateway(self, tried: set) -> bool:
+        """After a failure at this attempt's address: whether another edge
+        address, not yet tried this turn and not cooling down, is left."""
+        if self._edge_address is None:
+            return False  # no address connected: the client tried them all
+        tried.add(self._edge_address)
+        self.edge.mark_failed(self._edge_address)
+        breaker = getattr(self.edge, "breaker", None)
+        return breaker is not None and any(
+            a not in tried and not breaker.cooling(a) for a in self.edge.targets
+        )
+
+    def _edge_attempt(self, reopened: bool, user_msg: dict, chunks: list[str], io: _TurnIO) -> _Answer:
         """One Generate call on the edge session (opening one if there is none);
         the chunks it streamed are left in ``chunks``."""
         from device_runtime.link.edge_client import GenerationParams, new_session_id
 
         session = self.edge_session
+        address = self._edge_address = self.edge.connect()
+        if session.id is not None and session.address not in (None, address):
+            # Another gateway, which does not hold the session: the same id is
+            # opened there with the whole conversation (an engine router
+            # behind the gateways keeps its affinity on that id).
+            io.on_event("edge_moved", f"{session.address} -> {address}")
+            session.move(address)
+            self.ledger.seen["edge"] = 0
         if session.id is None:
             # The first Generate opens the session itself (one round trip, not
             # two); on the retry, after an edge that did not (an older server),
             # the session is opened explicitly.
-            session.start(new_session_id() if attempt == 1 else self.edge.open_session())
+            session.start(self.edge.open_session() if reopened else new_session_id())
             # A new session holds nothing: the cost model must know.
             self.ledger.seen["edge"] = 0
+        session.address = address
         s = self.settings
         stream = self.edge.generate(
             session.id, self.transcript[session.seen:] + [user_msg],
@@ -500,6 +607,7 @@ class Orchestrator:
             # only if its own messages are these: the digest says which.
             transcript_length=session.seen,
             transcript_digest=transcript_digest(self.transcript[:session.seen]),
+            address=address,
         )
         ttft, cancelled = self._read_edge_stream(stream, chunks, io)
         if cancelled:
@@ -522,6 +630,8 @@ class Orchestrator:
                     self.edge_session.announce(io.on_event)
                 chunks.append(chunk)
                 io.on_text(chunk)
+                for hook in self._hooks:
+                    hook.on_chunk(self, "edge", chunk)
                 if io.cancel is not None and io.cancel.is_set():
                     stream.cancel()
                     return ttft, True

@@ -67,6 +67,16 @@ def nonneg_float(text: str) -> float:
     return value
 
 
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class SimulateSettings:
     """What one simulation run evaluates; each field is a ``simulate`` flag."""
@@ -145,6 +155,14 @@ class SimulateSettings:
     limit: int | None = field(default=None, metadata=flag("first N dialogues only", type=positive_int))
     points: int = field(default=41, metadata=flag("number of thresholds θ (>= 3)", type=positive_int))
     no_decontaminate: bool = field(default=False, metadata=flag("keep contaminated prompts"))
+    threshold: float | None = field(
+        default=None,
+        metadata=flag(
+            "also report each router's operating point at this θ (p̃ units, eq. 12) as `at_threshold`: "
+            "check a θ from `edgeroute calibrate` on other data",
+            type=finite_float,
+        ),
+    )
 
     @property
     def charge(self) -> str:
@@ -241,7 +259,9 @@ def run_simulation(
     plan = length_plan_for(settings, full_trace, params)
     length_kw = {"lengths": plan} if plan is not None else {}
     factories = router_factories(settings, dialogues)
-    config = SimConfig(benchmark=settings.benchmark, params=params, points=settings.points, **length_kw)
+    config = SimConfig(
+        benchmark=settings.benchmark, params=params, points=settings.points, threshold=settings.threshold, **length_kw
+    )
     result = simulate(config, dialogues, factories, progress=progress)
 
     summary = result.to_dict()

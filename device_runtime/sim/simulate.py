@@ -92,6 +92,8 @@ class SimConfig:
     count_tokens: Callable[[str], int] = field(default=word_count, compare=False)
     #: Per-turn L̄_r for the decision and the charge; the default is the paper's averages.
     lengths: LengthPlan = field(default_factory=LengthPlan, compare=False)
+    #: θ at which each router's operating point is also reported (``simulate --threshold``).
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.benchmark not in BENCHMARKS:
@@ -116,14 +118,19 @@ class PolicyResult:
     name: str
     curve: tuple[CurvePoint, ...]
     metrics: RouterMetrics
+    #: The operating point at ``SimConfig.threshold``; None without one.
+    at_threshold: CurvePoint | None = None
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "apgr": self.metrics.apgr,
             "cpt50": self.metrics.cpt50,
             "cpt80": self.metrics.cpt80,
             "curve": [p.to_dict() for p in self.curve],
         }
+        if self.at_threshold is not None:  # absent by default: the summary is unchanged
+            out["at_threshold"] = self.at_threshold.to_dict()
+        return out
 
 
 @dataclass(frozen=True)
@@ -374,6 +381,27 @@ def sweep(
     return curve
 
 
+def operating_point(
+    params: cost_model.CostParams,
+    dialogues: Sequence[Dialogue],
+    scores: Sequence[Sequence[float]],
+    threshold: float,
+    *,
+    with_context: bool,
+    count: Callable[[str], int] = word_count,
+    lengths: LengthPlan = LengthPlan(),
+) -> CurvePoint:
+    """(θ, quality, edge_share, mean latency) of one router at one θ: every dialogue played."""
+    quality = latency = 0.0
+    edge_calls = n_turns = 0
+    for d, s in zip(dialogues, scores):
+        dq, de, dl, _ = play_dialogue(params, d, s, with_context, count, threshold=threshold, lengths=lengths)
+        quality, edge_calls, latency, n_turns = quality + dq, edge_calls + de, latency + dl, n_turns + len(d.turns)
+    if n_turns == 0:
+        raise SimulationError("no turns to simulate")
+    return CurvePoint(float(threshold), quality / n_turns, edge_calls / n_turns, latency / n_turns)
+
+
 # --- routers --------------------------------------------------------------------
 
 
@@ -455,8 +483,12 @@ def simulate(
                 desc=f"{label}: sweeping θ",
                 lengths=config.lengths,
             )
+            at = None
+            if config.threshold is not None:
+                at = operating_point(router_params, dialogues, scores, config.threshold, with_context=with_context,
+                                     count=config.count_tokens, lengths=config.lengths)
             results[label] = PolicyResult(
-                label, tuple(curve), router_metrics(curve, dev.quality, edge.quality)
+                label, tuple(curve), router_metrics(curve, dev.quality, edge.quality), at
             )
             log.info("%s: APGR %.3f", label, results[label].metrics.apgr)
     return SimResult(
