@@ -259,7 +259,7 @@ def _connect(slm, target: str, policy, edge=None):
 
     edge = edge or EdgeClient(target, timeout_s=60, queue=NO_DECAY)
     device = DeviceSide(slm, policy, live_cost_params(), OrchestratorSettings(max_tokens=10))
-    return assemble(device, edge, argparse.Namespace(online=False))
+    return assemble(device, edge, argparse.Namespace(online=False, no_online=True))
 
 
 @pytest.mark.slow
