@@ -50,10 +50,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="skip the 1-token warm-up request to each model before the first turn "
                         "(only without the self-profile, whose first answers are the warm-up)")
     add_runtime_args(p, max_tokens=48)
-    # With the paper's γ the edge is predicted faster for short capped answers,
-    # which lifts p̃ above p; θ = 0.6 lets the shipped dialogues show both
-    # targets and a context-driven switch.  `--threshold` overrides it.
-    p.set_defaults(func=run, threshold=0.6)
+    # θ = 0.5, as chat's.  With the self-profiled latencies of this pair the
+    # edge (Qwen 0.5B) is the slower side, so α(Tᵉ − Tˢ) lowers p̃ below p; at
+    # θ = 0.6 three quiet runs kept all 8 turns on the device, at 0.5 half of
+    # them go to the edge (docs/profiling.md).  `--threshold` or a
+    # `--calibration` file (edgeroute calibrate) overrides it.
+    p.set_defaults(func=run, threshold=0.5)
     return p
 
 
