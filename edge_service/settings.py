@@ -275,9 +275,17 @@ class EdgeSettings:
     )
     upstream_cache_salt: bool = field(
         default=True,
-        metadata=flag("send a per-principal cache_salt so that engines that take it (vLLM, SGLang) "
-                      "never share prefix cache across principals; engines that do not know the "
-                      "field ignore it (llama-cpp-python's server does)"),
+        metadata=flag("send a cache_salt per session (per principal with --kv-sharing principal) so "
+                      "that engines that take it (vLLM, SGLang) share prefix cache only within it; "
+                      "engines that do not know the field ignore it (llama.cpp's and "
+                      "llama-cpp-python's servers do)"),
+    )
+    upstream_cache_isolated: bool = field(
+        default=False,
+        metadata=flag("the engines honour cache_salt (vLLM, SGLang with --upstream-cache-salt): pass "
+                      "their cached-token counts on to the devices; without it the count is "
+                      "reported unknown, since an engine whose prefix cache is shared across "
+                      "principals would tell one principal what another sent"),
     )
 
     def __post_init__(self) -> None:

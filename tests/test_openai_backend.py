@@ -86,11 +86,11 @@ def test_the_decoder_bounds_lines_and_the_body():
 def test_the_request_names_the_principal_and_salts_its_cache():
     params = GenerationParams(max_tokens=7, stop=("\n\n",))
     msgs = [{"role": "user", "content": "hi"}]
-    body = request_body("m", msgs, params, principal="alice", salt=True)
+    body = request_body("m", msgs, params, principal="alice", salt="owner-1")
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["user"] == "alice" and body["max_tokens"] == 7 and body["stop"] == ["\n\n"]
-    assert body["cache_salt"] == cache_salt("alice") != cache_salt("bob")
-    assert "cache_salt" not in request_body("m", msgs, params, principal="alice", salt=False)
+    assert body["cache_salt"] == cache_salt("owner-1") != cache_salt("owner-2")
+    assert "cache_salt" not in request_body("m", msgs, params, principal="alice", salt=None)
     # The affinity key is stable, per principal, and names neither.
     key = affinity_key("alice", "s1")
     assert key == affinity_key("alice", "s1") != affinity_key("bob", "s1")
@@ -127,7 +127,8 @@ def gateway(*engines: FaultyEngine, **kw) -> EdgeServerThread:
 
 
 def test_a_turn_streams_with_the_engines_counts_and_headers():
-    with FaultyEngine("replay:vllm.sse") as engine, gateway(engine) as edge, Gen(edge.target) as c:
+    with FaultyEngine("replay:vllm.sse") as engine, gateway(engine, upstream_cache_isolated=True) as edge, \
+            Gen(edge.target) as c:
         text, done = c.generate("s1")
         assert text == "Paris is the capital."
         assert (done.usage.prompt_tokens, done.usage.cached_tokens, done.usage.prefill_tokens) == (42, 32, 10)
@@ -135,7 +136,20 @@ def test_a_turn_streams_with_the_engines_counts_and_headers():
         headers, body = engine.requests[-1]
         assert headers["X-Session-ID"] == affinity_key("anonymous", "s1")
         assert body["user"] == "anonymous" and body["model"] == "fake-model"
-        assert body["cache_salt"] == cache_salt("anonymous")
+        # The session's own salt: not even another session of the same principal shares its cache.
+        assert body["cache_salt"] == cache_salt(affinity_key("anonymous", "s1"))
+        c.generate("s2")
+        assert engine.requests[-1][1]["cache_salt"] != body["cache_salt"]
+
+
+def test_without_isolated_engines_cached_counts_are_not_passed_on():
+    """By default the engine is not trusted to honour cache_salt (llama.cpp's
+    server ignores it and shares its prefix cache across principals): its
+    count would tell one principal what another sent, so it is reported unknown."""
+    with FaultyEngine("replay:vllm.sse") as engine, gateway(engine) as edge, Gen(edge.target) as c:
+        _, done = c.generate("s1")
+        assert done.usage.cached_tokens_unknown and done.usage.cached_tokens == 0
+        assert done.usage.prefill_tokens == done.usage.prompt_tokens == 42
 
 
 def test_an_engine_without_cached_counts_says_unknown():
@@ -144,6 +158,27 @@ def test_an_engine_without_cached_counts_says_unknown():
         assert text == "Paris is the capital."
         assert done.usage.cached_tokens_unknown and done.usage.cached_tokens == 0
         assert done.usage.output_tokens == 3  # counted from the chunks
+
+
+def test_a_busy_engine_is_not_marked_down_and_a_turn_tries_at_most_two_upstreams():
+    """A 429 moves the turn on but leaves the engine in service (busy is not
+    dead: one client must not push other sessions off their replicas), and
+    however many upstreams fail, one turn asks at most two of them."""
+    engines = [FaultyEngine("replay:vllm_no_details.sse") for _ in range(3)]
+    with engines[0] as a, engines[1] as b, engines[2] as d:
+        with gateway(a, b, d) as edge, Gen(edge.target) as c:
+            backend = edge.servicer.backend
+            c.generate("s1")
+            home = next(e for e in (a, b, d) if e.url == backend.served[-1][1])
+            home.mode = "status:429"
+            c.generate("s1", "again")
+            assert backend.served[-1][1] != home.url and home.url in backend.upstreams.healthy()
+            for e in (a, b, d):
+                e.mode = "status:503"
+            before = sum(len(e.requests) for e in (a, b, d))
+            code, _ = status_of(lambda: c.generate("s1", "once more"))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert sum(len(e.requests) for e in (a, b, d)) - before == 2
 
 
 def test_a_5xx_before_the_first_token_fails_over_and_says_kv_restored():

@@ -105,6 +105,12 @@ def apply_calibration(args: argparse.Namespace) -> None:
         calibration = Calibration.read(args.calibration)
     except CalibrationError as exc:
         raise ValueError(str(exc)) from None
+    router = getattr(calibration, "router", None)
+    if router not in (None, "", "bert"):
+        # chat and demo score turns with the bundle's BERT router: a θ chosen
+        # for another router's scores does not mean the same edge share here.
+        log.warning("%s was calibrated for the %r router; chat and demo route with bert",
+                    args.calibration, router)
     replaced = f"θ = {args.threshold:g}, α = {'preset' if args.alpha is None else format(args.alpha, 'g')}"
     args.threshold, args.alpha = float(calibration.threshold), float(calibration.alpha)
     log.info("θ = %.6g, α = %g from %s (calibrated on %s; replaces %s)", args.threshold, args.alpha,

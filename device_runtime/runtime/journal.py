@@ -26,8 +26,8 @@ FULL syncs the WAL at each commit, two per turn; ``scripts/bench_journal.py``
 measures what that costs (docs/device.md), milliseconds against a turn's
 seconds.
 
-The file is private (0600, its directory 0700, deleted rows overwritten:
-``secure_delete``), versioned (``application_id`` and ``user_version``) and
+The file is private (0600 with its -wal and -shm files, a directory it
+creates 0700, deleted rows overwritten: ``secure_delete``), versioned (``application_id`` and ``user_version``) and
 bounded: messages up to ``max_message_chars``, the ``keep`` most recent
 conversations.
 
@@ -181,16 +181,31 @@ class JournaledConversation:
 
 
 def _make_private(path: Path) -> None:
-    """Create ``path`` (0600, its directory 0700) or tighten an existing file's mode."""
+    """Create ``path`` (0600, its directory 0700) or tighten an existing
+    file's mode, and that of its ``-wal`` and ``-shm`` files (the WAL holds
+    transcripts too); never through a symbolic link."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
-        if mode & 0o077:
-            os.fchmod(fd, 0o600)
-            log.info("journal %s was mode %o: now 0600 (conversations are private)", path, mode)
+        _tighten(fd, path)
     finally:
         os.close(fd)
+    for side in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            fd = os.open(side, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            continue
+        try:
+            _tighten(fd, side)
+        finally:
+            os.close(fd)
+
+
+def _tighten(fd: int, path: Path) -> None:
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & 0o077:
+        os.fchmod(fd, 0o600)
+        log.info("journal %s was mode %o: now 0600 (conversations are private)", path, mode)
 
 
 class Journal:
@@ -484,8 +499,16 @@ class JournalRecorder(TurnHook):
                 log.warning("%s", exc)
             return
         session = orch.edge_session
-        self.journal.complete_turn(self.conversation, turn, result.text, result.telemetry.to_dict(),
-                                   session.id, session.seen)
+        try:
+            self.journal.complete_turn(self.conversation, turn, result.text, result.telemetry.to_dict(),
+                                       session.id, session.seen)
+        except JournalError as exc:
+            # The answer was shown and the runtime holds the turn: a journal
+            # that cannot take it (disk full, the conversation pruned by
+            # another process) must not end the conversation.  Only a resume
+            # would miss this turn (it offers the message again).
+            log.error("turn %d answered but not journaled: %s", result.telemetry.turn, exc)
+            return
         self._turns += 1
 
     def close(self, orch: "Orchestrator") -> None:

@@ -297,7 +297,9 @@ class OnlineRouting(TurnHook):
         # included: that is W_q's (the edge's queue), not the link's.
         first_token_s = res.server_ttft_s or res.prefill_s
         server_s = res.queue_s + first_token_s + res.decode_s
-        gamma = self.settings.track_gamma
+        # With the edge's cache count unknown its prefill covered an unknown
+        # part of the context: not a sample of γ_e prefill against ΔC + L_p.
+        gamma = self.settings.track_gamma and not getattr(res, "cached_tokens_unknown", False)
         self.last_comm_s = self.estimator.observe_edge_turn(
             measured_s=res.total_s,
             server_s=server_s,

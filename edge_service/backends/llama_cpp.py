@@ -102,8 +102,11 @@ class LlamaSlot(Slot):
         llama = self.conversation.llama
         if self.store is None or self.kv_owner is None or self.owner_gone or llama.n_tokens == 0:
             return
+        owner = self.kv_owner
         blob, tokens = save_kv(llama)
-        self.store.put(self.kv_owner, KvSnapshot(blob, tokens))
+        self.store.put(owner, KvSnapshot(blob, tokens))
+        if self.owner_gone:  # its session closed while the copy was made: drop it after all
+            self.store.forget(owner)
 
     def _restore(self, kv_owner: Hashable) -> None:
         """Load ``kv_owner``'s KV from the host store if it is there: the
@@ -189,10 +192,12 @@ class LlamaCppBackend(Backend):
         return self._load_slot()
 
     def forget_kv(self, kv_owner: Hashable) -> None:
-        self.kv_store.forget(kv_owner)
+        # Mark first, then drop: a slot copying this owner's KV out right now
+        # sees the mark after its put and drops the copy itself.
         for slot in self._slots:
             if slot.kv_owner == kv_owner:
                 slot.owner_gone = True
+        self.kv_store.forget(kv_owner)
 
     def close(self) -> None:
         for slot in self._slots:

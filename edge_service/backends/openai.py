@@ -61,6 +61,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+#: Upstreams one turn may try (its home, then one failover): one client's turn
+#: never fans out to the whole fleet.
+_MAX_ATTEMPTS = 2
 #: Chunks the loop may queue ahead of the slot's thread.
 _QUEUED_CHUNKS = 256
 #: Sessions whose last upstream is remembered (for ``kv_restored``).
@@ -87,7 +90,12 @@ class UpstreamStats(GenerationStats):
 
 
 class _Retry(Exception):
-    """This upstream cannot serve the turn, and nothing was streamed: try the next."""
+    """This upstream cannot serve the turn, and nothing was streamed: try the
+    next.  ``down``: mark it down too (not for a busy engine's 408 or 429)."""
+
+    def __init__(self, message: str, *, down: bool = True) -> None:
+        super().__init__(message)
+        self.down = down
 
 
 def read_api_key(path: Path) -> str:
@@ -203,9 +211,12 @@ class OpenAISlot(Slot):
         cancel: threading.Event,
         kv_owner: Hashable = None,
     ) -> Iterator[str]:
-        # kv_owner is not needed: the engine isolates principals by cache_salt.
+        # The engine's prefix cache is shared per cache_salt: the session's
+        # (the default) or, with --kv-sharing principal, the principal's.
+        shared = isinstance(kv_owner, tuple) and kv_owner and kv_owner[0] == "principal"
         self.last_stats = None
-        call = self.backend.start(list(messages), params, self._session_id, self._principal)
+        call = self.backend.start(list(messages), params, self._session_id, self._principal,
+                                  share_by_principal=bool(shared))
         try:
             while (text := call.next(cancel)) is not None:
                 yield text
@@ -317,12 +328,14 @@ class OpenAIBackend(Backend):
 
     # --- one turn -----------------------------------------------------------------
 
-    def start(self, messages: list[dict], params: GenerationParams, session_id: str, principal: str) -> _Call:
+    def start(self, messages: list[dict], params: GenerationParams, session_id: str, principal: str,
+              *, share_by_principal: bool = False) -> _Call:
         """Begin streaming one turn in the loop; the slot reads it from the returned call."""
-        body = request_body(self._model, messages, params, principal=principal,
-                            salt=self.settings.upstream_cache_salt)
+        key = affinity_key(principal, session_id)
+        salt = (principal if share_by_principal else key) if self.settings.upstream_cache_salt else None
+        body = request_body(self._model, messages, params, principal=principal, salt=salt)
         history = any(m.get("role") == "assistant" for m in messages)
-        call = _Call(affinity_key(principal, session_id), body, history)
+        call = _Call(key, body, history)
         call.future = self._loop.submit(self._run(call))
         return call
 
@@ -330,11 +343,12 @@ class OpenAIBackend(Backend):
         """Try the session's upstreams in rendezvous order until one streams the turn."""
         try:
             tried: list[str] = []
-            for url in self.upstreams.plan(call.key):
+            for url in self.upstreams.plan(call.key)[:_MAX_ATTEMPTS]:
                 try:
                     await self._attempt(url, call)
                 except _Retry as exc:
-                    self.upstreams.mark(url, False, str(exc))
+                    if exc.down:  # a busy engine (408, 429) is not a dead one
+                        self.upstreams.mark(url, False, str(exc))
                     tried.append(f"{url}: {exc}")
                     continue
                 call.upstream, call.failed_over = url, bool(tried)
@@ -378,7 +392,9 @@ class OpenAIBackend(Backend):
             log.error("upstream %s answered 404 (%s): check --upstream (it ends in /v1) and --upstream-model",
                       url, message)
             raise Unavailable("the edge's upstream engine does not serve this model or path (misconfigured edge)")
-        if status in (408, 429) or status >= 500:
+        if status in (408, 429):
+            raise _Retry(f"HTTP {status}: {message}", down=False)
+        if status >= 500:
             raise _Retry(f"HTTP {status}: {message}")
         raise InvalidArgument(f"the upstream engine refused the request (HTTP {status}): {message}")
 
@@ -411,6 +427,10 @@ class OpenAIBackend(Backend):
         usage = call.usage
         prompt = usage.prompt_tokens or 0
         cached = min(usage.cached_tokens, prompt) if usage.cached_tokens is not None else None
+        if not self.settings.upstream_cache_isolated:
+            # An engine that ignores cache_salt shares its prefix cache across
+            # principals: its count would tell one what another sent.
+            cached = None
         moved = self._moved(call)
         kv_restored = call.had_history and (call.failed_over or moved or (cached == 0 and prompt > 0))
         stats = UpstreamStats(

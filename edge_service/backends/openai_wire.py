@@ -69,14 +69,15 @@ def affinity_key(principal: str, session_id: str) -> str:
     return hashlib.sha256(f"edgeroute-session\0{principal}\0{session_id}".encode()).hexdigest()[:32]
 
 
-def cache_salt(principal: str) -> str:
-    """The per-principal ``cache_salt``: an engine that takes it shares prefix
-    cache only between requests with the same salt."""
-    return hashlib.sha256(f"edgeroute-cache-salt\0{principal}".encode()).hexdigest()[:32]
+def cache_salt(owner: str) -> str:
+    """The ``cache_salt`` of one KV owner (a session's affinity key, or a
+    principal with ``--kv-sharing principal``): an engine that takes it shares
+    prefix cache only between requests with the same salt."""
+    return hashlib.sha256(f"edgeroute-cache-salt\0{owner}".encode()).hexdigest()[:32]
 
 
 def request_body(
-    model: str, messages: Sequence[dict], params: Any, *, principal: str, salt: bool
+    model: str, messages: Sequence[dict], params: Any, *, principal: str, salt: str | None
 ) -> dict:
     """The ``/chat/completions`` body of one turn (``params``: a GenerationParams)."""
     body: dict[str, Any] = {
@@ -92,8 +93,8 @@ def request_body(
     }
     if params.stop:
         body["stop"] = list(params.stop)
-    if salt:
-        body["cache_salt"] = cache_salt(principal)
+    if salt is not None:
+        body["cache_salt"] = cache_salt(salt)
     return body
 
 
