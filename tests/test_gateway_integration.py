@@ -114,12 +114,27 @@ def turn(client: EdgeClient, sid: str, history: list[dict], text: str, **kw):
     return stream.result
 
 
+def _three_per_replica(urls: list[str]) -> list[str]:
+    """Six session ids, three homed on each replica.  The replicas' URLs carry
+    free ports, so six arbitrary ids would all hash to one replica in about 3%
+    of runs, and the test could not show that both take sessions."""
+    homes: dict[str, list[str]] = {u: [] for u in urls}
+    for i in range(1000):
+        sid = f"affinity-{i}"
+        home = homes[rendezvous_order(affinity_key("anonymous", sid), urls)[0]]
+        if len(home) < 3:
+            home.append(sid)
+        if all(len(v) == 3 for v in homes.values()):
+            return [sid for v in homes.values() for sid in v]
+    raise AssertionError("rendezvous hashing put 1000 ids on one replica")
+
+
 def test_streaming_and_affinity_over_two_replicas(replicas, key_file):
     a, b = replicas
     before = a.chat_requests() + b.chat_requests()
     with gateway([a.url, b.url], key_file) as edge:
         client = EdgeClient(edge.target)
-        sessions = [f"affinity-{i}" for i in range(6)]
+        sessions = _three_per_replica([a.url, b.url])
         for sid in sessions:
             history: list[dict] = []
             for text in ("Name a colour.", "And another?", "Thanks!"):
