@@ -149,6 +149,14 @@ def _wait_ready(proc: subprocess.Popen, target: str, timeout_s: float = 240) -> 
     raise TimeoutError(f"gateway at {target} not ready in {timeout_s} s")
 
 
+def _tear_down(proc: subprocess.Popen, orch: Orchestrator, client: EdgeClient) -> None:
+    """Kill the gateway if the test left it running, then close the runtime."""
+    if proc.poll() is None:
+        _kill(proc)
+    orch.close()
+    client.close()
+
+
 def _start(argv: list[str], target: str) -> subprocess.Popen:
     proc = subprocess.Popen(argv, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -227,10 +235,7 @@ def test_conversation_survives_the_gateway_dying_between_turns(slm, edge_server,
         _assert_each_turn_once(orch, prompts)
         assert _gateway_transcript(edge_server, sid) == orch.transcript
     finally:
-        if proc.poll() is None:
-            _kill(proc)
-        orch.close()
-        client.close()
+        _tear_down(proc, orch, client)
 
 
 @pytest.mark.slow
@@ -271,7 +276,4 @@ def test_conversation_survives_the_gateway_dying_mid_answer(slm, edge_server, fr
         _assert_each_turn_once(orch, prompts)
         assert _gateway_transcript(edge_server, sid) == orch.transcript
     finally:
-        if proc.poll() is None:
-            _kill(proc)
-        orch.close()
-        client.close()
+        _tear_down(proc, orch, client)
