@@ -72,8 +72,11 @@ SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeLLM"].full_name
 # a generation this recently count as sharing the edge.
 _SHARE_WINDOW_S = 60.0
 _SHARE_MEMORY = 4096
-# How long a Generate waits for a cancelled generation to let go of its session.
+# How long a Generate waits for a cancelled generation to let go of its session,
+# and how long for any generation on it (a client whose deadline passed may
+# send its next turn before the server has heard that the last one is over).
 _CANCEL_WAIT_S = 5.0
+_BUSY_GRACE_S = 0.5
 # Chunks a model thread may produce ahead of what its stream has written: a
 # client that reads slowly slows its generation instead of growing a buffer.
 _BUFFERED_CHUNKS = 64
@@ -237,6 +240,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
             if request.open_session:
                 self.pool.ensure(request.session_id, owner=owner)
             lease = await self._acquire(request, owner)
+            lease.call_over = lambda: _call_over(context)
             queue_s = time.perf_counter() - t_arrival
             async for response in self._serve_turn(lease, messages, params, context, queue_s, clipped_to):
                 yield response
@@ -375,7 +379,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
 
         self._seen(owner)
 
-        deadline = time.monotonic() + _CANCEL_WAIT_S
+        t_start = time.monotonic()
         while True:
             try:
                 # Refused at once for what no wait can change (a bad or unknown id).
@@ -386,7 +390,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
             except FailedPrecondition:
                 # A cancelled generation stops within a token; wait for it
                 # rather than refuse a client that cancelled and moved on.
-                if not self.pool.cancelling() or time.monotonic() > deadline:
+                waited = time.monotonic() - t_start
+                winding_down = self.pool.winding_down(request.session_id, owner=owner)
+                if waited > (_CANCEL_WAIT_S if winding_down else _BUSY_GRACE_S):
                     raise
                 await asyncio.sleep(0.01)
             except QueueTimeout as exc:
@@ -585,6 +591,13 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         """Wait for the model threads to stop, then free the model."""
         self._executor.shutdown(wait=True)
         self.backend.close()
+
+
+def _call_over(context) -> bool:
+    """Whether the call has ended or its deadline has passed (its handler
+    may not have been cancelled yet)."""
+    remaining = context.time_remaining()
+    return context.done() or (remaining is not None and remaining <= 0)
 
 
 class _Turn:

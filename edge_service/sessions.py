@@ -129,6 +129,9 @@ class Lease(Generic[SlotT]):
     #: Messages cut off the transcript by ``transcript_length`` for this call,
     #: put back by :meth:`SessionPool.give_back` if the call is refused.
     cut: list[Message] = field(default_factory=list)
+    #: Whether the call holding the lease has ended or passed its deadline
+    #: (set by the server; its handler may not have been told yet).
+    call_over: Callable[[], bool] = lambda: False
     _holders: int = 2
     _commit: list[Message] | None = None
 
@@ -339,6 +342,15 @@ class SessionPool(Generic[SlotT]):
                 owner is not None and owner.lease is not None and owner.lease.cancel.is_set()
                 for owner in self._owners
             )
+
+    def winding_down(self, session_id: str, *, owner: str = ANONYMOUS) -> bool:
+        """Whether ``owner``'s session is generating for a call that is on its
+        way out: cancelled, or ended or past its deadline before its handler
+        heard of it.  Its slot frees within a token."""
+        with self._lock:
+            session = self._sessions.get((owner, session_id))
+            lease = session.lease if session is not None else None
+            return lease is not None and (lease.cancel.is_set() or lease.call_over())
 
     # --- leases ---------------------------------------------------------------
 

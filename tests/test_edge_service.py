@@ -60,6 +60,25 @@ def test_pool_lru_eviction_and_restore_flag():
     assert [m.role for m in lease.transcript] == ["user", "assistant"]
 
 
+def test_a_session_whose_call_is_over_is_winding_down():
+    """A lease whose call has ended (or passed its deadline) before its handler
+    was cancelled is on its way out: the next Generate on the session waits for
+    it instead of being refused."""
+    pool = SessionPool(["only"], max_sessions=2)
+    sid, other = pool.open(), pool.open()
+    lease = pool.acquire(sid)
+    assert not pool.winding_down(sid)  # running for a live call
+    lease.call_over = lambda: True
+    assert pool.winding_down(sid) and not pool.winding_down(other)
+    assert not pool.winding_down(sid, owner="someone-else")  # not theirs to know
+    lease.call_over = lambda: False
+    lease.cancel.set()
+    assert pool.winding_down(sid)
+    pool.done(lease)
+    pool.done(lease)
+    assert not pool.winding_down(sid)
+
+
 def test_pool_busy_exhausted_unknown_and_close_while_busy():
     pool = SessionPool(["only"], max_sessions=2)
     a, b = pool.open(), pool.open()
