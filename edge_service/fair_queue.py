@@ -92,19 +92,23 @@ class FairWaitQueue(Generic[T]):
         return len(self._waiting.get(principal, ()))
 
     async def acquire(self, principal: str, try_acquire: Callable[[], T | None], timeout_s: float,
-                      eligible: Callable[[str], bool] | None = None) -> tuple[T, float]:
+                      eligible: Callable[[str], bool] | None = None, *, queue_first: bool = False
+                      ) -> tuple[T, float]:
         """``try_acquire()``'s first non-None result and the seconds waited.
 
         A call that finds nobody waiting and a free slot goes at once; otherwise
         it queues behind its own principal's earlier calls, and principals take
-        turns.  Raises :class:`QueueTimeout` after ``timeout_s`` and
-        :class:`QueueFull` when ``max_waiting`` calls already wait.
+        turns.  ``queue_first``: queue even so, and let the queue choose at
+        once (a pre-empted call that just gave its slot up goes on only if no
+        one ahead of it in the queue takes that slot).  Raises
+        :class:`QueueTimeout` after ``timeout_s`` and :class:`QueueFull` when
+        ``max_waiting`` calls already wait.
         """
         self._loop = asyncio.get_running_loop()
         if eligible is not None:
             self._eligible = eligible
         t0 = time.monotonic()
-        if self._eligible(principal) and not any(self._eligible(p) for p in self._waiting):
+        if not queue_first and self._eligible(principal) and not any(self._eligible(p) for p in self._waiting):
             got = try_acquire()
             if got is not None:
                 self._lift(principal)
@@ -117,6 +121,8 @@ class FairWaitQueue(Generic[T]):
         while True:
             # Woken but beaten to the slot: back to the head of the line.
             waiter = self._enqueue(principal, front=not first)
+            if first and queue_first:
+                self.notify()
             first = False
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - time.monotonic()))
@@ -167,6 +173,19 @@ class FairWaitQueue(Generic[T]):
             self._waiting.move_to_end(chosen)  # round-robin among equals: this principal goes last
         self._last_served = self._service.get(chosen, 0.0)
         waiter.set_result(None)
+
+    def waiting_ahead_of(self, principal: str, running_s: float) -> bool:
+        """Whether a call of another principal waits (and may take a slot
+        now) whose counter is below ``principal``'s plus ``running_s``, the
+        slot time its running call has used so far: that call should yield
+        its slot (the server's pre-emption)."""
+        mine = self._service.get(principal, 0.0) + running_s
+        for other, queue in list(self._waiting.items()):
+            if other == principal or not any(not w.done() for w in queue):
+                continue
+            if self._eligible(other) and self._service.get(other, 0.0) < mine:
+                return True
+        return False
 
     def notify_threadsafe(self) -> None:
         self.call_threadsafe(self.notify)

@@ -32,6 +32,7 @@ class EdgeMetrics:
     auth_failures: Any = field(default=None)
     evictions: Any = field(default=None)
     limit_hits: Any = field(default=None)
+    preemptions: Any = field(default=None)
 
     @classmethod
     def create(cls) -> "EdgeMetrics":
@@ -58,6 +59,8 @@ class EdgeMetrics:
                               "(ttl), KV slots taken from idle sessions (kv)", ["kind"], registry=r),
             limit_hits=Counter("edgeroute_limit_hits", "calls refused, clipped or cancelled by a limit",
                                ["limit"], registry=r),
+            preemptions=Counter("edgeroute_preemptions", "generations paused to give their slot to a "
+                                "waiting principal with less slot time used (--preempt-after-s)", registry=r),
         )
 
     def bind(self, *, sessions: Callable[[], float], busy_slots: Callable[[], float],

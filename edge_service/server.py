@@ -257,19 +257,25 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         # Every way out (finished, refused, failed, cancelled by the client,
         # the deadline or a limit) goes through the one release in ``finally``.
         try:
-            turn.future, events, credits = self._start_model(lease, messages, params)
             deadline = time.monotonic() + self.settings.max_generation_s
             answer: list[str] = []
-            while not isinstance(event := await self._next_event(events, deadline), Done):
-                if isinstance(event, Failed):
-                    self._fail(lease, event.error, answered=bool(answer))
-                answer.append(event.text)
-                watch.arm()
-                yield edge_pb2.GenerateResponse(chunk=edge_pb2.TokenChunk(text=event.text))
-                watch.disarm()
-                credits.release()
-            summary = _summary(event.stats, queue_s, lease.kv_restored, clipped_to)
-            await turn.future  # the thread has nothing left to do
+            while True:  # one pass per part of the answer: more than one if it was pre-empted
+                turn.future, events, credits = self._start_model(lease, messages, params)
+                while not isinstance(event := await self._next_event(events, deadline), Done):
+                    if isinstance(event, Failed):
+                        self._fail(lease, event.error, answered=bool(answer))
+                    answer.append(event.text)
+                    self._maybe_preempt(lease)
+                    watch.arm()
+                    yield edge_pb2.GenerateResponse(chunk=edge_pb2.TokenChunk(text=event.text))
+                    watch.disarm()
+                    credits.release()
+                await turn.future  # the thread has nothing left to do
+                if event.stats.finish_reason != "paused":
+                    break
+                queue_s += await self._resume(lease, deadline)
+            stats = _merged([*lease.segments, event.stats])
+            summary = _summary(stats, queue_s, lease.kv_restored, clipped_to)
             turn.messages = [*messages, Message("assistant", "".join(answer))]
         finally:
             watch.disarm()
@@ -281,6 +287,50 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         watch.arm()
         yield edge_pb2.GenerateResponse(done=summary.to_pb())
         watch.disarm()
+
+    def _maybe_preempt(self, lease: Lease) -> None:
+        """Ask the lease's generation to pause (``--preempt-after-s``) when it
+        has held its slot that long and a call of a principal with less slot
+        time used waits for one."""
+        after = self.settings.preempt_after_s
+        if not after or lease.pause.is_set() or not lease.slot.supports_pause:
+            return
+        running_s = time.monotonic() - lease.acquired_at
+        if running_s >= after and self.queue.waiting_ahead_of(lease.session.owner, running_s):
+            lease.pause.set()
+
+    async def _resume(self, lease: Lease, deadline: float) -> float:
+        """The generation paused: give its slot up (its principal is charged
+        the time it held it), wait in the fair queue for one again, and
+        return the seconds waited.  The session stays busy meanwhile."""
+        owner = lease.session.owner
+        lease.segments.append(lease.slot.last_stats)
+        lease.continuation = lease.slot.last_continuation
+        self.queue.charge(owner, time.monotonic() - lease.acquired_at)
+        self.pool.suspend(lease)
+        self.metrics.preemptions.inc()
+        t0 = time.monotonic()
+
+        def attempt() -> Lease | None:
+            if not self._may_take_slot(owner):
+                return None
+            try:
+                return self.pool.resume(lease)
+            except SlotsBusy:
+                return None
+
+        try:
+            await self.queue.acquire(owner, attempt, max(0.0, deadline - t0), eligible=self._may_take_slot,
+                                     queue_first=True)
+        except QueueFull:
+            raise self._queue_refusal("queue_full", None, self.queue.expected_wait_s()) from None
+        except QueueTimeout:
+            self.metrics.hit("max_generation_s")
+            raise DeadlineExceeded(
+                f"the generation, paused for other callers, could not go on within the server's limit of "
+                f"{self.settings.max_generation_s:g} s (--max-generation-s) and was cancelled"
+            ) from None
+        return time.monotonic() - t0
 
     async def _next_event(self, events: asyncio.Queue[TurnEvent], deadline: float) -> TurnEvent:
         """The model's next event, or DEADLINE_EXCEEDED once ``--max-generation-s`` has passed."""
@@ -465,7 +515,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         try:
             self._check_input_tokens(slot, prompt)
             slot.begin_turn(lease.session.session_id, lease.session.owner)
-            for chunk in slot.stream(prompt, params, lease.cancel, lease.kv_owner):
+            more = {"pause": lease.pause, "continuation": lease.continuation} if slot.supports_pause else {}
+            for chunk in slot.stream(prompt, params, lease.cancel, lease.kv_owner, **more):
                 put(Chunk(chunk))
                 # A cancelled turn stops at the slot's next token.
                 while not credits.acquire(timeout=0.05) and not lease.cancel.is_set():
@@ -481,7 +532,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
             except RuntimeError:  # loop closed: the server is gone
                 log.debug("generation error after the loop closed", exc_info=True)
         finally:
-            self._record(lease, params, stats)
+            if stats is None or stats.finish_reason != "paused":  # the whole answer, once
+                self._record(lease, params, _merged([*lease.segments, stats]) if stats is not None else None)
 
     def _check_input_tokens(self, slot: Slot, prompt: list[dict]) -> None:
         """INVALID_ARGUMENT for a prompt above ``--max-input-tokens`` (before
@@ -630,6 +682,22 @@ def _parse_turn(request: edge_pb2.GenerateRequest) -> tuple[list[Message], Gener
     if messages[-1].role != "user":
         raise InvalidArgument("the last message must have role user")
     return messages, params
+
+
+def _merged(parts: list[GenerationStats]) -> GenerationStats:
+    """The stats of an answer made in parts (pre-empted): the prompt's counts
+    and TTFT from the first part, the tokens and decode time of all (a later
+    part's prefill, the KV it got back, counts as decode time), the finish of
+    the last."""
+    if len(parts) == 1:
+        return parts[0]
+    first, last = parts[0], parts[-1]
+    return dataclasses.replace(
+        first,
+        output_tokens=sum(p.output_tokens for p in parts),
+        decode_s=sum(p.decode_s for p in parts) + sum(p.prefill_s for p in parts[1:]),
+        finish_reason=last.finish_reason,
+    )
 
 
 def _summary(stats: GenerationStats, queue_s: float, kv_restored: bool, clipped_to: int | None = None) -> GenerationSummary:

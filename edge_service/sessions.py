@@ -65,6 +65,7 @@ from typing import Callable, Generic, Hashable, Sequence, TypeVar
 from device_runtime.core.messages import transcript_digest
 from edge_service.auth import ANONYMOUS, cap
 from edge_service.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -101,7 +102,13 @@ class Session:
 
     @property
     def busy(self) -> bool:
+        """A Generate is running on the session (generating, or paused)."""
         return self.lease is not None
+
+    @property
+    def generating(self) -> bool:
+        """A Generate holds a slot for the session now (not paused)."""
+        return self.lease is not None and not self.lease.suspended
 
 
 @dataclass
@@ -129,6 +136,14 @@ class Lease(Generic[SlotT]):
     #: Messages cut off the transcript by ``transcript_length`` for this call,
     #: put back by :meth:`SessionPool.give_back` if the call is refused.
     cut: list[Message] = field(default_factory=list)
+    #: Set by the server to pre-empt the generation: it pauses between two
+    #: tokens (:meth:`SessionPool.suspend`), and goes on from ``continuation``
+    #: once :meth:`SessionPool.resume` finds it a slot.
+    pause: threading.Event = field(default_factory=threading.Event)
+    suspended: bool = False
+    continuation: object = None
+    #: The stats of the parts of the answer made before each pause.
+    segments: list = field(default_factory=list)
     #: Whether the call holding the lease has ended or passed its deadline
     #: (set by the server; its handler may not have been told yet).
     call_over: Callable[[], bool] = lambda: False
@@ -307,14 +322,14 @@ class SessionPool(Generic[SlotT]):
             return self._per_owner[owner]
 
     def slots_held(self, owner: str) -> int:
-        """Slots held by ``owner``'s generations (running or stopping)."""
+        """Slots held by ``owner``'s generations (running or stopping; not paused)."""
         with self._lock:
-            return sum(1 for s in self._owners if s is not None and s.busy and s.owner == owner)
+            return sum(1 for s in self._owners if s is not None and s.generating and s.owner == owner)
 
     def busy_slots(self) -> int:
         """Slots whose session is generating (or stopping a cancelled generation)."""
         with self._lock:
-            return sum(1 for s in self._owners if s is not None and s.busy)
+            return sum(1 for s in self._owners if s is not None and s.generating)
 
     def transcript(self, session_id: str, *, owner: str = ANONYMOUS) -> list[Message]:
         with self._lock:
@@ -383,12 +398,7 @@ class SessionPool(Generic[SlotT]):
             previous = None
             kv_restored = False
             if session.slot is None:
-                previous = self._owners[index]
-                if previous is not None:
-                    previous.slot = None
-                    self.evictions += 1
-                self._owners[index] = session
-                session.slot = index
+                previous = self._move_in(session, index)
                 kv_restored = bool(session.transcript)
             session.last_used = next(self._clock)
             lease = Lease(
@@ -484,6 +494,46 @@ class SessionPool(Generic[SlotT]):
                 session.slot = None
             return True
 
+    def suspend(self, lease: Lease[SlotT]) -> None:
+        """The lease's generation paused (its model thread has stopped): its
+        slot may go to another session, as an idle session's does (the KV
+        moves to the host store then); the session stays busy, and
+        :meth:`resume` takes a slot for the rest of the answer."""
+        with self._lock:
+            lease.suspended = True
+            lease.displaced = None
+            lease._holders = 2
+            lease.acquired_at = time.monotonic()
+
+    def resume(self, lease: Lease[SlotT]) -> Lease[SlotT]:
+        """A slot for the suspended ``lease`` (its session's own if nobody took
+        it); :class:`SlotsBusy` while none is free, ABORTED if the session
+        was closed meanwhile."""
+        with self._lock:
+            session = lease.session
+            if session.closed or lease.cancel.is_set():
+                raise Aborted("the generation was cancelled because its session was closed")
+            index = session.slot if session.slot is not None else self._free_slot()
+            if session.slot is None:
+                self._move_in(session, index)
+            session.last_used = next(self._clock)
+            lease.slot_index, lease.slot = index, self.slots[index]
+            lease.suspended = False
+            lease.pause.clear()
+            lease.acquired_at = time.monotonic()
+            return lease
+
+    def _move_in(self, session: Session, index: int) -> Session | None:
+        """Give slot ``index`` to ``session`` (lock held), taking it from the
+        session whose KV it held (returned; an eviction)."""
+        previous = self._owners[index]
+        if previous is not None:
+            previous.slot = None
+            self.evictions += 1
+        self._owners[index] = session
+        session.slot = index
+        return previous
+
     def _free_slot(self) -> int:
         for index, owner in enumerate(self._owners):
             if owner is None:
@@ -492,7 +542,7 @@ class SessionPool(Generic[SlotT]):
         idle = [
             (owner.last_used, index)
             for index, owner in enumerate(self._owners)
-            if owner is not None and not owner.busy
+            if owner is not None and not owner.generating
         ]
         if not idle:
             raise SlotsBusy(f"all {len(self.slots)} KV slots are busy generating; retry shortly")

@@ -132,6 +132,13 @@ class EdgeSettings:
         metadata=flag("seconds one generation may run; then it is cancelled (DEADLINE_EXCEEDED)",
                       metavar="SECONDS"),
     )
+    preempt_after_s: float = field(
+        default=2.0,
+        metadata=flag("seconds a generation holds its KV slot before it pauses between two tokens for "
+                      "a waiting Generate of a principal with less slot time used; it goes on (its KV "
+                      "kept in the host store) when a slot is free and its turn comes; 0: never "
+                      "(llama_cpp backend only)", metavar="SECONDS"),
+    )
     stream_stall_timeout_s: float = field(
         default=30.0,
         metadata=flag("seconds a Generate stream may wait for its client to read; then it is cancelled "
@@ -350,6 +357,8 @@ class EdgeSettings:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
             if value * 1000 > 2**31 - 1:  # gRPC takes milliseconds in a signed 32-bit integer
                 raise ValueError(f"{name} must be below {(2**31 - 1) // 1000} s, got {value!r}")
+        if not (_finite(self.preempt_after_s) and self.preempt_after_s >= 0):
+            raise ValueError(f"preempt_after_s must be >= 0 s (0: never), got {self.preempt_after_s!r}")
         grace = self.max_connection_age_grace_s
         if not (_finite(grace) and 0 <= grace * 1000 <= 2**31 - 1):
             raise ValueError(f"max_connection_age_grace_s must be >= 0 s, got {grace!r}")

@@ -30,10 +30,10 @@ class StallingSlot:
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    def stream(self, messages, params, cancel, kv_owner=None):
+    def stream(self, messages, params, cancel, kv_owner=None, **more):
         self._backend.calls += 1
         stall = 0 < self._backend.stall_from <= self._backend.calls
-        for chunk in self._real.stream(messages, params, cancel, kv_owner):
+        for chunk in self._real.stream(messages, params, cancel, kv_owner, **more):
             yield chunk
             if stall:
                 while not cancel.is_set():

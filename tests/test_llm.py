@@ -174,6 +174,58 @@ def test_cancel_stops_between_tokens(llama):
     assert conv.last_stats.finish_reason == "cancelled" and conv.last_stats.output_tokens == 0
 
 
+def _paused_at(conv, messages, after_chunks, **kw):
+    """The answer paused after ``after_chunks`` chunks, then continued: (text, stats of each part)."""
+    pause = threading.Event()
+    chunks = []
+    for chunk in conv.stream(messages, pause=pause, **kw):
+        chunks.append(chunk)
+        if len(chunks) == after_chunks:
+            pause.set()
+    first = conv.last_stats
+    continuation = conv.last_continuation
+    assert first.finish_reason == "paused" and continuation is not None
+    assert len(continuation.ids) == first.output_tokens
+    rest = "".join(conv.stream(messages, continuation=continuation, **kw))
+    return "".join(chunks) + rest, first, conv.last_stats
+
+
+@pytest.mark.parametrize("fmt", ["chat-template", "plain"])
+def test_a_paused_answer_goes_on_as_if_never_paused(llama, cold_llama, fmt):
+    """Greedy: pausing between tokens and continuing (its KV kept, or dropped
+    and rebuilt from the tokens) gives the answer of a run never paused."""
+    messages = [user("Name three fruits.")]  # lines: the plain format holds line starts back
+    kw = {"max_tokens": 40}
+    whole, whole_stats = run(LlamaConversation(cold_llama, resolve_prompt_format(cold_llama, fmt)), messages, **kw)
+    conv = LlamaConversation(llama, resolve_prompt_format(llama, fmt))
+    text, first, rest = _paused_at(conv, messages, 5, **kw)
+    assert text == whole
+    assert first.output_tokens + rest.output_tokens == whole_stats.output_tokens
+    assert rest.prefill_tokens == 1  # only the last token, for fresh logits
+    assert rest.finish_reason == whole_stats.finish_reason
+    # The KV lost in between (another session took the context): rebuilt from the tokens.
+    pause = threading.Event()
+    it = conv.stream(messages, pause=pause, **kw)
+    head = next(it)
+    pause.set()
+    head += "".join(it)
+    conv.reset()
+    tail = "".join(conv.stream(messages, continuation=conv.last_continuation, **kw))
+    assert head + tail == whole and conv.last_stats.cached_tokens == 0
+
+
+def test_a_pause_waits_for_held_back_text_and_a_continuation_checks_the_window(llama):
+    conv = LlamaConversation(llama, resolve_prompt_format(llama, "plain"))
+    pause = threading.Event()
+    pause.set()  # asked for before the first token: one token comes first
+    text = "".join(conv.stream([user("Say hello.")], max_tokens=8, pause=pause))
+    assert conv.last_stats.finish_reason == "paused" and conv.last_stats.output_tokens >= 1
+    assert text and conv.last_continuation.lstrip is False
+    long = conv.last_continuation.__class__(tuple([1] * 2000), False, False)
+    with pytest.raises(ContextOverflowError):
+        next(conv.stream([user("Say hello.")], max_tokens=8, continuation=long))
+
+
 @pytest.mark.slow
 def test_closing_the_stream_early_counts_as_cancelled(llama):
     conv = LlamaConversation(llama, resolve_prompt_format(llama))

@@ -523,6 +523,42 @@ def test_online_answer_length_follows_the_conversation_and_restarts_with_a_new_o
     orch.close()
 
 
+def test_an_answer_length_model_prices_each_turn_and_is_corrected_by_its_answers(slm, edge_client):
+    from pathlib import Path
+
+    from device_runtime.routing.answer_length import AnswerLengthModel, LiveLengths
+    from device_runtime.runtime.online import OnlineRouting, OnlineSettings
+
+    seen: list[tuple[float, float]] = []
+
+    class Spy(SequencePolicy):
+        def choose(self, params, turn, prompt, context):
+            seen.append((turn.response_device, turn.response_edge))
+            return super().choose(params, turn, prompt, context)
+
+    model = AnswerLengthModel.load(Path(cost_model.__file__).parents[1] / "data" / "answer_lengths.json")
+    lengths = LiveLengths(model)
+    orch = make(slm, Spy(["edge", "device", "device"]), edge_client, max_tokens=32)
+    orch.answer_lengths = lengths
+    orch.add_hook(OnlineRouting(orch.params, OnlineSettings()))
+    first = orch.turn("Explain step by step how a rainbow forms.")
+    expected = model.predict("Explain step by step how a rainbow forms.", follow_up=False, cap=32)
+    assert seen[0] == pytest.approx((expected.device, expected.edge))  # not the params' averages
+    assert lengths.correction("device") == 1.0 and lengths.correction("edge") != 1.0  # the edge answered
+    log_ratio = math.log((1 + first.answer_tokens) / (1 + expected.edge))
+    run = log_ratio / (1 + lengths.prior)  # the run's factor, then this conversation's
+    assert lengths.correction("edge") == pytest.approx(math.exp((log_ratio + run) / 2))
+    orch.turn("Thanks.")
+    follow = model.predict("Thanks.", follow_up=True, cap=32)
+    assert seen[1][1] == pytest.approx(min(32.0, follow.edge * lengths.correction("edge")))
+    orch.new_conversation()  # its own factor starts again from the run's
+    fresh = model.predict("Name a colour.", follow_up=False, cap=32).edge * lengths.run_correction("edge")
+    orch.turn("Name a colour.")
+    assert seen[2][1] == pytest.approx(min(32.0, fresh))
+    assert all(0 < x <= 32 for pair in seen for x in pair)
+    orch.close()
+
+
 @pytest.mark.slow
 def test_online_routing_probes_the_link_once_per_pause_between_turns(slm, edge_client):
     import time

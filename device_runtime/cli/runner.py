@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence, TextIO
 
 from device_runtime.cli.calibrate import apply_calibration
@@ -29,6 +30,7 @@ from device_runtime.runtime.telemetry import TelemetryLog, TurnTelemetry
 if TYPE_CHECKING:  # pragma: no cover
     from device_runtime.link.edge_client import EdgeClient
     from device_runtime.llm.slm import SLMBackend
+    from device_runtime.routing.answer_length import LiveLengths
     from device_runtime.routing.cost_model import CostParams
     from device_runtime.routing.policies import Policy
     from device_runtime.runtime.orchestrator import Orchestrator
@@ -55,6 +57,12 @@ class RuntimeCliSettings:
         "instead of updating them from every turn"
     ))
     json: bool = field(default=False, metadata=flag("stdout: one telemetry JSON line per turn, nothing else"))
+    answer_lengths: str = field(default="default", metadata=flag(
+        "answer-length model JSON: each turn's L_r of both sides from its prompt "
+        "(scripts/fit_answer_lengths.py; 'default': the one shipped for the default model pair, "
+        "corrected online for another; 'none': the profile's averages for every turn)",
+        metavar="FILE",
+    ))
 
 
 def add_runtime_args(p: argparse.ArgumentParser, *, max_tokens: int = 128) -> None:
@@ -126,6 +134,8 @@ class DeviceSide:
     policy: "Policy"
     params: "CostParams"
     settings: OrchestratorSettings
+    #: Per-turn answer lengths (``--answer-lengths``; None: the params' averages).
+    answer_lengths: "LiveLengths | None" = None
 
 
 def build_device(args: argparse.Namespace) -> DeviceSide:
@@ -150,8 +160,9 @@ def build_device(args: argparse.Namespace) -> DeviceSide:
     if args.bundle and not (args.policy == "auto" and args.router == "bert"):
         raise ValueError("--bundle applies to --policy auto with --router bert")
     policy = create_policy(policy_settings)
+    lengths = load_answer_lengths(args)  # a bad file fails before the SLM loads
     slm = SLM_BACKENDS.create("llama-cpp", from_args(SLMSettings, args))
-    return DeviceSide(slm, policy, params, settings)
+    return DeviceSide(slm, policy, params, settings, lengths)
 
 
 def connect_edge(
@@ -204,6 +215,17 @@ def profiles_itself(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "self_profile", False)) and not args.profile
 
 
+def load_answer_lengths(args: argparse.Namespace) -> "LiveLengths | None":
+    """The ``--answer-lengths`` model, wrapped for online correction (None: ``none``)."""
+    from device_runtime.routing.answer_length import AnswerLengthModel, LiveLengths
+
+    choice = getattr(args, "answer_lengths", "none")
+    if choice == "none":
+        return None
+    path = Path(__file__).resolve().parents[1] / "data" / "answer_lengths.json" if choice == "default" else choice
+    return LiveLengths(AnswerLengthModel.load(path))
+
+
 def measure_machine(device: DeviceSide, edge: "EdgeClient | None", args: argparse.Namespace) -> None:
     """The self-profile (:mod:`device_runtime.runtime.self_profile`): ``device.params``
     with this machine's γ, τ_r, δ, B and answer lengths, before the first turn."""
@@ -236,7 +258,8 @@ def assemble(device: DeviceSide, edge: "EdgeClient | None", args: argparse.Names
         from device_runtime.runtime.online import OnlineRouting, OnlineSettings
 
         hooks.append(OnlineRouting(device.params, OnlineSettings(report_estimates=args.online)))
-    return Orchestrator(device.slm, device.policy, device.params, edge=edge, settings=settings, hooks=hooks)
+    return Orchestrator(device.slm, device.policy, device.params, edge=edge, settings=settings, hooks=hooks,
+                        answer_lengths=device.answer_lengths)
 
 
 def build_orchestrator(

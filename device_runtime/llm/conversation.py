@@ -75,6 +75,21 @@ class GenerationStats:
     finish_reason: str = "stop"
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """Where a paused answer stands (finish_reason "paused"): its tokens so
+    far, all in the KV cache when it paused, and the state of its text
+    filters, which held nothing back then.  :meth:`LlamaConversation.stream`
+    with it goes on exactly where the answer stopped: under greedy decoding
+    the rest of the answer is the one an unpaused run gives."""
+
+    ids: tuple[int, ...]
+    #: The stop filter still strips leading blanks (nothing was emitted yet).
+    lstrip: bool
+    #: The answer filter is at the start of a line.
+    line_start: bool
+
+
 def validate_messages(messages: Sequence[dict]) -> list[dict]:
     """Check a chat message list; the last message must be the user's."""
     if not messages:
@@ -101,6 +116,8 @@ class LlamaConversation:
         self.llama = llama
         self.prompt_format = prompt_format
         self.last_stats: GenerationStats | None = None
+        #: After an answer that paused: how to go on with it.
+        self.last_continuation: Continuation | None = None
         self._busy = threading.Lock()
 
     @property
@@ -133,8 +150,16 @@ class LlamaConversation:
         seed: int = 0,
         stop: Sequence[str] | None = None,
         cancel: threading.Event | None = None,
+        pause: threading.Event | None = None,
+        continuation: Continuation | None = None,
     ) -> Iterator[str]:
         """Answer the last user message of ``messages``, yielding text chunks.
+
+        ``pause``: once set, the answer stops between two tokens, after one
+        token at least and where its filters hold no text back, with
+        finish_reason "paused" and :attr:`last_continuation` set; the same call
+        with that ``continuation`` (and the same messages and ``max_tokens``)
+        goes on from there.
 
         Validation and the overflow check happen before the first chunk, so a
         bad request raises on the first ``next()``.  After the iterator is
@@ -149,23 +174,27 @@ class LlamaConversation:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if temperature < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
-        return self._stream(messages, max_tokens, temperature, top_p, seed, stop, cancel)
+        return self._stream(messages, max_tokens, (temperature, top_p, seed), stop, cancel, pause, continuation)
 
-    def _stream(self, messages, max_tokens, temperature, top_p, seed, stop, cancel) -> Iterator[str]:
+    def _stream(self, messages, max_tokens, sampling, stop, cancel, pause, continuation) -> Iterator[str]:
         if not self._busy.acquire(blocking=False):
             raise ConversationBusyError("this conversation is already generating")
         try:
             t0 = time.perf_counter()
-            self.last_stats = None
-            tokens = self._prompt_tokens(messages)
-            budget = min(max_tokens, self.n_ctx - len(tokens))
+            self.last_stats = self.last_continuation = None
+            done = list(continuation.ids) if continuation is not None else []
+            tokens = self._prompt_tokens(messages, extra=len(done)) + done
+            budget = min(max_tokens - len(done), self.n_ctx - len(tokens))
             stats = self.last_stats = self._reuse_prefix(tokens)
             if not self._prefill(tokens[stats.cached_tokens:], stats, t0, cancel):
                 return
-            sampler = adapter.make_sampler(temperature, top_p, seed)
+            sampler = adapter.make_sampler(*sampling)
             stops = list(self.prompt_format.stop) + [s for s in (stop or ()) if s]
-            text_filter = StopFilter(stops, self.prompt_format.lstrip_answer)
-            yield from self._decode(sampler, text_filter, stats, budget, t0, cancel)
+            resume = continuation or Continuation((), self.prompt_format.lstrip_answer, True)
+            text_filter = StopFilter(stops, resume.lstrip)
+            answer = self.prompt_format.answer_filter(line_start=resume.line_start)
+            state = _Decoding(sampler, text_filter, answer, done, pause)
+            yield from self._decode(state, stats, budget, t0, cancel)
         except GeneratorExit:
             # The caller stopped reading: as good as a cancel.
             if self.last_stats is not None:
@@ -174,11 +203,12 @@ class LlamaConversation:
         finally:
             self._busy.release()
 
-    def _prompt_tokens(self, messages: list[dict]) -> list[int]:
-        """The whole conversation's tokens; it must leave room for one answer token."""
+    def _prompt_tokens(self, messages: list[dict], extra: int = 0) -> list[int]:
+        """The whole conversation's tokens; with ``extra`` more (a paused
+        answer's), it must leave room for one answer token."""
         tokens = self.prompt_format.tokenize(self.llama, validate_messages(messages))
         n_ctx = self.n_ctx
-        if len(tokens) >= n_ctx:
+        if len(tokens) + extra >= n_ctx:
             raise ContextOverflowError(
                 f"the conversation is {len(tokens)} tokens but the context window is "
                 f"{n_ctx}; start a new conversation or load the model with a larger n_ctx"
@@ -228,20 +258,14 @@ class LlamaConversation:
         return done
 
     def _decode(
-        self,
-        sampler: Any,
-        text_filter: StopFilter,
-        stats: GenerationStats,
-        budget: int,
-        t0: float,
-        cancel: threading.Event | None,
+        self, state: "_Decoding", stats: GenerationStats, budget: int, t0: float, cancel: threading.Event | None,
     ) -> Iterator[str]:
         """Sample up to ``budget`` tokens, yielding the text the stop filter lets through."""
         llama = self.llama
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         # After the stops are cut: the format's own view of the answer (the
         # plain format unescapes turn labels, see prompt_format).
-        answer = self.prompt_format.answer_filter()
+        text_filter, answer = state.text_filter, state.answer
         t_first = None
         stats.finish_reason = "length"
         try:
@@ -249,7 +273,12 @@ class LlamaConversation:
                 if cancel is not None and cancel.is_set():
                     stats.finish_reason = "cancelled"
                     break
-                token = adapter.sample(sampler, llama)
+                if stats.output_tokens and state.may_pause(decoder):
+                    # Every token so far is in the context and every character emitted.
+                    stats.finish_reason = "paused"
+                    self.last_continuation = Continuation(tuple(state.ids), text_filter.lstrip, answer.line_start)
+                    break
+                token = adapter.sample(state.sampler, llama)
                 if t_first is None:
                     t_first = time.perf_counter()
                     stats.ttft_s = t_first - t0
@@ -257,6 +286,7 @@ class LlamaConversation:
                     stats.finish_reason = "stop"
                     break
                 stats.output_tokens += 1
+                state.ids.append(token)
                 piece = decoder.decode(adapter.token_bytes(llama, token))
                 chunk = answer.feed(text_filter.feed(piece))
                 # The answer's tokens go into the context, so the next turn
@@ -277,3 +307,23 @@ class LlamaConversation:
         finally:
             if t_first is not None:
                 stats.decode_s = time.perf_counter() - t_first
+
+
+@dataclass
+class _Decoding:
+    """One answer's decoding state: the sampler, its text filters, the answer's
+    tokens so far (a continuation's included) and the pause request."""
+
+    sampler: Any
+    text_filter: StopFilter
+    answer: Any  # prompt_format.AnswerFilter
+    ids: list[int]
+    pause: threading.Event | None
+
+    def may_pause(self, decoder: codecs.IncrementalDecoder) -> bool:
+        """A pause was asked for, and nothing is held back: no stop-string
+        prefix, no half line of the answer filter, no partial UTF-8 character."""
+        return (
+            self.pause is not None and self.pause.is_set() and not self.text_filter.pending
+            and not self.answer.pending and not decoder.getstate()[0]
+        )

@@ -81,6 +81,11 @@ def unescape(text: str) -> str:
 class AnswerFilter:
     """Maps an answer's streamed text to what the caller sees; here unchanged."""
 
+    #: Text held back until more arrives (none here).
+    pending = ""
+    #: At the start of a line (where the plain format's labels are escaped).
+    line_start = True
+
     def feed(self, text: str) -> str:
         return text
 
@@ -96,32 +101,32 @@ class Unescaper(AnswerFilter):
     label (blanks, backslashes, part of a label), never longer than that line.
     """
 
-    def __init__(self) -> None:
-        self._pending = ""
-        self._line_start = True
+    def __init__(self, line_start: bool = True) -> None:
+        self.pending = ""
+        self.line_start = line_start
 
     def feed(self, text: str) -> str:
-        self._pending += text
+        self.pending += text
         out: list[str] = []
-        while self._pending:
-            if self._line_start:
-                m = _ESCAPED.match(self._pending)
+        while self.pending:
+            if self.line_start:
+                m = _ESCAPED.match(self.pending)
                 if m is not None:
                     out.append(m[1] + m[2])
-                    self._pending = self._pending[m.end():]
-                elif _PARTIAL.fullmatch(self._pending):
+                    self.pending = self.pending[m.end():]
+                elif _PARTIAL.fullmatch(self.pending):
                     break  # undecided until more text arrives
-                self._line_start = False
-            end = _LINE_END.search(self._pending)
-            cut = len(self._pending) if end is None else end.end()
-            out.append(self._pending[:cut])
-            self._pending = self._pending[cut:]
-            self._line_start = end is not None
+                self.line_start = False
+            end = _LINE_END.search(self.pending)
+            cut = len(self.pending) if end is None else end.end()
+            out.append(self.pending[:cut])
+            self.pending = self.pending[cut:]
+            self.line_start = end is not None
         return "".join(out)
 
     def flush(self) -> str:
         """The held-back start of the last line: it never became an escaped label."""
-        out, self._pending = self._pending, ""
+        out, self.pending = self.pending, ""
         return out
 
 
@@ -143,8 +148,10 @@ class PromptFormat(ABC):
     def tokenize(self, llama: "llama_cpp.Llama", messages: Sequence[dict]) -> list[int]:
         """The prompt tokens; no message's content can produce a turn of its own."""
 
-    def answer_filter(self) -> AnswerFilter:
-        """A new filter for one answer's text (after its stop strings are cut)."""
+    def answer_filter(self, line_start: bool = True) -> AnswerFilter:
+        """A new filter for one answer's text (after its stop strings are cut);
+        ``line_start``: whether the text goes on at the start of a line (a
+        paused answer's does not, unless it paused after a line end)."""
         return AnswerFilter()
 
 
@@ -257,8 +264,8 @@ class PlainFormat(PromptFormat):
         add_bos = llama.token_bos() != -1
         return llama.tokenize(self.render(messages).encode("utf-8"), add_bos=add_bos, special=False)
 
-    def answer_filter(self) -> AnswerFilter:
-        return Unescaper()
+    def answer_filter(self, line_start: bool = True) -> AnswerFilter:
+        return Unescaper(line_start)
 
 
 @PROMPT_FORMATS.register("plain")

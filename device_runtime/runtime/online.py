@@ -128,6 +128,8 @@ class OnlineRouting(TurnHook):
         self.estimator = OnlineEstimator(params, self.settings.ewma)
         self._response = {"device": None, "edge": None}
         self._conversation: dict[str, list[int]] = {"device": [], "edge": []}
+        #: The turn being answered: (prompt, follow-up?), for the answer-length model's correction.
+        self._prompt: tuple[str, bool] | None = None
         self.estimates: dict[str, float] = self.estimator.snapshot()
         self.last_comm_s: float | None = None
         #: Echo round trips taken while idle and fed to the estimator so far.
@@ -146,7 +148,12 @@ class OnlineRouting(TurnHook):
         if orch.turn_index == 0:
             # A new conversation: its answers' lengths are not known yet.
             self._conversation = {"device": [], "edge": []}
+            if orch.answer_lengths is not None:
+                orch.answer_lengths.new_conversation()
             self._apply_params(orch)
+
+    def before_routing(self, orch: "Orchestrator", prompt: str) -> None:
+        self._prompt = (prompt, orch.turn_index > 0)
 
     def after_turn(self, orch: "Orchestrator", result: "TurnResult | None") -> None:
         try:
@@ -216,6 +223,7 @@ class OnlineRouting(TurnHook):
             # The turn is answered and recorded; a sample the estimator
             # refuses must not lose it.  The estimates stay as they were.
             log.warning("turn %d: measurements not used for the estimates: %s", result.telemetry.turn, exc)
+        self._correct_lengths(orch, result)
         self._apply_params(orch)
         self.estimates = self.estimator.snapshot()
         # The telemetry contract's optional key: the estimates after this turn.
@@ -267,6 +275,19 @@ class OnlineRouting(TurnHook):
             self._probe(orch.edge)
             if not self._link_down:
                 self._refresh_queue(orch.edge)
+
+    def _correct_lengths(self, orch: "Orchestrator", result: "TurnResult") -> None:
+        """The answer's length corrects the answer-length model's next
+        predictions for that side (not a cancelled edge answer: cut short)."""
+        rec, prompt = result.telemetry, self._prompt
+        self._prompt = None
+        lengths = orch.answer_lengths
+        if lengths is None or prompt is None or not self.settings.track_response:
+            return
+        if rec.target not in ("device", "edge") or (rec.target == "edge" and result.edge_result is None):
+            return
+        lengths.observe(rec.target, prompt[0], follow_up=prompt[1], cap=orch.settings.max_tokens,
+                        answer_tokens=result.answer_tokens)
 
     def response_length(self, target: str) -> float | None:
         """L̄_r for the next turn on ``target``: this conversation's mean answer

@@ -22,8 +22,11 @@ from the ``queue_s`` of this conversation's edge turns and the edge's own
 reports), so under load a turn the device can answer is not queued.  Until the
 client knows anything, the parameters' own ``edge_queue_s`` stands (0: idle).
 
-Response lengths for the live prediction (eqs. 3, 5) are the cost parameters'
-averages L̄_r capped at ``max_tokens``, since no answer can be longer.  After the
+Response lengths for the live prediction (eqs. 3, 5) are, with an answer-length
+model (``answer_lengths``, :mod:`device_runtime.routing.answer_length`), each
+side's expected capped length for this prompt; without one, the cost
+parameters' averages L̄_r capped at ``max_tokens``, since no answer can be
+longer.  After the
 answer, the served target's latency is predicted again by the same equations
 with the same parameters and the answer's actual length (``predicted_posthoc_s``
 in telemetry): it checks γ, B and δ apart from the length guess.
@@ -74,13 +77,14 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from device_runtime.core.flags import flag
 from device_runtime.core.messages import transcript_digest
-from device_runtime.routing.cost_model import ContextLedger, CostParams, Target
+from device_runtime.routing.cost_model import ContextLedger, CostParams, ResponseLengths, Target
 from device_runtime.routing.policies import Policy, PolicyDecision
 from device_runtime.runtime.telemetry import TelemetryLog, TurnTelemetry
 
 if TYPE_CHECKING:  # pragma: no cover
     from device_runtime.link.edge_client import EdgeClient, EdgeStream, EdgeTurnResult
     from device_runtime.llm.slm import SLMBackend
+    from device_runtime.routing.answer_length import LiveLengths
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +281,11 @@ class Orchestrator:
         settings: OrchestratorSettings | None = None,
         telemetry: TelemetryLog | None = None,
         hooks: Sequence[TurnHook] = (),
+        answer_lengths: "LiveLengths | None" = None,
     ) -> None:
         self.slm = slm
+        #: Per-turn L_r of each side from the prompt (None: the params' averages).
+        self.answer_lengths = answer_lengths
         self.policy = policy
         self.params = params
         self.edge = edge
@@ -393,10 +400,9 @@ class Orchestrator:
         self._fit_window(user_msg, io.on_event)
         prompt_tokens = self.slm.count_tokens(prompt)
         context_tokens = self.ledger.context_tokens
+        expected = self.expected_lengths(prompt)
         turn_inputs = self.ledger.turn_inputs(
-            prompt_tokens,
-            response_device=min(self.params.response.device, s.max_tokens),
-            response_edge=min(self.params.response.edge, s.max_tokens),
+            prompt_tokens, response_device=expected.device, response_edge=expected.edge,
         )
         # The router reads the dialogue, not the system message (its training
         # turns have none, and C_t of eq. 4 does not count it).
@@ -410,6 +416,15 @@ class Orchestrator:
             user_msg, decision, target, answer, failure,
             prompt_tokens=prompt_tokens, context_tokens=context_tokens, measured_s=measured_s,
         )
+
+    def expected_lengths(self, prompt: str) -> ResponseLengths:
+        """L_r of each side for this turn, at most ``max_tokens``: the
+        answer-length model's, or else the parameters' averages."""
+        cap = self.settings.max_tokens
+        if self.answer_lengths is not None:
+            return self.answer_lengths.predict(prompt, follow_up=self.turn_index > 0, cap=cap)
+        r = self.params.response
+        return ResponseLengths(min(r.device, cap), min(r.edge, cap))
 
     def _decision_params(self) -> CostParams:
         """The parameters of this turn's decision: ``params`` with the edge

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Sequence
 from device_runtime.core.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from device_runtime.llm.conversation import GenerationStats
+    from device_runtime.llm.conversation import Continuation, GenerationStats
     from edge_service.settings import EdgeSettings
     from edgeroute.v1.types import GenerationParams
 
@@ -31,6 +31,12 @@ class Slot(ABC):
 
     #: Stats of the last :meth:`stream`, set once the iterator is exhausted or closed.
     last_stats: "GenerationStats | None" = None
+    #: After a :meth:`stream` that paused (finish_reason "paused"): what the
+    #: next one goes on from.
+    last_continuation: "Continuation | None" = None
+    #: Whether :meth:`stream` honours ``pause`` (the server's pre-emption);
+    #: a backend whose engine schedules its own requests does not.
+    supports_pause: bool = False
 
     @abstractmethod
     def stream(
@@ -39,6 +45,8 @@ class Slot(ABC):
         params: GenerationParams,
         cancel: threading.Event,
         kv_owner: Hashable = None,
+        pause: threading.Event | None = None,
+        continuation: "Continuation | None" = None,
     ) -> Iterator[str]:
         """Answer the last (user) message of ``messages``, yielding text chunks.
 
@@ -47,7 +55,9 @@ class Slot(ABC):
         holds KV computed for another owner must drop it before matching the
         prompt's prefix, so that ``cached_tokens`` never depends on another
         owner's prompts (a side channel otherwise).  Must return soon after
-        ``cancel`` is set.
+        ``cancel`` is set.  ``pause`` and ``continuation``: see
+        :meth:`device_runtime.llm.conversation.LlamaConversation.stream`
+        (ignored unless :attr:`supports_pause`).
         """
 
     def begin_turn(self, session_id: str, principal: str) -> None:

@@ -18,6 +18,7 @@ from typing import Hashable, Iterator, Sequence
 from device_runtime.llm.adapter import load_kv, load_llama, save_kv
 from device_runtime.llm.conversation import (
     ContextOverflowError,
+    Continuation,
     GenerationStats,
     InvalidMessagesError,
     LlamaConversation,
@@ -42,9 +43,15 @@ class LlamaSlot(Slot):
         #: The owner's session is gone: its KV is not worth keeping.
         self.owner_gone = False
 
+    supports_pause = True
+
     @property
     def last_stats(self) -> GenerationStats | None:  # type: ignore[override]
         return self.conversation.last_stats
+
+    @property
+    def last_continuation(self) -> Continuation | None:  # type: ignore[override]
+        return self.conversation.last_continuation
 
     def stream(
         self,
@@ -52,6 +59,8 @@ class LlamaSlot(Slot):
         params: GenerationParams,
         cancel: threading.Event,
         kv_owner: Hashable = None,
+        pause: threading.Event | None = None,
+        continuation: Continuation | None = None,
     ) -> Iterator[str]:
         try:
             if kv_owner != self.kv_owner:
@@ -66,6 +75,8 @@ class LlamaSlot(Slot):
                 seed=params.seed,
                 stop=params.stop,
                 cancel=cancel,
+                pause=pause,
+                continuation=continuation,
             )
         except (ContextOverflowError, InvalidMessagesError) as exc:
             raise InvalidArgument(str(exc)) from exc
