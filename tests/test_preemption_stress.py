@@ -1,0 +1,172 @@
+"""Pre-emption under a seeded storm: three principals, two slots, a quantum of
+20 ms, long and short answers, cancels, closed sessions and deadlines at
+random.  The slot here is a fault injector that can pause (it counts, so that
+an answer split into parts shows any token lost or repeated at a pause); the
+real model's pause is checked in tests/test_preemption.py and tests/test_llm.py.
+
+Afterwards: every answer that finished is exact, every session whose calls
+all finished holds exactly those turns, no slot, lease or queue entry is
+left over, and the server still answers.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import grpc
+import pytest
+
+import _callers
+from _edge_fakes import FaultBackend
+from device_runtime.llm.conversation import GenerationStats
+from edge_service.auth import hash_token, new_token
+from edge_service.backends.base import Slot
+from edge_service.server import EdgeServerThread
+from edge_service.settings import EdgeSettings
+from edgeroute.v1 import edge_pb2
+from edgeroute.v1.types import Message
+
+TOKEN_S = 0.002  # per counted token: long answers span many 20 ms quanta
+
+
+class CountingSlot(Slot):
+    """``count N``: the tokens ``0 1 ... N-1``, one chunk each; pauses when
+    asked, and goes on from its continuation (which names the owner whose
+    count it is, so that a part resumed for another owner fails loudly)."""
+
+    supports_pause = True
+
+    def __init__(self, backend: "CountingBackend") -> None:
+        self.backend = backend
+        self.last_stats = None
+        self.last_continuation = None
+
+    def stream(self, messages, params, cancel, kv_owner=None, pause=None, continuation=None):
+        self.last_stats = self.last_continuation = None
+        start = 0
+        if continuation is not None:
+            owner, start = continuation
+            if owner != kv_owner:
+                raise AssertionError(f"resumed {owner!r}'s answer for {kv_owner!r}")
+        total = min(int(messages[-1]["content"].split()[1]), params.max_tokens)
+        n, reason = start, "length" if total >= params.max_tokens else "stop"
+        while n < total:
+            if cancel.is_set():
+                reason = "cancelled"
+                break
+            if pause is not None and pause.is_set() and n > start:
+                reason = "paused"
+                self.last_continuation = (kv_owner, n)
+                break
+            time.sleep(TOKEN_S)
+            yield f"{n} "
+            n += 1
+        self.last_stats = GenerationStats(
+            prompt_tokens=1, prefill_tokens=1, cached_tokens=0, output_tokens=n - start,
+            prefill_s=0.0, decode_s=0.0, ttft_s=0.0, finish_reason=reason,
+        )
+
+
+class CountingBackend(FaultBackend):
+    name = "counting"
+
+    def new_slot(self):
+        return CountingSlot(self)
+
+
+class Caller(_callers.Caller):
+    def request(self, session_id: str, count: int) -> edge_pb2.GenerateRequest:
+        return edge_pb2.GenerateRequest(
+            session_id=session_id, messages=[Message("user", f"count {count}").to_pb()],
+            params=edge_pb2.GenerationParams(max_tokens=200),
+        )
+
+
+def _expected(count: int) -> str:
+    return "".join(f"{i} " for i in range(count))
+
+
+def _client(caller: Caller, name: str, seed: int, log: dict, errors: list) -> None:
+    """Four sessions, six turns each, with cancels, closes and short deadlines at random."""
+    rng = random.Random(seed)
+    sessions = {caller.open(f"{name}-{i}"): {"done": [], "clean": True} for i in range(4)}
+    log.update(sessions)
+    for _ in range(6):
+        sid = rng.choice(list(sessions))
+        state = sessions[sid]
+        count = rng.choice([3, 8, 40, 90])
+        fault = rng.random()
+        try:
+            call = caller.stream(sid, count, timeout=0.15 if fault < 0.1 else 60)
+            text, done = "", None
+            for i, response in enumerate(call):
+                if response.HasField("done"):
+                    done = response.done
+                    break
+                text += response.chunk.text
+                if fault > 0.9 and i == 5:
+                    call.cancel()
+                elif 0.8 < fault <= 0.9 and i == 5:
+                    caller.close(sid)  # the running (maybe paused) call is cancelled
+                    sessions.pop(sid)
+                    caller_sid = caller.open(sid)
+                    sessions[caller_sid] = state = {"done": [], "clean": False}
+            if done is not None:
+                if text != _expected(count) or done.usage.output_tokens != count:
+                    errors.append(f"{sid}: count {count} answered {text!r} ({done.usage.output_tokens} tokens)")
+                state["done"].append(text)
+            else:
+                state["clean"] = False
+        except grpc.RpcError as exc:
+            state["clean"] = False
+            if exc.code() not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION):
+                errors.append(f"{sid}: {exc.code().name}: {exc.details()}")
+    log.update(sessions)
+
+
+@pytest.fixture
+def tokens(tmp_path):
+    values = {name: new_token() for name in ("alice", "bob", "carol")}
+    path = tmp_path / "tokens.tsv"
+    path.write_text("".join(f"{n}\t{hash_token(t)}\n" for n, t in values.items()))
+    return values, path
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_storm_of_pauses_loses_and_repeats_nothing(tokens, seed):
+    values, path = tokens
+    settings = EdgeSettings(n_slots=2, auth_tokens=path, preempt_after_s=0.02, max_concurrent_per_principal=8)
+    with EdgeServerThread(settings, backend=CountingBackend()) as server:
+        callers = {name: Caller(server.target, tok) for name, tok in values.items()}
+        logs: dict[str, dict] = {name: {} for name in values}
+        errors: list[str] = []
+        threads = [
+            threading.Thread(target=_client, args=(callers[name], f"{name}{k}", seed * 100 + 10 * k + i,
+                                                   logs[name], errors))
+            for i, name in enumerate(values) for k in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        servicer = server.servicer
+        assert servicer.metrics.registry.get_sample_value("edgeroute_preemptions_total") > 0
+        deadline = time.monotonic() + 10
+        while servicer.pool.busy_slots() or servicer.queue.depth:  # cancelled parts winding down
+            assert time.monotonic() < deadline, "a slot or a queue entry was left over"
+            time.sleep(0.01)
+        for name, sessions in logs.items():
+            for sid, state in sessions.items():
+                held = [m.content for m in servicer.pool.transcript(sid, owner=name) if m.role == "assistant"]
+                if state["clean"]:
+                    assert held == state["done"], sid
+                # Each session still answers, at once (nothing left busy).
+                text, done = callers[name].generate(sid, 3)
+                assert text == _expected(3)
+        for caller in callers.values():
+            caller.__exit__(None, None, None)
