@@ -114,13 +114,14 @@ class FairWaitQueue(Generic[T]):
                 self._lift(principal)
                 self._last_served = self._service.get(principal, 0.0)
                 return got, 0.0
-        if self.depth >= self.max_waiting:
+        if self.depth >= self.max_waiting and not queue_first:  # a paused call already had its place
             raise QueueFull(f"{self.depth} calls already wait for a KV slot; retry later")
         deadline = t0 + timeout_s
         first = True
         while True:
-            # Woken but beaten to the slot: back to the head of the line.
-            waiter = self._enqueue(principal, front=not first)
+            # Woken but beaten to the slot: back to the head of the line.  A
+            # paused call goes ahead of its own principal's later calls.
+            waiter = self._enqueue(principal, front=not first, own_first=queue_first)
             if first and queue_first:
                 self.notify()
             first = False
@@ -174,18 +175,17 @@ class FairWaitQueue(Generic[T]):
         self._last_served = self._service.get(chosen, 0.0)
         waiter.set_result(None)
 
-    def waiting_ahead_of(self, principal: str, running_s: float) -> bool:
-        """Whether a call of another principal waits (and may take a slot
-        now) whose counter is below ``principal``'s plus ``running_s``, the
-        slot time its running call has used so far: that call should yield
-        its slot (the server's pre-emption)."""
+    def waiting_ahead_of(self, principal: str, running_s: float) -> int:
+        """How many calls of other principals wait (and may take a slot now)
+        whose counters are below ``principal``'s plus ``running_s``, the slot
+        time its running call has used so far: for each, one such running
+        call should yield its slot (the server's pre-emption)."""
         mine = self._service.get(principal, 0.0) + running_s
+        ahead = 0
         for other, queue in list(self._waiting.items()):
-            if other == principal or not any(not w.done() for w in queue):
-                continue
-            if self._eligible(other) and self._service.get(other, 0.0) < mine:
-                return True
-        return False
+            if other != principal and self._eligible(other) and self._service.get(other, 0.0) < mine:
+                ahead += sum(1 for w in queue if not w.done())
+        return ahead
 
     def notify_threadsafe(self) -> None:
         self.call_threadsafe(self.notify)
@@ -253,16 +253,20 @@ class FairWaitQueue(Generic[T]):
         if self._service.get(principal, 0.0) < floor:
             self._service[principal] = floor
 
-    def _enqueue(self, principal: str, *, front: bool = False) -> asyncio.Future:
+    def _enqueue(self, principal: str, *, front: bool = False, own_first: bool = False) -> asyncio.Future:
+        """A new waiter of ``principal``: ``front``, at the head of the line
+        (woken but beaten to the slot); ``own_first``, ahead of its own
+        principal's calls but in the principals' order as it stands."""
         if not front:  # a call woken but beaten to the slot was already waiting: no lift
             self._lift(principal)
         waiter = asyncio.get_running_loop().create_future()
         queue = self._waiting.setdefault(principal, deque())
-        if front:
+        if front or own_first:
             queue.appendleft(waiter)
-            self._waiting.move_to_end(principal, last=False)
         else:
             queue.append(waiter)
+        if front:
+            self._waiting.move_to_end(principal, last=False)
         return waiter
 
     def _drop(self, principal: str, waiter: asyncio.Future) -> None:

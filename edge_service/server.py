@@ -160,6 +160,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
             max_workers=n_slots, thread_name_prefix="edge-slot"
         )
         self._records_changed = threading.Condition()
+        #: Leases asked to pause whose model has not stopped yet (each serves one waiting call).
+        self._pausing: set[Lease] = set()
         self._sweeper: asyncio.Task | None = None
         self._metrics_http = None
         log.info(
@@ -259,6 +261,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         try:
             deadline = time.monotonic() + self.settings.max_generation_s
             answer: list[str] = []
+            paused_s = 0.0
             while True:  # one pass per part of the answer: more than one if it was pre-empted
                 turn.future, events, credits = self._start_model(lease, messages, params)
                 while not isinstance(event := await self._next_event(events, deadline), Done):
@@ -271,16 +274,18 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
                     watch.disarm()
                     credits.release()
                 await turn.future  # the thread has nothing left to do
+                self._pausing.discard(lease)
                 if event.stats.finish_reason != "paused":
                     break
-                queue_s += await self._resume(lease, deadline)
+                paused_s += await self._resume(lease, deadline, params)
             stats = _merged([*lease.segments, event.stats])
-            summary = _summary(stats, queue_s, lease.kv_restored, clipped_to)
+            summary = _summary(stats, queue_s + paused_s, lease.kv_restored, clipped_to)
             turn.messages = [*messages, Message("assistant", "".join(answer))]
         finally:
+            self._pausing.discard(lease)
             watch.disarm()
             turn.release()
-        self._observe(summary)
+        self._observe(summary, paused_s)
         # Released before the final message: a client that sends its next turn
         # the moment it has this one must find the session idle and its
         # transcript updated.
@@ -296,20 +301,41 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         if not after or lease.pause.is_set() or not lease.slot.supports_pause:
             return
         running_s = time.monotonic() - lease.acquired_at
-        if running_s >= after and self.queue.waiting_ahead_of(lease.session.owner, running_s):
+        if running_s < after:
+            return
+        # One pause per waiting call: the calls already asked to pause serve the first ones.
+        if self.queue.waiting_ahead_of(lease.session.owner, running_s) > len(self._pausing):
             lease.pause.set()
+            self._pausing.add(lease)
 
-    async def _resume(self, lease: Lease, deadline: float) -> float:
+    async def _resume(self, lease: Lease, deadline: float, params: GenerationParams) -> float:
         """The generation paused: give its slot up (its principal is charged
         the time it held it), wait in the fair queue for one again, and
-        return the seconds waited.  The session stays busy meanwhile."""
+        return the seconds waited.  The session stays busy meanwhile; an
+        answer that never goes on is recorded as cancelled."""
         owner = lease.session.owner
         lease.segments.append(lease.slot.last_stats)
         lease.continuation = lease.slot.last_continuation
+        if lease.displaced is not None:  # the part's slot was taken from an idle session
+            self.metrics.evictions.labels(kind=EVICT_KV).inc()
         self.queue.charge(owner, time.monotonic() - lease.acquired_at)
         self.pool.suspend(lease)
         self.metrics.preemptions.inc()
         t0 = time.monotonic()
+        try:
+            await self._wait_to_resume(lease, deadline)
+        except BaseException:
+            parts = _merged(lease.segments)
+            self._record(lease, params, dataclasses.replace(parts, finish_reason="cancelled"))
+            raise
+        return time.monotonic() - t0
+
+    async def _wait_to_resume(self, lease: Lease, deadline: float) -> None:
+        """Wait in the fair queue, as the lease's principal, for a slot to go
+        on with; ABORTED at once when the lease is cancelled meanwhile (its
+        session closed, the server stopping), DEADLINE_EXCEEDED at
+        ``--max-generation-s``."""
+        owner = lease.session.owner
 
         def attempt() -> Lease | None:
             if not self._may_take_slot(owner):
@@ -319,18 +345,25 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
             except SlotsBusy:
                 return None
 
+        wait = asyncio.ensure_future(self.queue.acquire(
+            owner, attempt, max(0.0, deadline - time.monotonic()), eligible=self._may_take_slot, queue_first=True,
+        ))
         try:
-            await self.queue.acquire(owner, attempt, max(0.0, deadline - t0), eligible=self._may_take_slot,
-                                     queue_first=True)
-        except QueueFull:
-            raise self._queue_refusal("queue_full", None, self.queue.expected_wait_s()) from None
+            while not wait.done():
+                await asyncio.wait({wait}, timeout=0.05)
+                if not wait.done() and lease.cancel.is_set():
+                    raise Aborted("the generation was cancelled while it was paused "
+                                  "(its session was closed or the server is stopping)")
+            wait.result()
         except QueueTimeout:
             self.metrics.hit("max_generation_s")
             raise DeadlineExceeded(
                 f"the generation, paused for other callers, could not go on within the server's limit of "
                 f"{self.settings.max_generation_s:g} s (--max-generation-s) and was cancelled"
             ) from None
-        return time.monotonic() - t0
+        finally:
+            if not wait.done():
+                wait.cancel()
 
     async def _next_event(self, events: asyncio.Queue[TurnEvent], deadline: float) -> TurnEvent:
         """The model's next event, or DEADLINE_EXCEEDED once ``--max-generation-s`` has passed."""
@@ -352,9 +385,11 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         self.metrics.hit("stream_stall")
         log.info("a Generate stream was not read for %.1f s; cancelled", self.settings.stream_stall_timeout_s)
 
-    def _observe(self, summary: GenerationSummary) -> None:
+    def _observe(self, summary: GenerationSummary, paused_s: float = 0.0) -> None:
+        """The metrics of a finished answer; its pauses (after its first
+        token) count as waiting for a slot, not towards its TTFT."""
         self.metrics.observe_generation(
-            queue_s=summary.queue_s, ttft_s=summary.queue_s + summary.ttft_s, decode_s=summary.decode_s,
+            queue_s=summary.queue_s, ttft_s=summary.queue_s - paused_s + summary.ttft_s, decode_s=summary.decode_s,
             prefill=summary.prefill_tokens, cached=summary.cached_tokens, output=summary.output_tokens,
         )
 
@@ -408,10 +443,12 @@ class EdgeServicer(edge_pb2_grpc.EdgeLLMServicer):
         the whole time the slot was held (the fair queue's counter), then the
         queue hears of it; both on the event loop, whichever thread gets here."""
         if self.pool.done(lease):
-            used_s = time.monotonic() - lease.acquired_at
-            if held_s is not None:
-                self.queue.record_hold(held_s)
-            self.queue.call_threadsafe(self.queue.charge, lease.session.owner, used_s)
+            # A lease that ends paused held no slot since it was charged, at the pause.
+            if not lease.suspended:
+                used_s = time.monotonic() - lease.acquired_at
+                if held_s is not None:
+                    self.queue.record_hold(held_s)
+                self.queue.call_threadsafe(self.queue.charge, lease.session.owner, used_s)
             self.queue.notify_threadsafe()
 
     async def _acquire(self, request: edge_pb2.GenerateRequest, owner: str) -> Lease:

@@ -111,7 +111,7 @@ class Session:
         return self.lease is not None and not self.lease.suspended
 
 
-@dataclass
+@dataclass(eq=False)
 class Lease(Generic[SlotT]):
     """One Generate's hold on a session and its slot.
 
@@ -350,14 +350,6 @@ class SessionPool(Generic[SlotT]):
                 if session.lease is not None:
                     session.lease.cancel.set()
 
-    def cancelling(self) -> bool:
-        """Whether some lease is cancelled but its model thread has not stopped yet."""
-        with self._lock:
-            return any(
-                owner is not None and owner.lease is not None and owner.lease.cancel.is_set()
-                for owner in self._owners
-            )
-
     def winding_down(self, session_id: str, *, owner: str = ANONYMOUS) -> bool:
         """Whether ``owner``'s session is generating for a call that is on its
         way out: cancelled, or ended or past its deadline before its handler
@@ -515,7 +507,7 @@ class SessionPool(Generic[SlotT]):
                 raise Aborted("the generation was cancelled because its session was closed")
             index = session.slot if session.slot is not None else self._free_slot()
             if session.slot is None:
-                self._move_in(session, index)
+                lease.displaced = self._move_in(session, index)
             session.last_used = next(self._clock)
             lease.slot_index, lease.slot = index, self.slots[index]
             lease.suspended = False

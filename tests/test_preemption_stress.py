@@ -37,6 +37,7 @@ class CountingSlot(Slot):
     count it is, so that a part resumed for another owner fails loudly)."""
 
     supports_pause = True
+    token_s = TOKEN_S
 
     def __init__(self, backend: "CountingBackend") -> None:
         self.backend = backend
@@ -60,7 +61,7 @@ class CountingSlot(Slot):
                 reason = "paused"
                 self.last_continuation = (kv_owner, n)
                 break
-            time.sleep(TOKEN_S)
+            time.sleep(self.token_s)
             yield f"{n} "
             n += 1
         self.last_stats = GenerationStats(
@@ -170,3 +171,109 @@ def test_a_storm_of_pauses_loses_and_repeats_nothing(tokens, seed):
                 assert text == _expected(3)
         for caller in callers.values():
             caller.__exit__(None, None, None)
+
+
+# --- the edges of a pause (the counting slot; orders from the server's records) ---------
+
+
+class SlowCountingBackend(CountingBackend):
+    """Counts at 10 ms per token."""
+
+    def new_slot(self):
+        slot = CountingSlot(self)
+        slot.token_s = 0.01
+        return slot
+
+
+def _reader(call):
+    from test_preemption import Reader
+
+    reader = Reader(call)
+    reader.start()
+    assert reader.first.wait(30)
+    return reader
+
+
+def _until(predicate, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def _preemptions(server) -> float:
+    return server.servicer.metrics.registry.get_sample_value("edgeroute_preemptions_total") or 0.0
+
+
+def _suspended(server, sid: str, owner: str) -> bool:
+    session = server.servicer.pool._sessions.get((owner, sid))
+    return session is not None and session.lease is not None and session.lease.suspended
+
+
+def test_a_full_queue_does_not_end_a_paused_answer(tokens):
+    """With --max-queue 1 and bob's call waiting, alice's answer pauses and
+    goes on: its place in the queue is not a new call's."""
+    values, path = tokens
+    settings = EdgeSettings(n_slots=1, auth_tokens=path, preempt_after_s=0.02, max_queue=1)
+    with EdgeServerThread(settings, backend=CountingBackend()) as server, \
+            Caller(server.target, values["alice"]) as alice, Caller(server.target, values["bob"]) as bob:
+        long = _reader(alice.stream(alice.open("long"), 150))
+        text, _ = bob.generate(bob.open("short"), 3)
+        long.join(60)
+        assert long.error is None and long.text == _expected(150) and text == _expected(3)
+        assert _preemptions(server) >= 1
+
+
+def test_a_paused_answer_ends_at_once_when_its_session_closes(tokens):
+    """alice's answer, paused for bob's (shorter than a quantum, so it never
+    pauses itself), ends ABORTED as soon as her session is closed, not when
+    bob's ends; it is recorded as cancelled, and her counter is not charged
+    for the pause."""
+    values, path = tokens
+    settings = EdgeSettings(n_slots=1, auth_tokens=path, preempt_after_s=1.0)
+    with EdgeServerThread(settings, backend=SlowCountingBackend()) as server, \
+            Caller(server.target, values["alice"]) as alice, Caller(server.target, values["bob"]) as bob:
+        sid = alice.open("long")
+        long = _reader(alice.stream(sid, 190))
+        other = _reader(bob.stream(bob.open("other"), 80))
+        _until(lambda: _suspended(server, sid, "alice"), "alice's answer to pause")
+        charged = server.servicer.queue._service["alice"]
+        alice.close(sid)
+        long.join(30)
+        assert long.error is not None and long.error.code() == grpc.StatusCode.ABORTED
+        assert "other" not in _order(server)  # bob's answer is still running
+        record = [r for r in server.servicer.records if r.session_id == "long"]
+        assert len(record) == 1 and record[0].finish_reason == "cancelled" and record[0].output_tokens >= 1
+        assert server.servicer.queue._service["alice"] == charged  # the pause was not slot time
+        other.join(60)
+        assert other.responses[-1].HasField("done") and other.text == _expected(80)
+
+
+def _order(server) -> list[str]:
+    return [r.session_id for r in server.servicer.records]
+
+
+async def _one_waiter_one_pause(server) -> None:
+    import asyncio
+
+    servicer, pool = server.servicer, server.servicer.pool
+    leases = []
+    for owner in ("alice", "carol"):
+        pool.open(owner, owner=owner)
+        lease = pool.acquire(owner, owner=owner)
+        lease.acquired_at -= 10  # both have run past the quantum
+        leases.append(lease)
+    waiter = asyncio.ensure_future(servicer.queue.acquire("bob", lambda: None, 5.0))
+    await asyncio.sleep(0.01)
+    for lease in leases:
+        servicer._maybe_preempt(lease)
+    assert [lease.pause.is_set() for lease in leases].count(True) == 1  # one call waits: one pause
+    waiter.cancel()
+
+
+def test_one_waiting_call_pauses_one_generation_not_all():
+    import asyncio
+
+    settings = EdgeSettings(n_slots=2, preempt_after_s=1.0, max_slots_per_principal=2)
+    with EdgeServerThread(settings, backend=CountingBackend()) as server:
+        asyncio.run(_one_waiter_one_pause(server))

@@ -46,20 +46,21 @@ import numpy as np
 
 from device_runtime.routing.cost_model import ResponseLengths
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FEATURES: tuple[str, ...] = (
     "log1p_words",
     "log1p_numbers",
     "question_marks",
     "long_cues",
     "short_cues",
-    "closing",
     "code_cues",
     "follow_up",
 )
 SIDES = ("device", "edge")
 #: Prompts longer than this are cut before their cues are read (bounded work per turn).
 MAX_PROMPT_CHARS = 20_000
+#: Largest |log(actual/predicted)| one answer adds to the online correction (a factor of 3).
+MAX_LOG_RATIO = math.log(3.0)
 #: Residual quantiles kept per side (their midpoints: 2.5%, 7.5%, ... 97.5%).
 N_QUANTILES = 20
 
@@ -74,8 +75,6 @@ _SHORT = re.compile(
     r"brief(?:ly)?|short(?:ly)?|concise(?:ly)?|yes or no|just (?:the|a|one)|only (?:the|a|one))\b",
     re.IGNORECASE,
 )
-_CLOSING = re.compile(r"^\W*(thanks|thank you|ok(?:ay)?|great|nice|cool|bye|goodbye|that is all|that's all)\b",
-                      re.IGNORECASE)
 _CODE = re.compile(r"\b(code|function|python|program|script|sql|regex|class|implement)\b", re.IGNORECASE)
 
 
@@ -94,7 +93,6 @@ def turn_features(prompt: str, follow_up: bool) -> np.ndarray:
         float(min(text.count("?"), 5)),
         float(min(len(_LONG.findall(text)), 5)),
         float(min(len(_SHORT.findall(text)), 3)),
-        1.0 if _CLOSING.search(text) else 0.0,
         float(min(len(_CODE.findall(text)), 3)),
         1.0 if follow_up else 0.0,
     ])
@@ -208,7 +206,10 @@ class AnswerLengthModel:
 def _side_fit(z: np.ndarray, tokens: np.ndarray, l2: float) -> SideFit:
     target = np.log1p(tokens)
     intercept = float(target.mean())
-    coef = np.linalg.solve(z.T @ z + l2 * np.eye(z.shape[1]), z.T @ (target - intercept))
+    try:
+        coef = np.linalg.solve(z.T @ z + l2 * np.eye(z.shape[1]), z.T @ (target - intercept))
+    except np.linalg.LinAlgError:
+        raise AnswerLengthError("the features are collinear on these rows: fit with l2 > 0") from None
     resid = target - (intercept + z @ coef)
     qs = (np.arange(N_QUANTILES) + 0.5) / N_QUANTILES
     return SideFit(intercept, tuple(float(c) for c in coef), tuple(float(r) for r in np.quantile(resid, qs)))
@@ -287,6 +288,7 @@ class LiveLengths:
         if side not in SIDES or answer_tokens < 0:
             raise AnswerLengthError(f"bad observation: side {side!r}, {answer_tokens} tokens")
         predicted = getattr(self.model.predict(prompt, follow_up=follow_up, cap=cap), side)
-        log_ratio = math.log((1.0 + min(answer_tokens, cap)) / (1.0 + predicted))
+        # Bounded: one empty or cut answer must not swing every later prediction.
+        log_ratio = min(MAX_LOG_RATIO, max(-MAX_LOG_RATIO, math.log((1.0 + min(answer_tokens, cap)) / (1.0 + predicted))))
         self._log_ratios[side].append(log_ratio)
         self._conversation[side].append(log_ratio)

@@ -278,14 +278,16 @@ class OnlineRouting(TurnHook):
 
     def _correct_lengths(self, orch: "Orchestrator", result: "TurnResult") -> None:
         """The answer's length corrects the answer-length model's next
-        predictions for that side (not a cancelled edge answer: cut short)."""
+        predictions for that side (not a cancelled answer: cut short)."""
         rec, prompt = result.telemetry, self._prompt
         self._prompt = None
         lengths = orch.answer_lengths
         if lengths is None or prompt is None or not self.settings.track_response:
             return
-        if rec.target not in ("device", "edge") or (rec.target == "edge" and result.edge_result is None):
+        if rec.target == "edge" and result.edge_result is None:
             return
+        if rec.target == "device" and getattr(orch.slm.last_stats, "finish_reason", None) == "cancelled":
+            return  # cut short by the user
         lengths.observe(rec.target, prompt[0], follow_up=prompt[1], cap=orch.settings.max_tokens,
                         answer_tokens=result.answer_tokens)
 
