@@ -80,6 +80,18 @@ def edge_server():
     server.stop()
 
 
+@pytest.fixture
+def principals(tmp_path):
+    """alice's, bob's and carol's bearer tokens, and the token file naming them
+    (``serve --token-file``)."""
+    from edge_service.auth import hash_token, new_token
+
+    tokens = {name: new_token() for name in ("alice", "bob", "carol")}
+    path = tmp_path / "tokens.tsv"
+    path.write_text("".join(f"{name}\t{hash_token(tok)}\n" for name, tok in tokens.items()))
+    return tokens, path
+
+
 @pytest.fixture(scope="session")
 def slm():
     """The default device SLM (SmolLM2-135M-Instruct) at 2,048 tokens."""

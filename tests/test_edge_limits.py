@@ -31,7 +31,6 @@ import _callers
 from _callers import T, status_of
 from _edge_fakes import ScriptedBackend
 from conftest import ROOT, cli_env
-from edge_service.auth import hash_token, new_token
 from edge_service.errors import RETRY_AFTER_KEY
 from edge_service.limits import RateLimiter
 from edge_service.errors import NotFound, ResourceExhausted
@@ -72,15 +71,6 @@ def edge(backend=None, **settings):
     with EdgeServerThread(EdgeSettings(**{"n_slots": 1, **settings}), backend=backend) as server:
         server.backend = backend
         yield server
-
-
-@pytest.fixture
-def principals(tmp_path):
-    """alice's, bob's and carol's tokens, and the token file naming them."""
-    tokens = {name: new_token() for name in ("alice", "bob", "carol")}
-    path = tmp_path / "tokens.tsv"
-    path.write_text("".join(f"{name}\t{hash_token(tok)}\n" for name, tok in tokens.items()))
-    return tokens, path
 
 
 def holding(caller: Caller, server, session_id: str):

@@ -15,7 +15,6 @@ import grpc
 import pytest
 
 import _callers
-from edge_service.auth import hash_token, new_token
 from edge_service.errors import Aborted
 from edge_service.fair_queue import FairWaitQueue
 from edge_service.server import EdgeServerThread
@@ -35,14 +34,6 @@ class Caller(_callers.Caller):
             session_id=session_id, messages=[Message("user", text).to_pb()],
             params=edge_pb2.GenerationParams(max_tokens=max_tokens, temperature=0.0),
         )
-
-
-@pytest.fixture
-def tokens(tmp_path):
-    values = {name: new_token() for name in ("alice", "bob")}
-    path = tmp_path / "tokens.tsv"
-    path.write_text("".join(f"{n}\t{hash_token(t)}\n" for n, t in values.items()))
-    return values, path
 
 
 def _server(path, preempt_after_s: float) -> EdgeServerThread:
@@ -81,8 +72,8 @@ def _order(server) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_long_generation_pauses_for_a_short_turn_and_goes_on_exactly(tokens):
-    values, path = tokens
+def test_a_long_generation_pauses_for_a_short_turn_and_goes_on_exactly(principals):
+    values, path = principals
     with _server(path, 0.3) as server, Caller(server.target, values["alice"]) as alice, \
             Caller(server.target, values["bob"]) as bob:
         alone_text, alone = alice.generate(alice.open("alone"), LONG, max_tokens=LONG_TOKENS)
@@ -104,8 +95,8 @@ def test_a_long_generation_pauses_for_a_short_turn_and_goes_on_exactly(tokens):
 
 
 @pytest.mark.slow
-def test_without_pre_emption_the_short_turn_waits_for_the_long_one(tokens):
-    values, path = tokens
+def test_without_pre_emption_the_short_turn_waits_for_the_long_one(principals):
+    values, path = principals
     with _server(path, 0) as server, Caller(server.target, values["alice"]) as alice, \
             Caller(server.target, values["bob"]) as bob:
         long = Reader(alice.stream(alice.open("long"), LONG, max_tokens=LONG_TOKENS))
@@ -117,8 +108,8 @@ def test_without_pre_emption_the_short_turn_waits_for_the_long_one(tokens):
 
 
 @pytest.mark.slow
-def test_a_paused_generation_cancelled_by_its_client_leaves_its_session_as_it_was(tokens):
-    values, path = tokens
+def test_a_paused_generation_cancelled_by_its_client_leaves_its_session_as_it_was(principals):
+    values, path = principals
     with _server(path, 0.3) as server, Caller(server.target, values["alice"]) as alice, \
             Caller(server.target, values["bob"]) as bob:
         sid = alice.open("long")

@@ -21,7 +21,6 @@ import pytest
 import _callers
 from _edge_fakes import FaultBackend
 from device_runtime.llm.conversation import GenerationStats
-from edge_service.auth import hash_token, new_token
 from edge_service.backends.base import Slot
 from edge_service.server import EdgeServerThread
 from edge_service.settings import EdgeSettings
@@ -128,17 +127,9 @@ def _client(caller: Caller, name: str, seed: int, log: dict, errors: list) -> No
     log.update(sessions)
 
 
-@pytest.fixture
-def tokens(tmp_path):
-    values = {name: new_token() for name in ("alice", "bob", "carol")}
-    path = tmp_path / "tokens.tsv"
-    path.write_text("".join(f"{n}\t{hash_token(t)}\n" for n, t in values.items()))
-    return values, path
-
-
 @pytest.mark.parametrize("seed", [1, 2])
-def test_a_storm_of_pauses_loses_and_repeats_nothing(tokens, seed):
-    values, path = tokens
+def test_a_storm_of_pauses_loses_and_repeats_nothing(principals, seed):
+    values, path = principals
     settings = EdgeSettings(n_slots=2, auth_tokens=path, preempt_after_s=0.02, max_concurrent_per_principal=8)
     with EdgeServerThread(settings, backend=CountingBackend()) as server:
         callers = {name: Caller(server.target, tok) for name, tok in values.items()}
@@ -210,10 +201,10 @@ def _suspended(server, sid: str, owner: str) -> bool:
     return session is not None and session.lease is not None and session.lease.suspended
 
 
-def test_a_full_queue_does_not_end_a_paused_answer(tokens):
+def test_a_full_queue_does_not_end_a_paused_answer(principals):
     """With --max-queue 1 and bob's call waiting, alice's answer pauses and
     goes on: its place in the queue is not a new call's."""
-    values, path = tokens
+    values, path = principals
     settings = EdgeSettings(n_slots=1, auth_tokens=path, preempt_after_s=0.02, max_queue=1)
     with EdgeServerThread(settings, backend=CountingBackend()) as server, \
             Caller(server.target, values["alice"]) as alice, Caller(server.target, values["bob"]) as bob:
@@ -224,12 +215,12 @@ def test_a_full_queue_does_not_end_a_paused_answer(tokens):
         assert _preemptions(server) >= 1
 
 
-def test_a_paused_answer_ends_at_once_when_its_session_closes(tokens):
+def test_a_paused_answer_ends_at_once_when_its_session_closes(principals):
     """alice's answer, paused for bob's (shorter than a quantum, so it never
     pauses itself), ends ABORTED as soon as her session is closed, not when
     bob's ends; it is recorded as cancelled, and her counter is not charged
     for the pause."""
-    values, path = tokens
+    values, path = principals
     settings = EdgeSettings(n_slots=1, auth_tokens=path, preempt_after_s=1.0)
     with EdgeServerThread(settings, backend=SlowCountingBackend()) as server, \
             Caller(server.target, values["alice"]) as alice, Caller(server.target, values["bob"]) as bob:
