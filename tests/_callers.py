@@ -6,6 +6,8 @@ Each test file subclasses :class:`Caller` with the ``request`` it needs.
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 
@@ -68,3 +70,11 @@ def status_of(call) -> tuple[grpc.StatusCode, str]:
         if hasattr(result, "__iter__") and not isinstance(result, (bytes, str)):
             list(result)
     return err.value.code(), err.value.details()
+
+
+def until(predicate, what: str, timeout_s: float = T) -> None:
+    """Wait until ``predicate()`` holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

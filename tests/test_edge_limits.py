@@ -28,7 +28,7 @@ import grpc
 import pytest
 
 import _callers
-from _callers import T, status_of
+from _callers import T, status_of, until
 from _edge_fakes import ScriptedBackend
 from conftest import ROOT, cli_env
 from edge_service.errors import RETRY_AFTER_KEY
@@ -55,13 +55,6 @@ class Caller(_callers.Caller):
             params=edge_pb2.GenerationParams(max_tokens=max_tokens, stop=list(stop)),
             **fields,
         )
-
-
-def until(predicate, what: str, timeout_s: float = T) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 @contextmanager

@@ -120,7 +120,8 @@ def test_a_paused_generation_cancelled_by_its_client_leaves_its_session_as_it_wa
         # bob's own long answer keeps the slot while alice's waits paused.
         other = Reader(bob.stream(bob.open("other"), LONG, max_tokens=LONG_TOKENS))
         other.start()
-        _callers_until(lambda: _preemptions(server) >= 1 and other.first.is_set(), "alice's answer to pause")
+        _callers.until(lambda: _preemptions(server) >= 1 and other.first.is_set(), "alice's answer to pause",
+                       timeout_s=60)
         call.cancel()
         long.join(60)
         assert long.error is not None and long.error.code() == grpc.StatusCode.CANCELLED
@@ -129,15 +130,6 @@ def test_a_paused_generation_cancelled_by_its_client_leaves_its_session_as_it_wa
         assert server.servicer.pool.transcript(sid, owner="alice") == []  # nothing half recorded
         text, done = alice.generate(sid, SHORT)  # the session goes on
         assert done.usage.output_tokens >= 1 and len(server.servicer.pool.transcript(sid, owner="alice")) == 2
-
-
-def _callers_until(predicate, what: str) -> None:
-    import time
-
-    deadline = time.monotonic() + 60
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 # --- the parts ----------------------------------------------------------------------------

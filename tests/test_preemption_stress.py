@@ -20,6 +20,7 @@ import pytest
 
 import _callers
 from _edge_fakes import FaultBackend
+from test_preemption import Reader, _order, _preemptions
 from device_runtime.llm.conversation import GenerationStats
 from edge_service.backends.base import Slot
 from edge_service.server import EdgeServerThread
@@ -177,23 +178,10 @@ class SlowCountingBackend(CountingBackend):
 
 
 def _reader(call):
-    from test_preemption import Reader
-
     reader = Reader(call)
     reader.start()
     assert reader.first.wait(30)
     return reader
-
-
-def _until(predicate, what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
-def _preemptions(server) -> float:
-    return server.servicer.metrics.registry.get_sample_value("edgeroute_preemptions_total") or 0.0
 
 
 def _suspended(server, sid: str, owner: str) -> bool:
@@ -227,7 +215,7 @@ def test_a_paused_answer_ends_at_once_when_its_session_closes(principals):
         sid = alice.open("long")
         long = _reader(alice.stream(sid, 190))
         other = _reader(bob.stream(bob.open("other"), 80))
-        _until(lambda: _suspended(server, sid, "alice"), "alice's answer to pause")
+        _callers.until(lambda: _suspended(server, sid, "alice"), "alice's answer to pause")
         charged = server.servicer.queue._service["alice"]
         alice.close(sid)
         long.join(30)
@@ -238,10 +226,6 @@ def test_a_paused_answer_ends_at_once_when_its_session_closes(principals):
         assert server.servicer.queue._service["alice"] == charged  # the pause was not slot time
         other.join(60)
         assert other.responses[-1].HasField("done") and other.text == _expected(80)
-
-
-def _order(server) -> list[str]:
-    return [r.session_id for r in server.servicer.records]
 
 
 async def _one_waiter_one_pause(server) -> None:
